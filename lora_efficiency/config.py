@@ -1,0 +1,159 @@
+"""Typed settings of the entry points, read from configs/default.yaml plus overrides, checked when parsed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from lora_efficiency.errors import ConfigError, UserError, invalid
+from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run; configs/default.yaml documents each field."""
+
+    model: str
+    data: str
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: str
+    quantization: str
+    double_quant: bool
+    use_rslora: bool
+    use_dora: bool
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    seq_len: int
+    packing: bool
+    train_on_prompt: bool
+    gradient_checkpointing: bool
+    eval_samples: int
+    eval_batch_size: int
+    seed: int
+    device: str
+    trust_remote_code: bool
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                p.append(invalid(name, getattr(self, name), "an integer >= 1"))
+        if self.rank > 4096:
+            p.append(invalid("rank", self.rank, "an integer from 1 to 4096"))
+        if not 16 <= self.seq_len <= 131072:
+            p.append(invalid("seq_len", self.seq_len, "an integer from 16 to 131072"))
+        if self.seed < 0:
+            p.append(invalid("seed", self.seed, "an integer >= 0"))
+        if not self.alpha > 0:
+            p.append(invalid("alpha", self.alpha, "a number > 0"))
+        if not 0 <= self.dropout < 1:
+            p.append(invalid("dropout", self.dropout, "a number in [0, 1)"))
+        if not 0 < self.lr < 1:
+            p.append(invalid("lr", self.lr, "a number in (0, 1)"))
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(invalid("warmup_ratio", self.warmup_ratio, "a number in [0, 1)"))
+        if self.weight_decay < 0:
+            p.append(invalid("weight_decay", self.weight_decay, "a number >= 0"))
+        if not self.max_grad_norm > 0:
+            p.append(invalid("max_grad_norm", self.max_grad_norm, "a number > 0"))
+        if self.quantization not in QUANTIZATIONS:
+            p.append(invalid("quantization", self.quantization, f"one of {', '.join(QUANTIZATIONS)}"))
+        if not is_valid_target_spec(self.target_modules):
+            p.append(invalid("target_modules", self.target_modules,
+                             f"one of {', '.join(PRESETS)} or a comma list of module names"))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            p.append(invalid("device", self.device, "auto, cpu, cuda or cuda:N"))
+        if problem := model_name_problem(self.model):
+            p.append(problem)
+        if self.data and not Path(self.data).is_dir() and self.data != "instruct":
+            p.append(invalid("data", self.data, "'' or 'instruct' (the bundled set), or an existing data folder"))
+        return p
+
+
+def _convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
+    """Turn a YAML or command-line value into `kind`; returns (value, problem)."""
+    text = str(raw).strip()
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw, None
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE, None
+        return None, invalid(field, raw, "true or false")
+    if kind is int:
+        if isinstance(raw, bool) or not re.fullmatch(r"[+-]?\d+", text):
+            return None, invalid(field, raw, "an integer")
+        return int(text), None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            return None, invalid(field, raw, "a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            return None, invalid(field, raw, "a finite number")
+        return value, None
+    if raw is None:
+        return "", None
+    return text if isinstance(raw, str) else str(raw), None
+
+
+def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"config={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
+        raise UserError(f"config={str(path)!r} has no mapping named {section!r}")
+    return loaded[section]
+
+
+def build_config(cls: type, values: dict[str, Any]):
+    """Convert and check every field; all problems are collected and raised together as one ConfigError."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"unknown setting {k!r}: allowed are {', '.join(names)}" for k in values if k not in hints]
+    converted = {}
+    for name in names:
+        if name not in values:
+            problems.append(f"{name} is missing: set it in {DEFAULTS_FILE.name} or pass --{name}")
+            continue
+        value, problem = _convert(name, values[name], hints[name])
+        if problem:
+            problems.append(problem)
+        converted[name] = value
+    if problems:
+        raise ConfigError(problems)
+    config = cls(**converted)
+    if problems := config.problems():
+        raise ConfigError(problems)
+    return config
+
+
+def parse_args(cls: type, section: str, argv: list[str], description: str):
+    """`--field value` for every dataclass field, over the defaults file (`--config FILE` to use another)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(DEFAULTS_FILE), help="YAML file with a %r section" % section)
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are --config and --{{{names}}}")
+    values = dict(read_defaults(section, Path(args.config)))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return build_config(cls, values)

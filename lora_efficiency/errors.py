@@ -1,0 +1,57 @@
+"""One error type for bad user input, and the wrapper that turns it into a one-line exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+class ConfigError(UserError):
+    """One or more invalid settings; each problem names the field, the value and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def invalid(field: str, value: object, allowed: str) -> str:
+    return f"{field}={value!r} is invalid: {allowed}"
+
+
+def _fail_active_run(message: str) -> None:
+    """Mark the run FAILED (the one `mlflow run` opened, or ours) so nothing is left RUNNING."""
+    import mlflow
+
+    run = mlflow.active_run()
+    run_id = run.info.run_id if run else os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "error", message[:5000])
+        if run:
+            mlflow.end_run("FAILED")
+        else:
+            client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # the store itself may be what failed; the exit status still says so
+        print(f"warning: could not mark run {run_id} FAILED: {exc}", file=sys.stderr)
+
+
+def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
+    """Run an entry point's main; a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        message = str(exc).replace("\n", " ")
+        _fail_active_run(message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _fail_active_run("interrupted")
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

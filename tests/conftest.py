@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny randomly initialised models with the real SmolLM2 tokenizer, small data, MLflow stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_efficiency.data import bundled_instruct
+from lora_efficiency.models import bundled_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """The bundled SmolLM2 folder (converted from its GGUF once per machine, ~20 s): its real tokenizer."""
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 64-wide Llama with SmolLM2's tokenizer and chat template, saved as a HF folder (~13 MB).
+
+    initializer_range 0.2 (not 0.02) makes its attention depend on context, so a test can tell apart a packed
+    row whose examples see each other from one whose examples are isolated.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer)), dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """64 train and 16 eval examples of the bundled set, as a data folder (train.jsonl, eval.jsonl)."""
+    train, evaluation = bundled_instruct(num_train=64, num_eval=16, seed=7)
+    folder = tmp_path_factory.mktemp("tiny-data")
+    for name, split in (("train", train), ("eval", evaluation)):
+        lines = [json.dumps({"prompt": e.prompt, "response": e.response, "task": e.task}) for e in split]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, local artifacts) on 127.0.0.1; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+           "--workers", "1"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def sqlite_tracking(tmp_path, monkeypatch) -> str:
+    """An embedded SQLite store of this test alone, set as the tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for entry points run as subprocesses: this venv's python first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env

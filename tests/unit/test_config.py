@@ -1,0 +1,78 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from lora_efficiency.config import DEFAULTS_FILE, TrainConfig, build_config, parse_args, read_defaults
+from lora_efficiency.errors import ConfigError, UserError
+
+ROOT = DEFAULTS_FILE.parents[1]
+
+
+def test_defaults_parse_into_a_complete_config():
+    cfg = parse_args(TrainConfig, "train", [], "")
+    assert cfg.rank == 16 and cfg.quantization == "nf4" and cfg.target_modules == "attention"
+    assert cfg.double_quant is True and cfg.packing is True and cfg.lr == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("entry_point", ["train", "main"])
+def test_mlproject_defaults_mirror_default_yaml(entry_point):
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    params = project["entry_points"][entry_point]["parameters"]
+    defaults = read_defaults("train")
+    assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)}
+    from_mlproject = build_config(TrainConfig, {k: v["default"] for k, v in params.items()})
+    assert from_mlproject == build_config(TrainConfig, defaults)
+    for name in params:
+        assert f"--{name} {{{name}}}" in project["entry_points"][entry_point]["command"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "rank=0 is invalid: an integer >= 1"),
+        (["--rank", "-1"], "rank=-1 is invalid: an integer >= 1"),
+        (["--rank", "abc"], "rank='abc' is invalid: an integer"),
+        (["--rank", "2.5"], "rank='2.5' is invalid: an integer"),
+        (["--lr", "fast"], "lr='fast' is invalid: a number"),
+        (["--lr", "nan"], "lr='nan' is invalid: a finite number"),
+        (["--dropout", "1.0"], "dropout=1.0 is invalid: a number in [0, 1)"),
+        (["--quantization", "q3"], "quantization='q3' is invalid: one of nf4, fp4, int8, bf16, fp16, fp32"),
+        (["--target_modules", "q v"], "target_modules='q v' is invalid: one of q_v, q_k_v, attention"),
+        (["--packing", "maybe"], "packing='maybe' is invalid: true or false"),
+        (["--device", "tpu"], "device='tpu' is invalid: auto, cpu, cuda or cuda:N"),
+        (["--model", "/does/not/exist"], "model='/does/not/exist' does not exist"),
+        (["--data", "/does/not/exist"], "data='/does/not/exist' is invalid"),
+    ],
+)
+def test_bad_values_name_the_field_the_value_and_what_is_allowed(args, message):
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, "train", args, "")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, "train", ["--rank", "0", "--quantization", "q3", "--seq_len", "8"], "")
+    assert len(err.value.problems) == 3
+
+
+def test_unknown_argument_lists_the_allowed_ones():
+    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --config and"):
+        parse_args(TrainConfig, "train", ["--rnak", "4"], "")
+
+
+def test_booleans_and_a_config_file(tmp_path):
+    section = read_defaults("train") | {"rank": 8, "packing": "no"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": section}))
+    cfg = parse_args(TrainConfig, "train", ["--config", str(path), "--use_dora", "TRUE"], "")
+    assert (cfg.rank, cfg.packing, cfg.use_dora) == (8, False, True)
+
+
+def test_corrupt_yaml_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [rank: 1\n")
+    with pytest.raises(UserError, match=r"config='.*bad.yaml' could not be read as YAML"):
+        parse_args(TrainConfig, "train", ["--config", str(path)], "")

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+
+from lora_efficiency.errors import UserError
+from lora_efficiency.models import linear_module_names, model_name_problem, resolve_target_modules
+from tests.conftest import tiny_llama_config
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return AutoModelForCausalLM.from_config(tiny_llama_config(128))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128))
+
+
+@pytest.fixture(scope="module")
+def neox():
+    return AutoModelForCausalLM.from_config(
+        GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      vocab_size=128))
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("q_v", ["q_proj", "v_proj"]),
+        ("q_k_v", ["k_proj", "q_proj", "v_proj"]),
+        ("attention", ["k_proj", "o_proj", "q_proj", "v_proj"]),
+        ("mlp", ["down_proj", "gate_proj", "up_proj"]),
+        ("all_linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ],
+)
+def test_llama_presets(llama, preset, expected):
+    assert resolve_target_modules(llama, preset) == expected
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("q_v", ["c_attn"]),  # GPT-2 fuses q, k and v into c_attn
+        ("attention", ["attn.c_proj", "c_attn"]),
+        ("mlp", ["c_fc", "mlp.c_proj"]),  # c_proj exists twice; the mlp one is named by its parent
+        ("all_linear", ["c_attn", "c_fc", "c_proj"]),
+    ],
+)
+def test_gpt2_presets(gpt2, preset, expected):
+    assert resolve_target_modules(gpt2, preset) == expected
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("q_k_v", ["query_key_value"]),
+        ("attention", ["attention.dense", "query_key_value"]),
+        ("mlp", ["dense_4h_to_h", "dense_h_to_4h"]),
+    ],
+)
+def test_gpt_neox_presets(neox, preset, expected):
+    assert resolve_target_modules(neox, preset) == expected
+
+
+def test_presets_resolve_to_modules_peft_can_wrap(gpt2):
+    from peft import LoraConfig, get_peft_model
+
+    modules = resolve_target_modules(gpt2, "attention")
+    model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=modules, fan_in_fan_out=True))
+    wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"base_model.model.transformer.h.0.attn.c_attn", "base_model.model.transformer.h.0.attn.c_proj"}
+
+
+def test_the_head_is_never_a_target(llama):
+    assert not any(n.endswith("lm_head") for n in linear_module_names(llama))
+
+
+def test_a_name_that_matches_nothing_lists_the_linear_modules(llama):
+    with pytest.raises(UserError) as err:
+        resolve_target_modules(llama, "q_proj,query")
+    message = str(err.value)
+    assert "query matches no linear module" in message
+    assert "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj" in message
+
+
+def test_explicit_lists_are_kept(llama):
+    assert resolve_target_modules(llama, "v_proj, q_proj") == ["q_proj", "v_proj"]
+
+
+def test_model_names(tmp_path):
+    assert model_name_problem("smollm2-135m") is None
+    assert model_name_problem("meta-llama/Llama-3.2-1B") is None  # a hub id: checked when loaded
+    assert "does not exist" in model_name_problem(str(tmp_path / "missing"))
+    assert "does not exist" in model_name_problem("not a model")
+    assert "without config.json" in model_name_problem(str(tmp_path))
+
+
+def test_a_hub_id_offline_is_a_clear_error(monkeypatch):
+    from lora_efficiency.models import load_tokenizer, resolve_model
+
+    import huggingface_hub.constants
+
+    # read once at import, so the env var alone is too late here; without it the lookup waits ~45 s on the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="could not be loaded from the Hugging Face Hub.*offline, use model="):
+        load_tokenizer(resolve_model("no-such-org/no-such-model"))
+
+
+def test_bnb_layers_count_as_linear():
+    import bitsandbytes as bnb
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64), torch.nn.Linear(64, 2))
+    assert linear_module_names(model) == ["0", "1"]
