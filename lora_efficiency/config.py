@@ -49,41 +49,37 @@ class TrainConfig:
     device: str
     trust_remote_code: bool
 
-    def problems(self) -> list[str]:
-        p = []
-        for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                p.append(invalid(name, getattr(self, name), "an integer >= 1"))
-        if self.rank > 4096:
-            p.append(invalid("rank", self.rank, "an integer from 1 to 4096"))
-        if not 16 <= self.seq_len <= 131072:
-            p.append(invalid("seq_len", self.seq_len, "an integer from 16 to 131072"))
-        if self.seed < 0:
-            p.append(invalid("seed", self.seed, "an integer >= 0"))
-        if not self.alpha > 0:
-            p.append(invalid("alpha", self.alpha, "a number > 0"))
-        if not 0 <= self.dropout < 1:
-            p.append(invalid("dropout", self.dropout, "a number in [0, 1)"))
-        if not 0 < self.lr < 1:
-            p.append(invalid("lr", self.lr, "a number in (0, 1)"))
-        if not 0 <= self.warmup_ratio < 1:
-            p.append(invalid("warmup_ratio", self.warmup_ratio, "a number in [0, 1)"))
-        if self.weight_decay < 0:
-            p.append(invalid("weight_decay", self.weight_decay, "a number >= 0"))
-        if not self.max_grad_norm > 0:
-            p.append(invalid("max_grad_norm", self.max_grad_norm, "a number > 0"))
-        if self.quantization not in QUANTIZATIONS:
-            p.append(invalid("quantization", self.quantization, f"one of {', '.join(QUANTIZATIONS)}"))
-        if not is_valid_target_spec(self.target_modules):
-            p.append(invalid("target_modules", self.target_modules,
-                             f"one of {', '.join(PRESETS)} or a comma list of module names"))
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            p.append(invalid("device", self.device, "auto, cpu, cuda or cuda:N"))
-        if problem := model_name_problem(self.model):
-            p.append(problem)
-        if self.data and not Path(self.data).is_dir() and self.data != "instruct":
-            p.append(invalid("data", self.data, "'' or 'instruct' (the bundled set), or an existing data folder"))
-        return p
+
+def train_problems(v: dict[str, Any]) -> list[str]:
+    """Range and name checks of TrainConfig values; fields that failed conversion are absent and skipped."""
+    p = []
+
+    def check(name: str, ok, allowed: str) -> None:
+        if name in v and not ok(v[name]):
+            p.append(invalid(name, v[name], allowed))
+
+    for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size"):
+        check(name, lambda x: x >= 1, "an integer >= 1")
+    check("rank", lambda x: x < 1 or x <= 4096, "an integer from 1 to 4096")
+    check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
+    check("seed", lambda x: x >= 0, "an integer >= 0")
+    check("alpha", lambda x: x > 0, "a number > 0")
+    check("dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
+    check("lr", lambda x: 0 < x < 1, "a number in (0, 1)")
+    check("warmup_ratio", lambda x: 0 <= x < 1, "a number in [0, 1)")
+    check("weight_decay", lambda x: x >= 0, "a number >= 0")
+    check("max_grad_norm", lambda x: x > 0, "a number > 0")
+    check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
+    check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
+    check("device", lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?", x), "auto, cpu, cuda or cuda:N")
+    check("data", lambda x: x in ("", "instruct") or Path(x).is_dir(),
+          "'' or 'instruct' (the bundled set), or an existing data folder")
+    if "model" in v and (problem := model_name_problem(v["model"])):
+        p.append(problem)
+    return p
+
+
+CHECKS = {TrainConfig: train_problems}
 
 
 def _convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
@@ -135,13 +131,12 @@ def build_config(cls: type, values: dict[str, Any]):
         value, problem = _convert(name, values[name], hints[name])
         if problem:
             problems.append(problem)
-        converted[name] = value
+        else:
+            converted[name] = value
+    problems += CHECKS[cls](converted)
     if problems:
         raise ConfigError(problems)
-    config = cls(**converted)
-    if problems := config.problems():
-        raise ConfigError(problems)
-    return config
+    return cls(**converted)
 
 
 def parse_args(cls: type, section: str, argv: list[str], description: str):

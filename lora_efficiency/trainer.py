@@ -71,7 +71,7 @@ def device_name(device: torch.device) -> str:
 
 def config_hash(settings: dict) -> str:
     """Stable hash of what determines the trained adapter; seed and device are left out so seeds group."""
-    keep = {k: v for k, v in settings.items() if k not in ("seed", "device")}
+    keep = {k: v for k, v in settings.items() if k not in ("seed", "device", "device_resolved")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -126,8 +126,8 @@ def train(
     from transformers import get_scheduler
 
     tracker = tracker or NullTracker()
-    settings = {k: v for k, v in locals().items() if k not in ("model", "tracker", "output_dir", "LoraConfig",
-                                                                 "get_peft_model", "get_scheduler")}
+    settings = {k: v for k, v in locals().items() if k not in ("model", "device", "tracker", "output_dir",
+                                                                 "LoraConfig", "get_peft_model", "get_scheduler")}
     torch.manual_seed(seed)
 
     # -- data -------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
 
     fingerprint = D.fingerprint(train_split, eval_split)
-    resolved = {**settings, "device": str(device), "target_modules_resolved": ",".join(modules),
+    resolved = {**settings, "device_resolved": str(device), "target_modules_resolved": ",".join(modules),
                 "base_model": model.model_id, "base_model_revision": model.revision, "data_name": data_name,
                 "data_fingerprint": fingerprint}
     tags = {"config_hash": config_hash(resolved), "base_model": model.model_id,

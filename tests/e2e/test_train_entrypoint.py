@@ -1,0 +1,156 @@
+"""`mlflow run . -e train` end to end on a tiny model, logging over HTTP to a real `mlflow server`."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import uuid
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lora_efficiency.config import TrainConfig
+from tests.conftest import ROOT, subprocess_env
+
+pytestmark = pytest.mark.e2e
+
+
+def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: str = "train"):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    env = subprocess_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+                         MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def runs_of(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.fixture(scope="module")
+def trained(mlflow_server, tiny_model_dir, tiny_data_dir):
+    experiment = f"e2e-{uuid.uuid4().hex[:8]}"
+    proc = mlflow_run(mlflow_server, experiment, {"model": tiny_model_dir, "data": tiny_data_dir, "max_steps": 3,
+                                                  "batch_size": 2, "seq_len": 256, "rank": 8, "lr": "2e-4"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient(mlflow_server)
+    (run,) = runs_of(client, experiment)
+    return client, run
+
+
+def test_run_finished_with_every_resolved_param(trained):
+    _, run = trained
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert {f.name for f in TrainConfig.__dataclass_fields__.values()} <= set(params)
+    assert params["rank"] == "8" and params["lr"] == "2e-4"  # as `mlflow run` logged them, no clash
+    assert params["target_modules_resolved"] == "k_proj,o_proj,q_proj,v_proj"
+    assert params["quantization"] == "nf4" and params["compute_dtype"] == "bfloat16"
+    assert params["device"] == "auto" and params["device_resolved"] == "cpu"
+
+
+def test_metrics_per_step_and_summary(trained):
+    client, run = trained
+    for key in ("train/loss", "train/lr", "perf/tokens_per_second", "perf/step_time_ms", "memory/current_mb"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    m = run.data.metrics
+    for key in ("memory/peak_mb", "params/trainable", "params/total", "adapter/size_mb", "time/train_s",
+                "eval/loss", "eval/perplexity"):
+        assert key in m, key
+    assert m["eval/perplexity"] == pytest.approx(math.exp(m["eval/loss"]))
+    # 2 layers x r8 x (q 64+64, k 64+32, v 64+32, o 64+64) = 7,168 trainable parameters
+    assert m["params/trainable"] == 7168
+    assert m["memory/peak_mb"] > 100  # the RSS of a process holding torch and a model
+    assert any(k.startswith("system/") for k in m), "MLflow system metrics are on"
+
+
+def test_tags(trained):
+    _, run = trained
+    tags = run.data.tags
+    assert len(tags["config_hash"]) == 16
+    assert tags["base_model"] == "tiny-llama0" and tags["base_model_revision"].startswith("local-")
+    assert len(tags["data_fingerprint"]) == 16
+    assert tags["device_name"].startswith("cpu")
+    assert tags["git_commit"] and tags["entry_point"] == "train"
+
+
+def test_artifacts_hold_the_adapter_only(trained):
+    client, run = trained
+    files = {f.path: f.file_size for f in client.list_artifacts(run.info.run_id, "adapter")}
+    assert set(files) == {"adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    assert files["adapter/adapter_model.safetensors"] < 100_000  # the tiny base alone is ~13 MB
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "config.json", "memory_trace.csv"} <= top
+
+
+def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_data_dir):
+    from peft import PeftModel
+
+    from lora_efficiency.data import load_examples, tokenize, unpacked
+    from lora_efficiency.evaluation import evaluate_loss
+    from lora_efficiency.models import load_base_model, load_tokenizer, resolve_model
+
+    _, run = trained
+    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
+    source = resolve_model(str(tiny_model_dir))
+    base = load_base_model(source, quantization="nf4", double_quant=True, device=torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, adapter)
+    tokenizer = load_tokenizer(source)
+    _, evaluation, _ = load_examples(str(tiny_data_dir))
+    rows = unpacked(tokenize(tokenizer, evaluation, seq_len=256))
+    result = evaluate_loss(model, rows, batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+                           autocast_dtype=torch.bfloat16)
+    assert result["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"rank": 0}, "error: rank=0 is invalid: an integer >= 1"),
+        ({"rank": -1}, "error: rank=-1 is invalid: an integer >= 1"),
+        ({"rank": "abc"}, "error: rank='abc' is invalid: an integer"),
+        ({"quantization": "q3"}, "error: quantization='q3' is invalid: one of nf4, fp4, int8, bf16, fp16, fp32"),
+        ({"model": "/does/not/exist"}, "error: model='/does/not/exist' does not exist"),
+        ({"target_modules": "qkv"}, "error: target_modules='qkv': qkv matches no linear module"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_run_running(mlflow_server, tiny_model_dir, tiny_data_dir, params,
+                                                         message):
+    experiment = f"bad-{uuid.uuid4().hex[:8]}"
+    proc = mlflow_run(mlflow_server, experiment, {"model": tiny_model_dir, "data": tiny_data_dir, **params})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    statuses = [r.info.status for r in runs_of(MlflowClient(mlflow_server), experiment)]
+    assert statuses == ["FAILED"]
+
+
+def test_without_mlflow_run_bad_input_creates_no_run(tmp_path):
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", "--rank", "0"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: rank=0 is invalid: an integer >= 1"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_default_store_is_sqlite_in_the_working_directory(tmp_path, tiny_model_dir, tiny_data_dir):
+    env = subprocess_env(PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", "--model", str(tiny_model_dir), "--data",
+                           str(tiny_data_dir), "--max_steps", "1", "--batch_size", "2", "--seq_len", "128",
+                           "--eval_samples", "4"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = runs_of(client, "lora-efficiency")
+    assert run.info.status == "FINISHED"
+    assert (tmp_path / "mlruns").is_dir()

@@ -1,0 +1,126 @@
+"""The shared trainer on a tiny Llama: what it logs, determinism, every quantization mode, adapter reload."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_efficiency.config import TrainConfig
+from lora_efficiency.models import load_base_model, resolve_model
+from lora_efficiency.trainer import train
+
+STEP_METRICS = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_second", "perf/step_time_ms",
+                "memory/current_mb"}
+SUMMARY_METRICS = {"eval/loss", "eval/perplexity", "memory/peak_mb", "params/trainable", "params/total",
+                   "adapter/size_mb", "time/train_s", "perf/train_tokens_per_second"}
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.params, self.tags, self.steps, self.summary, self.texts, self.artifacts = {}, {}, [], {}, {}, {}
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_metrics(self, metrics, step=None):
+        (self.steps.append((step, metrics)) if step is not None else self.summary.update(metrics))
+
+    def log_text(self, text, artifact_file):
+        self.texts[artifact_file] = text
+
+    def log_artifacts(self, local_dir, artifact_path):
+        self.artifacts[artifact_path] = sorted(os.listdir(local_dir))
+
+
+def run(tiny_model_dir, tiny_data_dir, tmp_path, **overrides):
+    kwargs = dict(model=resolve_model(str(tiny_model_dir)), data=str(tiny_data_dir), max_steps=3, batch_size=2,
+                  seq_len=256, eval_samples=8, quantization="fp32", output_dir=str(tmp_path / "adapter"))
+    kwargs.update(overrides)
+    tracker = kwargs.setdefault("tracker", RecordingTracker())
+    return train(**kwargs), tracker
+
+
+def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_dir, tmp_path):
+    result, tracker = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization="nf4")
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "device"}
+    assert config_fields <= set(tracker.params)
+    assert tracker.params["target_modules_resolved"] == "k_proj,o_proj,q_proj,v_proj"
+    assert tracker.params["device_resolved"] == "cpu"
+    assert [s for s, _ in tracker.steps] == [1, 2, 3]
+    assert all(set(m) == STEP_METRICS for _, m in tracker.steps)
+    assert SUMMARY_METRICS <= set(tracker.summary)
+    assert {"config_hash", "base_model", "base_model_revision", "data_fingerprint", "device_name"} <= set(tracker.tags)
+    assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
+    # 2 layers x 4 modules x r16 x (in + out): q 64+64, k 64+32, v 64+32, o 64+64 -> 16 x 448 x 2 = 14,336
+    assert tracker.summary["params/trainable"] == 14336
+    assert tracker.summary["eval/perplexity"] == pytest.approx(math.exp(tracker.summary["eval/loss"]))
+    assert tracker.summary["memory/peak_mb"] >= max(m["memory/current_mb"] for _, m in tracker.steps) > 0
+    adapter_mb = tracker.summary["adapter/size_mb"]
+    assert adapter_mb < 0.2  # adapter only: the tiny base alone is ~13 MB
+    assert result.losses == [m["train/loss"] for _, m in tracker.steps]
+
+
+def test_same_seed_same_loss_curve(tiny_model_dir, tiny_data_dir, tmp_path):
+    a, _ = run(tiny_model_dir, tiny_data_dir, tmp_path / "a", seed=1, dropout=0.1)
+    b, _ = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", seed=1, dropout=0.1)
+    c, _ = run(tiny_model_dir, tiny_data_dir, tmp_path / "c", seed=2, dropout=0.1)
+    assert a.losses == b.losses
+    assert a.losses != c.losses
+
+
+@pytest.mark.parametrize(
+    "quantization, layer_type",
+    [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt"), ("bf16", "Linear"),
+     ("fp16", "Linear"), ("fp32", "Linear")],
+)
+def test_every_quantization_mode_trains_on_the_cpu(tiny_model_dir, tiny_data_dir, tmp_path, quantization, layer_type):
+    result, tracker = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization=quantization, max_steps=2)
+    assert all(math.isfinite(x) for x in result.losses)
+    base = load_base_model(resolve_model(str(tiny_model_dir)), quantization=quantization, double_quant=True,
+                           device=torch.device("cpu"))
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == layer_type
+    assert tracker.params["quantization"] == quantization
+
+
+def test_quantized_bases_take_less_memory(tiny_model_dir):
+    source = resolve_model(str(tiny_model_dir))
+    size = {q: load_base_model(source, quantization=q, double_quant=True, device=torch.device("cpu"))
+            .get_memory_footprint() for q in ("nf4", "int8", "bf16", "fp32")}
+    assert size["nf4"] < size["int8"] < size["bf16"] < size["fp32"]
+
+
+def test_the_saved_adapter_reproduces_eval_loss(tiny_model_dir, tiny_data_dir, tmp_path):
+    from peft import PeftModel
+
+    from lora_efficiency.data import load_examples, tokenize, unpacked
+    from lora_efficiency.evaluation import evaluate_loss
+    from lora_efficiency.models import load_tokenizer
+
+    result, _ = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization="fp32")
+    source = resolve_model(str(tiny_model_dir))
+    base = load_base_model(source, quantization="fp32", double_quant=True, device=torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, result.adapter_dir)
+    tokenizer = load_tokenizer(source)
+    _, evaluation, _ = load_examples(str(tiny_data_dir))
+    rows = unpacked(tokenize(tokenizer, evaluation[:8], seq_len=256))
+    reloaded = evaluate_loss(model, rows, batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+                             autocast_dtype=None)
+    assert reloaded["eval/loss"] == pytest.approx(result.metrics["eval/loss"], rel=1e-5)
+    assert Path(result.adapter_dir, "adapter_model.safetensors").exists()
+    assert not list(Path(result.adapter_dir).glob("*.bin"))
+
+
+def test_a_module_name_the_model_lacks_fails_before_training(tiny_model_dir, tiny_data_dir, tmp_path):
+    from lora_efficiency.errors import UserError
+
+    with pytest.raises(UserError, match="c_attn matches no linear module"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path, target_modules="c_attn")
