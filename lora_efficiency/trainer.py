@@ -214,6 +214,9 @@ def train(
             sampler.stop()
             raise RuntimeError(f"training diverged at step {step}: loss={loss}")
         losses.append(loss)
+        if step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0:  # ~20 lines a run
+            print(f"step {step}/{max_steps} | loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | "
+                  f"{step_s * 1000:.0f} ms | {sampler.current_mb():.0f} MB", flush=True)
         tracker.log_metrics({
             "train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
             "perf/tokens_per_second": real_tokens / step_s, "perf/step_time_ms": step_s * 1000,
