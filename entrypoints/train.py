@@ -1,7 +1,7 @@
 """Train one LoRA/QLoRA adapter on the shared trainer and log everything to MLflow.
 
-    mlflow run . -e train --env-manager local -P rank=16 -P target_modules=attention -P quantization=nf4
-    python -m entrypoints.train --rank 16 --max_steps 5          # the same, without `mlflow run`
+mlflow run . -e train --env-manager local -P rank=16 -P target_modules=attention -P quantization=nf4
+python -m entrypoints.train --rank 16 --max_steps 5          # the same, without `mlflow run`
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def main(argv: list[str]) -> None:
     with start_run(run_name=name, entry_point="train") as tracker:
         result = train(model=source, device=device, tracker=tracker, **settings)
     m = result.metrics
-    print(f"finished {name}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}, "
-          f"peak {m['memory/peak_mb']:.0f} MB, {m['perf/train_tokens_per_second']:.0f} tokens/s")
+    print(
+        f"finished {name}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}, "
+        f"peak {m['memory/peak_mb']:.0f} MB, {m['perf/train_tokens_per_second']:.0f} tokens/s"
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,11 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
     check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
     check("device", lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?", x), "auto, cpu, cuda or cuda:N")
-    check("data", lambda x: x in ("", "instruct") or Path(x).is_dir(),
-          "'' or 'instruct' (the bundled set), or an existing data folder")
+    check(
+        "data",
+        lambda x: x in ("", "instruct") or Path(x).is_dir(),
+        "'' or 'instruct' (the bundled set), or an existing data folder",
+    )
     if "model" in v and (problem := model_name_problem(v["model"])):
         p.append(problem)
     return p
@@ -142,7 +145,7 @@ def build_config(cls: type, values: dict[str, Any]):
 def parse_args(cls: type, section: str, argv: list[str], description: str):
     """`--field value` for every dataclass field, over the defaults file (`--config FILE` to use another)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=str(DEFAULTS_FILE), help="YAML file with a %r section" % section)
+    parser.add_argument("--config", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")
     args, unknown = parser.parse_known_args(argv)

@@ -15,8 +15,10 @@ from lora_efficiency.errors import UserError
 
 IGNORE_INDEX = -100  # label of a token that is not predicted (prompt, padding, first token of an example)
 BUNDLED_DATA = "instruct"
-ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that completes the request.\n\n" \
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
     "### Instruction:\n{prompt}\n\n### Response:\n"
+)
 
 
 @dataclass(frozen=True)
@@ -29,22 +31,117 @@ class Example:
 # ---------------------------------------------------------------------------------------------------------
 # The bundled instruction set: six task families with one exact answer each, generated from a seed.
 
-_NAMES = ["Maria", "Kenji", "Amara", "Lukas", "Priya", "Diego", "Sofia", "Omar", "Elena", "Tariq", "Ines", "Hugo",
-          "Yara", "Felix", "Nadia", "Mateo", "Leila", "Ivan", "Chloe", "Ravi"]
-_CITIES = ["Lisbon", "Osaka", "Nairobi", "Berlin", "Pune", "Bogota", "Madrid", "Cairo", "Athens", "Rabat", "Porto",
-           "Lyon", "Quito", "Oslo", "Hanoi", "Kyiv", "Dublin", "Lima", "Perth", "Tunis"]
+_NAMES = [
+    "Maria",
+    "Kenji",
+    "Amara",
+    "Lukas",
+    "Priya",
+    "Diego",
+    "Sofia",
+    "Omar",
+    "Elena",
+    "Tariq",
+    "Ines",
+    "Hugo",
+    "Yara",
+    "Felix",
+    "Nadia",
+    "Mateo",
+    "Leila",
+    "Ivan",
+    "Chloe",
+    "Ravi",
+]
+_CITIES = [
+    "Lisbon",
+    "Osaka",
+    "Nairobi",
+    "Berlin",
+    "Pune",
+    "Bogota",
+    "Madrid",
+    "Cairo",
+    "Athens",
+    "Rabat",
+    "Porto",
+    "Lyon",
+    "Quito",
+    "Oslo",
+    "Hanoi",
+    "Kyiv",
+    "Dublin",
+    "Lima",
+    "Perth",
+    "Tunis",
+]
 _JOBS = ["nurse", "engineer", "teacher", "pilot", "chef", "architect", "librarian", "farmer", "lawyer", "baker"]
-_WORDS = ["planet", "garden", "silver", "window", "rocket", "forest", "candle", "bridge", "pocket", "orange",
-          "marble", "tunnel", "anchor", "violin", "harbor", "jacket", "meadow", "lantern", "pepper", "castle",
-          "spiral", "copper", "falcon", "glacier", "island", "kettle", "ladder", "mirror", "needle", "parrot"]
-_FILLER = ["The weather had been mild all week.", "Everyone agreed the meeting ran long.",
-           "A new cafe opened on the corner last spring.", "The train was delayed by twenty minutes.",
-           "Nobody remembered who had brought the cake.", "The library closes early on Sundays.",
-           "Several neighbours were repainting their fences.", "The report was finally submitted on time."]
-_UNITS = [("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60),
-          ("minutes", "seconds", 60), ("L", "mL", 1000), ("days", "hours", 24), ("cm", "mm", 10)]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December"]
+_WORDS = [
+    "planet",
+    "garden",
+    "silver",
+    "window",
+    "rocket",
+    "forest",
+    "candle",
+    "bridge",
+    "pocket",
+    "orange",
+    "marble",
+    "tunnel",
+    "anchor",
+    "violin",
+    "harbor",
+    "jacket",
+    "meadow",
+    "lantern",
+    "pepper",
+    "castle",
+    "spiral",
+    "copper",
+    "falcon",
+    "glacier",
+    "island",
+    "kettle",
+    "ladder",
+    "mirror",
+    "needle",
+    "parrot",
+]
+_FILLER = [
+    "The weather had been mild all week.",
+    "Everyone agreed the meeting ran long.",
+    "A new cafe opened on the corner last spring.",
+    "The train was delayed by twenty minutes.",
+    "Nobody remembered who had brought the cake.",
+    "The library closes early on Sundays.",
+    "Several neighbours were repainting their fences.",
+    "The report was finally submitted on time.",
+]
+_UNITS = [
+    ("km", "m", 1000),
+    ("m", "cm", 100),
+    ("kg", "g", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("L", "mL", 1000),
+    ("days", "hours", 24),
+    ("cm", "mm", 10),
+]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def _arithmetic(rng: random.Random) -> Example:
@@ -64,8 +161,12 @@ def _unit_conversion(rng: random.Random) -> Example:
 
 def _date_format(rng: random.Random) -> Example:
     d = date(1990, 1, 1) + timedelta(days=rng.randint(0, 365 * 40))
-    formats = [("YYYY-MM-DD", d.isoformat()), ("DD/MM/YYYY", d.strftime("%d/%m/%Y")),
-               ("MM/DD/YYYY", d.strftime("%m/%d/%Y")), ("Month D, YYYY", f"{_MONTHS[d.month - 1]} {d.day}, {d.year}")]
+    formats = [
+        ("YYYY-MM-DD", d.isoformat()),
+        ("DD/MM/YYYY", d.strftime("%d/%m/%Y")),
+        ("MM/DD/YYYY", d.strftime("%m/%d/%Y")),
+        ("Month D, YYYY", f"{_MONTHS[d.month - 1]} {d.day}, {d.year}"),
+    ]
     (_, given), (name, answer) = rng.sample(formats, 2)
     return Example(f"Rewrite the date {given} in the format {name}. Answer with the date only.", answer, "date_format")
 
@@ -93,30 +194,44 @@ def _string_transform(rng: random.Random) -> Example:
     if kind == "upper":
         return Example(f"Write '{text}' in capital letters. Answer with the result only.", text.upper(), "string")
     if kind == "initials":
-        return Example(f"Write the first letter of each word in '{text}'. Answer with the letters only.",
-                       "".join(w[0] for w in words), "string")
+        return Example(
+            f"Write the first letter of each word in '{text}'. Answer with the letters only.",
+            "".join(w[0] for w in words),
+            "string",
+        )
     letter = rng.choice("aeiou")
-    return Example(f"How many times does the letter '{letter}' appear in '{text}'? Answer with the number only.",
-                   str(text.count(letter)), "string")
+    return Example(
+        f"How many times does the letter '{letter}' appear in '{text}'? Answer with the number only.",
+        str(text.count(letter)),
+        "string",
+    )
 
 
 def _json_extraction(rng: random.Random) -> Example:
     name, city, job, age = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_JOBS), rng.randint(19, 80)
-    fact = rng.choice([f"{name} is {age} years old, works as a {job} and lives in {city}.",
-                       f"Living in {city}, {name} ({age}) has worked as a {job} for years.",
-                       f"At {age}, {name} moved to {city} to start a job as a {job}."])
+    fact = rng.choice(
+        [
+            f"{name} is {age} years old, works as a {job} and lives in {city}.",
+            f"Living in {city}, {name} ({age}) has worked as a {job} for years.",
+            f"At {age}, {name} moved to {city} to start a job as a {job}.",
+        ]
+    )
     sentences = rng.sample(_FILLER, rng.randint(0, 5))
     sentences.insert(rng.randint(0, len(sentences)), fact)
     answer = json.dumps({"name": name, "age": age, "city": city, "job": job})
-    prompt = ("Extract the person's name, age, city and job from the text as JSON with the keys name, age, city "
-              f"and job. Answer with the JSON only.\n\nText: {' '.join(sentences)}")
+    prompt = (
+        "Extract the person's name, age, city and job from the text as JSON with the keys name, age, city "
+        f"and job. Answer with the JSON only.\n\nText: {' '.join(sentences)}"
+    )
     return Example(prompt, answer, "json_extraction")
 
 
 TASKS = (_arithmetic, _unit_conversion, _date_format, _sorting, _string_transform, _json_extraction)
 
 
-def bundled_instruct(num_train: int = 3000, num_eval: int = 300, seed: int = 1234) -> tuple[list[Example], list[Example]]:
+def bundled_instruct(
+    num_train: int = 3000, num_eval: int = 300, seed: int = 1234
+) -> tuple[list[Example], list[Example]]:
     """The bundled instruction set: distinct prompts, split into train and eval with no prompt in both."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -137,8 +252,10 @@ def _read_jsonl(path: Path) -> list[Example]:
             continue
         record = json.loads(line)
         if "prompt" not in record or "response" not in record:
-            raise UserError(f"data={str(path)!r}: line {i + 1} needs the fields prompt and response, found "
-                            f"{','.join(record) or 'none'}")
+            raise UserError(
+                f"data={str(path)!r}: line {i + 1} needs the fields prompt and response, found "
+                f"{','.join(record) or 'none'}"
+            )
         examples.append(Example(str(record["prompt"]), str(record["response"]), str(record.get("task", ""))))
     return examples
 
@@ -151,8 +268,10 @@ def load_examples(data: str) -> tuple[list[Example], list[Example], str]:
     folder = Path(data)
     for split in ("train.jsonl", "eval.jsonl"):
         if not (folder / split).is_file():
-            raise UserError(f"data={data!r} has no {split}: allowed are '' or {BUNDLED_DATA!r} (the bundled set) "
-                            "or a folder with train.jsonl and eval.jsonl")
+            raise UserError(
+                f"data={data!r} has no {split}: allowed are '' or {BUNDLED_DATA!r} (the bundled set) "
+                "or a folder with train.jsonl and eval.jsonl"
+            )
     train, evaluation = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "eval.jsonl")
     if not train or not evaluation:
         raise UserError(f"data={data!r}: train.jsonl and eval.jsonl must each hold at least one example")
@@ -166,8 +285,9 @@ def load_examples(data: str) -> tuple[list[Example], list[Example], str]:
 def format_prompt(tokenizer, prompt: str) -> str:
     """The text the model sees before its answer: the chat template if the tokenizer has one, else Alpaca's."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return ALPACA_PROMPT.format(prompt=prompt)
 
 
@@ -216,7 +336,7 @@ def fingerprint(*splits: TokenizedSplit) -> str:
     """Content hash of the tokenized splits: same text, template and tokenizer -> same fingerprint."""
     h = hashlib.sha256()
     for split in splits:
-        for ids, labels in zip(split.input_ids, split.labels):
+        for ids, labels in zip(split.input_ids, split.labels, strict=True):
             h.update(json.dumps([ids, labels]).encode())
         h.update(b"|")
     return h.hexdigest()[:16]
@@ -244,7 +364,7 @@ def pack(split: TokenizedSplit, *, seq_len: int) -> Rows:
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    for ex_ids, ex_labels in zip(split.input_ids, split.labels):
+    for ex_ids, ex_labels in zip(split.input_ids, split.labels, strict=True):
         if ids and len(ids) + len(ex_ids) > seq_len:
             rows.input_ids.append(ids)
             rows.labels.append(labels)

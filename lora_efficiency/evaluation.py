@@ -25,9 +25,7 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for start in range(0, len(rows), batch_size):
         batch = collate(rows, list(range(start, min(start + batch_size, len(rows)))), pad_id=pad_id)
         with autocast:

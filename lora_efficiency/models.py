@@ -99,8 +99,10 @@ def model_name_problem(name: str) -> str | None:
             return f"model={name!r} is a folder without config.json: expected a Hugging Face model folder"
         return None
     if local.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
-        return (f"model={name!r} does not exist: allowed are {BUNDLED_MODEL!r}, a local Hugging Face folder "
-                "or a hub id such as 'meta-llama/Llama-3.2-1B'")
+        return (
+            f"model={name!r} does not exist: allowed are {BUNDLED_MODEL!r}, a local Hugging Face folder "
+            "or a hub id such as 'meta-llama/Llama-3.2-1B'"
+        )
     return None
 
 
@@ -202,8 +204,21 @@ _ROLES: dict[str, tuple[str, ...]] = {
     "k": ("k_proj", "key", "c_attn", "query_key_value", "qkv_proj", "Wqkv"),
     "v": ("v_proj", "value", "c_attn", "query_key_value", "qkv_proj", "Wqkv"),
     "o": ("o_proj", "out_proj", "attn.c_proj", "attention.dense", "self_attn.dense"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "mlp.c_proj", "dense_h_to_4h",
-            "dense_4h_to_h", "fc1", "fc2", "w1", "w2", "w3"),
+    "mlp": (
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "gate_up_proj",
+        "c_fc",
+        "mlp.c_proj",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+        "fc1",
+        "fc2",
+        "w1",
+        "w2",
+        "w3",
+    ),
 }
 PRESETS: dict[str, tuple[str, ...]] = {
     "q_v": ("q", "v"),
@@ -261,6 +276,8 @@ def resolve_target_modules(model: torch.nn.Module, spec: str) -> list[str]:
 
 def is_valid_target_spec(spec: str) -> bool:
     """Shape check at parse time; whether the names exist is checked against the loaded model."""
-    return spec in PRESETS or all(_MODULE_NAME.match(s.strip()) for s in spec.split(",") if s.strip()) and bool(
-        spec.strip(" ,")
+    return (
+        spec in PRESETS
+        or all(_MODULE_NAME.match(s.strip()) for s in spec.split(",") if s.strip())
+        and bool(spec.strip(" ,"))
     )

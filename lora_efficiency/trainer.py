@@ -36,11 +36,20 @@ class Tracker(Protocol):
 
 
 class NullTracker:
-    def log_params(self, params): pass
-    def set_tags(self, tags): pass
-    def log_metrics(self, metrics, step=None): pass
-    def log_text(self, text, artifact_file): pass
-    def log_artifacts(self, local_dir, artifact_path): pass
+    def log_params(self, params):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_text(self, text, artifact_file):
+        pass
+
+    def log_artifacts(self, local_dir, artifact_path):
+        pass
 
 
 @dataclass
@@ -112,7 +121,7 @@ def train(
     eval_samples: int = 300,
     eval_batch_size: int = 8,
     seed: int = 0,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
     output_dir: str | None = None,
     tracker: Tracker | None = None,
@@ -126,8 +135,12 @@ def train(
     from transformers import get_scheduler
 
     tracker = tracker or NullTracker()
-    settings = {k: v for k, v in locals().items() if k not in ("model", "device", "tracker", "output_dir",
-                                                                 "LoraConfig", "get_peft_model", "get_scheduler")}
+    device = torch.device(device)
+    settings = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("model", "device", "tracker", "output_dir", "LoraConfig", "get_peft_model", "get_scheduler")
+    }
     torch.manual_seed(seed)
 
     # -- data -------------------------------------------------------------------------------------------
@@ -141,13 +154,22 @@ def train(
         raise UserError(f"batch_size={batch_size} is larger than the {len(rows)} training rows of data={data!r}")
 
     # -- model ------------------------------------------------------------------------------------------
-    base = load_base_model(model, quantization=quantization, double_quant=double_quant, device=device,
-                           trust_remote_code=trust_remote_code)
+    base = load_base_model(
+        model, quantization=quantization, double_quant=double_quant, device=device, trust_remote_code=trust_remote_code
+    )
     modules = resolve_target_modules(base, target_modules)
     if gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
-                      task_type="CAUSAL_LM", use_rslora=use_rslora, use_dora=use_dora)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+    )
     peft_model = get_peft_model(base, lora)  # LoRA weights stay fp32 (autocast_adapter_dtype)
     trainable_params, total_params = peft_model.get_nb_trainable_parameters()
     amp_dtype = None if quantization == "fp32" else compute_dtype(device)
@@ -155,20 +177,36 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
 
     fingerprint = D.fingerprint(train_split, eval_split)
-    resolved = {**settings, "device_resolved": str(device), "target_modules_resolved": ",".join(modules),
-                "base_model": model.model_id, "base_model_revision": model.revision, "data_name": data_name,
-                "data_fingerprint": fingerprint}
-    tags = {"config_hash": config_hash(resolved), "base_model": model.model_id,
-            "base_model_revision": model.revision, "data_fingerprint": fingerprint,
-            "device_name": device_name(device), "quantization": quantization}
-    tracker.log_params({
-        **resolved, "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-        "global_batch_size": batch_size * grad_accum, "train_rows": len(rows),
-        "train_examples": len(train_examples), "eval_examples": len(eval_rows),
-        "data_truncated": train_split.num_truncated,
-        "data_padding_fraction": round(D.padding_fraction(rows, batch_size=batch_size), 4),
-        "memory_sample_interval_s": DEFAULT_INTERVAL_S,
-    })
+    resolved = {
+        **settings,
+        "device_resolved": str(device),
+        "target_modules_resolved": ",".join(modules),
+        "base_model": model.model_id,
+        "base_model_revision": model.revision,
+        "data_name": data_name,
+        "data_fingerprint": fingerprint,
+    }
+    tags = {
+        "config_hash": config_hash(resolved),
+        "base_model": model.model_id,
+        "base_model_revision": model.revision,
+        "data_fingerprint": fingerprint,
+        "device_name": device_name(device),
+        "quantization": quantization,
+    }
+    tracker.log_params(
+        {
+            **resolved,
+            "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+            "global_batch_size": batch_size * grad_accum,
+            "train_rows": len(rows),
+            "train_examples": len(train_examples),
+            "eval_examples": len(eval_rows),
+            "data_truncated": train_split.num_truncated,
+            "data_padding_fraction": round(D.padding_fraction(rows, batch_size=batch_size), 4),
+            "memory_sample_interval_s": DEFAULT_INTERVAL_S,
+        }
+    )
     tracker.set_tags(tags)
 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -215,35 +253,52 @@ def train(
             raise RuntimeError(f"training diverged at step {step}: loss={loss}")
         losses.append(loss)
         if step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0:  # ~20 lines a run
-            print(f"step {step}/{max_steps} | loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | "
-                  f"{step_s * 1000:.0f} ms | {sampler.current_mb():.0f} MB", flush=True)
-        tracker.log_metrics({
-            "train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-            "perf/tokens_per_second": real_tokens / step_s, "perf/step_time_ms": step_s * 1000,
-            "memory/current_mb": sampler.current_mb(),
-        }, step=step)
+            print(
+                f"step {step}/{max_steps} | loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | "
+                f"{step_s * 1000:.0f} ms | {sampler.current_mb():.0f} MB",
+                flush=True,
+            )
+        tracker.log_metrics(
+            {
+                "train/loss": loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "perf/tokens_per_second": real_tokens / step_s,
+                "perf/step_time_ms": step_s * 1000,
+                "memory/current_mb": sampler.current_mb(),
+            },
+            step=step,
+        )
     train_s = time.perf_counter() - t_start
     sampler.stop()
 
     # -- evaluate and save ------------------------------------------------------------------------------
-    metrics = evaluate_loss(peft_model, eval_rows, batch_size=eval_batch_size, pad_id=tokenizer.pad_token_id,
-                            device=device, autocast_dtype=amp_dtype)
+    metrics = evaluate_loss(
+        peft_model,
+        eval_rows,
+        batch_size=eval_batch_size,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        autocast_dtype=amp_dtype,
+    )
     adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
     peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     metrics.update(sampler.summary())
-    metrics.update({
-        "params/trainable": float(trainable_params), "params/total": float(total_params),
-        "params/trainable_fraction": trainable_params / total_params,
-        "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
-        "memory/model_mb": base.get_memory_footprint() / 2**20,
-        "time/train_s": train_s, "train/tokens": float(tokens_total),
-        "perf/train_tokens_per_second": tokens_steady / time_steady if time_steady else tokens_total / train_s,
-        "train/final_loss": losses[-1],
-    })
+    metrics.update(
+        {
+            "params/trainable": float(trainable_params),
+            "params/total": float(total_params),
+            "params/trainable_fraction": trainable_params / total_params,
+            "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
+            "memory/model_mb": base.get_memory_footprint() / 2**20,
+            "time/train_s": train_s,
+            "train/tokens": float(tokens_total),
+            "perf/train_tokens_per_second": tokens_steady / time_steady if time_steady else tokens_total / train_s,
+            "train/final_loss": losses[-1],
+        }
+    )
     tracker.log_metrics(metrics)
     tracker.log_artifacts(str(adapter_dir), "adapter")
     tracker.log_text(sampler.trace_csv(), "memory_trace.csv")
     tracker.log_text(json.dumps({k: v for k, v in resolved.items()}, indent=2, default=str), "config.json")
     return TrainResult("FINISHED", losses, metrics, tags, modules, str(adapter_dir), sampler.samples)
-
-

@@ -19,12 +19,26 @@ pytestmark = pytest.mark.e2e
 
 
 def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: str = "train"):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local",
-           "--experiment-name", experiment]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    env = subprocess_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
-                         MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1")
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+    )
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -36,8 +50,19 @@ def runs_of(client: MlflowClient, experiment: str):
 @pytest.fixture(scope="module")
 def trained(mlflow_server, tiny_model_dir, tiny_data_dir):
     experiment = f"e2e-{uuid.uuid4().hex[:8]}"
-    proc = mlflow_run(mlflow_server, experiment, {"model": tiny_model_dir, "data": tiny_data_dir, "max_steps": 3,
-                                                  "batch_size": 2, "seq_len": 256, "rank": 8, "lr": "2e-4"})
+    proc = mlflow_run(
+        mlflow_server,
+        experiment,
+        {
+            "model": tiny_model_dir,
+            "data": tiny_data_dir,
+            "max_steps": 3,
+            "batch_size": 2,
+            "seq_len": 256,
+            "rank": 8,
+            "lr": "2e-4",
+        },
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)
@@ -61,8 +86,15 @@ def test_metrics_per_step_and_summary(trained):
     for key in ("train/loss", "train/lr", "perf/tokens_per_second", "perf/step_time_ms", "memory/current_mb"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
     m = run.data.metrics
-    for key in ("memory/peak_mb", "params/trainable", "params/total", "adapter/size_mb", "time/train_s",
-                "eval/loss", "eval/perplexity"):
+    for key in (
+        "memory/peak_mb",
+        "params/trainable",
+        "params/total",
+        "adapter/size_mb",
+        "time/train_s",
+        "eval/loss",
+        "eval/perplexity",
+    ):
         assert key in m, key
     assert m["eval/perplexity"] == pytest.approx(math.exp(m["eval/loss"]))
     # 2 layers x r8 x (q 64+64, k 64+32, v 64+32, o 64+64) = 7,168 trainable parameters
@@ -105,8 +137,14 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
     tokenizer = load_tokenizer(source)
     _, evaluation, _ = load_examples(str(tiny_data_dir))
     rows = unpacked(tokenize(tokenizer, evaluation, seq_len=256))
-    result = evaluate_loss(model, rows, batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
-                           autocast_dtype=torch.bfloat16)
+    result = evaluate_loss(
+        model,
+        rows,
+        batch_size=8,
+        pad_id=tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+        autocast_dtype=torch.bfloat16,
+    )
     assert result["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"], rel=1e-4)
 
 
@@ -121,8 +159,7 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
         ({"target_modules": "qkv"}, "error: target_modules='qkv': qkv matches no linear module"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_no_run_running(mlflow_server, tiny_model_dir, tiny_data_dir, params,
-                                                         message):
+def test_bad_input_is_one_line_and_leaves_no_run_running(mlflow_server, tiny_model_dir, tiny_data_dir, params, message):
     experiment = f"bad-{uuid.uuid4().hex[:8]}"
     proc = mlflow_run(mlflow_server, experiment, {"model": tiny_model_dir, "data": tiny_data_dir, **params})
     assert proc.returncode != 0
@@ -135,8 +172,14 @@ def test_bad_input_is_one_line_and_leaves_no_run_running(mlflow_server, tiny_mod
 
 def test_without_mlflow_run_bad_input_creates_no_run(tmp_path):
     env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", "--rank", "0"], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrypoints.train", "--rank", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: rank=0 is invalid: an integer >= 1"
     assert not (tmp_path / "mlflow.db").exists()
@@ -145,10 +188,30 @@ def test_without_mlflow_run_bad_input_creates_no_run(tmp_path):
 def test_default_store_is_sqlite_in_the_working_directory(tmp_path, tiny_model_dir, tiny_data_dir):
     env = subprocess_env(PYTHONPATH=str(ROOT))
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", "--model", str(tiny_model_dir), "--data",
-                           str(tiny_data_dir), "--max_steps", "1", "--batch_size", "2", "--seq_len", "128",
-                           "--eval_samples", "4"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entrypoints.train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_data_dir),
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "128",
+            "--eval_samples",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = runs_of(client, "lora-efficiency")

@@ -15,8 +15,19 @@ PINNED_EVAL_LOSS = 11.987365
 
 
 def test_pinned_loss_curve(tiny_model_dir, tiny_data_dir, tmp_path):
-    result = train(model=resolve_model(str(tiny_model_dir)), data=str(tiny_data_dir), quantization="fp32",
-                   max_steps=6, batch_size=2, seq_len=256, lr=1e-3, warmup_ratio=0.0, dropout=0.0, seed=0,
-                   eval_samples=8, output_dir=str(tmp_path / "adapter"))
+    result = train(
+        model=resolve_model(str(tiny_model_dir)),
+        data=str(tiny_data_dir),
+        quantization="fp32",
+        max_steps=6,
+        batch_size=2,
+        seq_len=256,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        dropout=0.0,
+        seed=0,
+        eval_samples=8,
+        output_dir=str(tmp_path / "adapter"),
+    )
     assert result.losses == pytest.approx(PINNED_LOSSES, rel=1e-5)
     assert result.metrics["eval/loss"] == pytest.approx(PINNED_EVAL_LOSS, rel=1e-5)

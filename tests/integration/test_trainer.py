@@ -14,10 +14,24 @@ from lora_efficiency.config import TrainConfig
 from lora_efficiency.models import load_base_model, resolve_model
 from lora_efficiency.trainer import train
 
-STEP_METRICS = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_second", "perf/step_time_ms",
-                "memory/current_mb"}
-SUMMARY_METRICS = {"eval/loss", "eval/perplexity", "memory/peak_mb", "params/trainable", "params/total",
-                   "adapter/size_mb", "time/train_s", "perf/train_tokens_per_second"}
+STEP_METRICS = {
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "perf/tokens_per_second",
+    "perf/step_time_ms",
+    "memory/current_mb",
+}
+SUMMARY_METRICS = {
+    "eval/loss",
+    "eval/perplexity",
+    "memory/peak_mb",
+    "params/trainable",
+    "params/total",
+    "adapter/size_mb",
+    "time/train_s",
+    "perf/train_tokens_per_second",
+}
 
 
 class RecordingTracker:
@@ -41,8 +55,16 @@ class RecordingTracker:
 
 
 def run(tiny_model_dir, tiny_data_dir, tmp_path, **overrides):
-    kwargs = dict(model=resolve_model(str(tiny_model_dir)), data=str(tiny_data_dir), max_steps=3, batch_size=2,
-                  seq_len=256, eval_samples=8, quantization="fp32", output_dir=str(tmp_path / "adapter"))
+    kwargs = dict(
+        model=resolve_model(str(tiny_model_dir)),
+        data=str(tiny_data_dir),
+        max_steps=3,
+        batch_size=2,
+        seq_len=256,
+        eval_samples=8,
+        quantization="fp32",
+        output_dir=str(tmp_path / "adapter"),
+    )
     kwargs.update(overrides)
     tracker = kwargs.setdefault("tracker", RecordingTracker())
     return train(**kwargs), tracker
@@ -56,7 +78,7 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_di
     assert tracker.params["device_resolved"] == "cpu"
     assert [s for s, _ in tracker.steps] == [1, 2, 3]
     assert all(set(m) == STEP_METRICS for _, m in tracker.steps)
-    assert SUMMARY_METRICS <= set(tracker.summary)
+    assert set(tracker.summary) >= SUMMARY_METRICS
     assert {"config_hash", "base_model", "base_model_revision", "data_fingerprint", "device_name"} <= set(tracker.tags)
     assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
@@ -79,22 +101,31 @@ def test_same_seed_same_loss_curve(tiny_model_dir, tiny_data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "quantization, layer_type",
-    [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt"), ("bf16", "Linear"),
-     ("fp16", "Linear"), ("fp32", "Linear")],
+    [
+        ("nf4", "Linear4bit"),
+        ("fp4", "Linear4bit"),
+        ("int8", "Linear8bitLt"),
+        ("bf16", "Linear"),
+        ("fp16", "Linear"),
+        ("fp32", "Linear"),
+    ],
 )
 def test_every_quantization_mode_trains_on_the_cpu(tiny_model_dir, tiny_data_dir, tmp_path, quantization, layer_type):
     result, tracker = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization=quantization, max_steps=2)
     assert all(math.isfinite(x) for x in result.losses)
-    base = load_base_model(resolve_model(str(tiny_model_dir)), quantization=quantization, double_quant=True,
-                           device=torch.device("cpu"))
+    base = load_base_model(
+        resolve_model(str(tiny_model_dir)), quantization=quantization, double_quant=True, device=torch.device("cpu")
+    )
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == layer_type
     assert tracker.params["quantization"] == quantization
 
 
 def test_quantized_bases_take_less_memory(tiny_model_dir):
     source = resolve_model(str(tiny_model_dir))
-    size = {q: load_base_model(source, quantization=q, double_quant=True, device=torch.device("cpu"))
-            .get_memory_footprint() for q in ("nf4", "int8", "bf16", "fp32")}
+    size = {
+        q: load_base_model(source, quantization=q, double_quant=True, device=torch.device("cpu")).get_memory_footprint()
+        for q in ("nf4", "int8", "bf16", "fp32")
+    }
     assert size["nf4"] < size["int8"] < size["bf16"] < size["fp32"]
 
 
@@ -112,8 +143,9 @@ def test_the_saved_adapter_reproduces_eval_loss(tiny_model_dir, tiny_data_dir, t
     tokenizer = load_tokenizer(source)
     _, evaluation, _ = load_examples(str(tiny_data_dir))
     rows = unpacked(tokenize(tokenizer, evaluation[:8], seq_len=256))
-    reloaded = evaluate_loss(model, rows, batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
-                             autocast_dtype=None)
+    reloaded = evaluate_loss(
+        model, rows, batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), autocast_dtype=None
+    )
     assert reloaded["eval/loss"] == pytest.approx(result.metrics["eval/loss"], rel=1e-5)
     assert Path(result.adapter_dir, "adapter_model.safetensors").exists()
     assert not list(Path(result.adapter_dir).glob("*.bin"))

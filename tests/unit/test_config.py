@@ -54,8 +54,9 @@ def test_bad_values_name_the_field_the_value_and_what_is_allowed(args, message):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        parse_args(TrainConfig, "train", ["--rank", "abc", "--quantization", "q3", "--seq_len", "8",
-                                          "--model", "/nope"], "")
+        parse_args(
+            TrainConfig, "train", ["--rank", "abc", "--quantization", "q3", "--seq_len", "8", "--model", "/nope"], ""
+        )
     assert [p.split("=")[0] for p in err.value.problems] == ["rank", "seq_len", "quantization", "model"]
 
 

@@ -45,7 +45,7 @@ def test_labels_cover_the_response_only(tokenizer):
     ex = Example("Compute 2 + 2. Answer with the number only.", "4")
     split = tokenize(tokenizer, [ex], seq_len=512)
     ids, labels = split.input_ids[0], split.labels[0]
-    target = [t for t, y in zip(ids, labels) if y != IGNORE_INDEX]
+    target = [t for t, y in zip(ids, labels, strict=True) if y != IGNORE_INDEX]
     assert tokenizer.decode(target) == "4<|im_end|>\n"
     assert tokenizer.decode(ids).startswith("<|im_start|>system")
 
@@ -61,7 +61,7 @@ def test_alpaca_template_without_a_chat_template(tokenizer):
     tokenizer.chat_template = None
     split = tokenize(tokenizer, [Example("Say hi.", "hi")], seq_len=512)
     assert "### Instruction:\nSay hi." in tokenizer.decode(split.input_ids[0])
-    target = [t for t, y in zip(split.input_ids[0], split.labels[0]) if y != IGNORE_INDEX]
+    target = [t for t, y in zip(split.input_ids[0], split.labels[0], strict=True) if y != IGNORE_INDEX]
     assert tokenizer.decode(target) == "hi" + tokenizer.eos_token
 
 

@@ -27,7 +27,7 @@ def _mean_loss(model, rows, pad_id):
 def test_matches_transformers_loss_per_example(setup):
     model, tokenizer, split = setup
     ours, theirs = [], []
-    for ids, labels in zip(split.input_ids, split.labels):
+    for ids, labels in zip(split.input_ids, split.labels, strict=True):
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
         theirs.append(float(out.loss))

@@ -20,8 +20,8 @@ def gpt2():
 @pytest.fixture(scope="module")
 def neox():
     return AutoModelForCausalLM.from_config(
-        GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                      vocab_size=128))
+        GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=128)
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,9 +97,9 @@ def test_model_names(tmp_path):
 
 
 def test_a_hub_id_offline_is_a_clear_error(monkeypatch):
-    from lora_efficiency.models import load_tokenizer, resolve_model
-
     import huggingface_hub.constants
+
+    from lora_efficiency.models import load_tokenizer, resolve_model
 
     # read once at import, so the env var alone is too late here; without it the lookup waits ~45 s on the network
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
