@@ -84,7 +84,9 @@ def config_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _batches(rows: D.Rows, *, batch_size: int, pad_id: int, seed: int) -> Iterator[tuple[dict, int]]:
+def _batches(
+    rows: D.Rows, *, batch_size: int, pad_id: int, seed: int, length: int | None
+) -> Iterator[tuple[dict, int]]:
     """Endless shuffled batches, reshuffled every epoch from the seed; yields (tensors, real token count)."""
     rng = random.Random(seed)
     order = list(range(len(rows)))
@@ -92,7 +94,7 @@ def _batches(rows: D.Rows, *, batch_size: int, pad_id: int, seed: int) -> Iterat
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             idx = order[start : start + batch_size]
-            yield D.collate(rows, idx, pad_id=pad_id), sum(len(rows.input_ids[i]) for i in idx)
+            yield D.collate(rows, idx, pad_id=pad_id, length=length), sum(len(rows.input_ids[i]) for i in idx)
 
 
 def train(
@@ -213,7 +215,9 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     warmup_steps = round(warmup_ratio * max_steps)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
-    batches = _batches(rows, batch_size=batch_size, pad_id=tokenizer.pad_token_id, seed=seed)
+    batches = _batches(
+        rows, batch_size=batch_size, pad_id=tokenizer.pad_token_id, seed=seed, length=seq_len if packing else None
+    )
 
     # -- the loop ---------------------------------------------------------------------------------------
     # One optimizer step = grad_accum micro-batches of batch_size rows (4 x 512 = 2,048 tokens per micro-batch

@@ -84,10 +84,11 @@ def test_packing_keeps_every_token_and_restarts_positions(tokenizer):
 
 def test_collate_pads_with_ignored_labels():
     rows = unpacked(tokenize_stub())
-    batch = collate(rows, [0, 1], pad_id=0)
-    assert batch["input_ids"].shape == (2, 3)
-    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 7, IGNORE_INDEX]
-    assert batch["position_ids"][1].tolist() == [0, 1, 0]
+    batch = collate(rows, [0, 1], pad_id=0, length=4)
+    assert batch["input_ids"].shape == (2, 4)
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1]
+    assert collate(rows, [0, 1], pad_id=0)["input_ids"].shape == (2, 64)  # rounded up to PAD_MULTIPLE
 
 
 def tokenize_stub():
