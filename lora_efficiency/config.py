@@ -74,15 +74,63 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("device", lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?", x), "auto, cpu, cuda or cuda:N")
     check(
         "data",
-        lambda x: x in ("", "instruct") or Path(x).is_dir(),
-        "'' or 'instruct' (the bundled set), or an existing data folder",
+        data_reference_ok,
+        "'' (the bundled set), a known set name, a data file, a prepared folder or a prepare run's id",
     )
     if "model" in v and (problem := model_name_problem(v["model"])):
         p.append(problem)
     return p
 
 
-CHECKS = {TrainConfig: train_problems}
+def data_reference_ok(value: str) -> bool:
+    from lora_efficiency.sources import KNOWN_SETS
+
+    return value == "" or value in KNOWN_SETS or Path(value).exists() or bool(re.fullmatch(r"[0-9a-f]{32}", value))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """Settings of `prepare`; configs/default.yaml documents each field."""
+
+    dataset: str
+    model: str
+    seq_len: int
+    num_samples: int
+    eval_fraction: float
+    seed: int
+    train_on_prompt: bool
+    prompt_field: str
+    response_field: str
+    text_field: str
+    trust_remote_code: bool
+
+
+def prepare_problems(v: dict[str, Any]) -> list[str]:
+    from lora_efficiency.sources import KNOWN_SETS
+
+    p = []
+    if "dataset" in v and not (v["dataset"] in KNOWN_SETS or v["dataset"] == "" or Path(v["dataset"]).is_file()):
+        p.append(
+            invalid(
+                "dataset",
+                v["dataset"],
+                f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file",
+            )
+        )
+    if "seq_len" in v and not 16 <= v["seq_len"] <= 131072:
+        p.append(invalid("seq_len", v["seq_len"], "an integer from 16 to 131072"))
+    if "num_samples" in v and v["num_samples"] < 0:
+        p.append(invalid("num_samples", v["num_samples"], "an integer >= 0 (0: all)"))
+    if "eval_fraction" in v and not 0 < v["eval_fraction"] < 1:
+        p.append(invalid("eval_fraction", v["eval_fraction"], "a number in (0, 1)"))
+    if "seed" in v and v["seed"] < 0:
+        p.append(invalid("seed", v["seed"], "an integer >= 0"))
+    if "model" in v and (problem := model_name_problem(v["model"])):
+        p.append(problem)
+    return p
+
+
+CHECKS = {TrainConfig: train_problems, PrepareConfig: prepare_problems}
 
 
 def _convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:

@@ -7,11 +7,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from pathlib import Path
 
 import torch
-
-from lora_efficiency.errors import UserError
 
 IGNORE_INDEX = -100  # label of a token that is not predicted (prompt, padding, first token of an example)
 BUNDLED_DATA = "instruct"
@@ -243,39 +240,6 @@ def bundled_instruct(
             examples.append(ex)
     rng.shuffle(examples)
     return examples[:num_train], examples[num_train:]
-
-
-def _read_jsonl(path: Path) -> list[Example]:
-    examples = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if "prompt" not in record or "response" not in record:
-            raise UserError(
-                f"data={str(path)!r}: line {i + 1} needs the fields prompt and response, found "
-                f"{','.join(record) or 'none'}"
-            )
-        examples.append(Example(str(record["prompt"]), str(record["response"]), str(record.get("task", ""))))
-    return examples
-
-
-def load_examples(data: str) -> tuple[list[Example], list[Example], str]:
-    """`""`/`instruct` (the bundled set) or a folder with train.jsonl and eval.jsonl -> (train, eval, name)."""
-    if data in ("", BUNDLED_DATA):
-        train, evaluation = bundled_instruct()
-        return train, evaluation, BUNDLED_DATA
-    folder = Path(data)
-    for split in ("train.jsonl", "eval.jsonl"):
-        if not (folder / split).is_file():
-            raise UserError(
-                f"data={data!r} has no {split}: allowed are '' or {BUNDLED_DATA!r} (the bundled set) "
-                "or a folder with train.jsonl and eval.jsonl"
-            )
-    train, evaluation = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "eval.jsonl")
-    if not train or not evaluation:
-        raise UserError(f"data={data!r}: train.jsonl and eval.jsonl must each hold at least one example")
-    return train, evaluation, folder.resolve().name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from lora_efficiency.evaluation import evaluate_loss
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
+from lora_efficiency.prepare import resolve_data
 
 
 class Tracker(Protocol):
@@ -79,8 +80,9 @@ def device_name(device: torch.device) -> str:
 
 
 def config_hash(settings: dict) -> str:
-    """Stable hash of what determines the trained adapter; seed and device are left out so seeds group."""
-    keep = {k: v for k, v in settings.items() if k not in ("seed", "device", "device_resolved")}
+    """Stable hash of what determines the trained adapter; seed and device are left out so seeds group, and the
+    data enters by its content fingerprint, not by how it was named (path, run id or set name)."""
+    keep = {k: v for k, v in settings.items() if k not in ("seed", "device", "device_resolved", "data")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -147,9 +149,9 @@ def train(
 
     # -- data -------------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    train_examples, eval_examples, data_name = D.load_examples(data)
-    train_split = D.tokenize(tokenizer, train_examples, seq_len=seq_len, train_on_prompt=train_on_prompt)
-    eval_split = D.tokenize(tokenizer, eval_examples[:eval_samples], seq_len=seq_len)
+    prepared = resolve_data(data, model=model, tokenizer=tokenizer, seq_len=seq_len, train_on_prompt=train_on_prompt)
+    train_split = prepared.train
+    eval_split = D.TokenizedSplit(prepared.eval.input_ids[:eval_samples], prepared.eval.labels[:eval_samples])
     rows = D.pack(train_split, seq_len=seq_len) if packing else D.unpacked(train_split)
     eval_rows = D.unpacked(eval_split)
     if len(rows) < batch_size:
@@ -178,14 +180,14 @@ def train(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
 
-    fingerprint = D.fingerprint(train_split, eval_split)
+    fingerprint = prepared.manifest["fingerprint"]
     resolved = {
         **settings,
         "device_resolved": str(device),
         "target_modules_resolved": ",".join(modules),
         "base_model": model.model_id,
         "base_model_revision": model.revision,
-        "data_name": data_name,
+        "data_name": prepared.manifest["dataset"],
         "data_fingerprint": fingerprint,
     }
     tags = {
@@ -202,7 +204,8 @@ def train(
             "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
             "global_batch_size": batch_size * grad_accum,
             "train_rows": len(rows),
-            "train_examples": len(train_examples),
+            "data_path": str(prepared.path),
+            "train_examples": len(train_split.input_ids),
             "eval_examples": len(eval_rows),
             "data_truncated": train_split.num_truncated,
             "data_padding_fraction": round(D.padding_fraction(rows, batch_size=batch_size), 4),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from lora_efficiency.data import bundled_instruct
 from lora_efficiency.models import bundled_model_path
@@ -36,8 +37,27 @@ def tiny_llama_config(vocab_size: int):
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Prepared data goes to a cache of this test session (subprocesses inherit it); the converted bundled model
+    (~20 s to build) is shared with the machine's cache through a link."""
+    machine_models = bundled_model_path().parent
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "models").symlink_to(machine_models, target_is_directory=True)
+    # datasets copies every local file it loads into HF_DATASETS_CACHE: keep that inside the session too
+    settings = {"LORA_EFFICIENCY_CACHE": str(cache), "HF_DATASETS_CACHE": str(cache / "hf-datasets")}
+    previous = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    yield cache
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
-def tokenizer_dir() -> Path:
+def tokenizer_dir(isolated_cache) -> Path:
     """The bundled SmolLM2 folder (converted from its GGUF once per machine, ~20 s): its real tokenizer."""
     return bundled_model_path()
 
@@ -61,14 +81,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory) -> Path:
-    """64 train and 16 eval examples of the bundled set, as a data folder (train.jsonl, eval.jsonl)."""
-    train, evaluation = bundled_instruct(num_train=64, num_eval=16, seed=7)
-    folder = tmp_path_factory.mktemp("tiny-data")
-    for name, split in (("train", train), ("eval", evaluation)):
-        lines = [json.dumps({"prompt": e.prompt, "response": e.response, "task": e.task}) for e in split]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+def tiny_data_file(tmp_path_factory) -> Path:
+    """80 examples of the bundled set as a JSONL file (prompt, response, task); prepare splits off 8 for eval."""
+    examples, _ = bundled_instruct(num_train=80, num_eval=0, seed=7)
+    path = tmp_path_factory.mktemp("tiny-data") / "tiny.jsonl"
+    lines = [json.dumps({"prompt": e.prompt, "response": e.response, "task": e.task}) for e in examples]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _free_port() -> int:
@@ -138,6 +157,35 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: str = "train"):
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+    )
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def runs_of(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def pytest_collection_modifyitems(config, items):

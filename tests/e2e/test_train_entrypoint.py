@@ -13,49 +13,20 @@ import torch
 from mlflow import MlflowClient
 
 from lora_efficiency.config import TrainConfig
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
 
 pytestmark = pytest.mark.e2e
 
 
-def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: str = "train"):
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        entry_point,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        experiment,
-    ]
-    for k, v in params.items():
-        cmd += ["-P", f"{k}={v}"]
-    env = subprocess_env(
-        MLFLOW_TRACKING_URI=tracking_uri,
-        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
-        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
-    )
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-
-
-def runs_of(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id]) if exp else []
-
-
 @pytest.fixture(scope="module")
-def trained(mlflow_server, tiny_model_dir, tiny_data_dir):
+def trained(mlflow_server, tiny_model_dir, tiny_data_file):
     experiment = f"e2e-{uuid.uuid4().hex[:8]}"
     proc = mlflow_run(
         mlflow_server,
         experiment,
         {
             "model": tiny_model_dir,
-            "data": tiny_data_dir,
+            "data": tiny_data_file,
             "max_steps": 3,
             "batch_size": 2,
             "seq_len": 256,
@@ -122,12 +93,13 @@ def test_artifacts_hold_the_adapter_only(trained):
     assert {"adapter", "config.json", "memory_trace.csv"} <= top
 
 
-def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_data_dir):
+def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_data_file):
     from peft import PeftModel
 
-    from lora_efficiency.data import load_examples, tokenize, unpacked
+    from lora_efficiency.data import unpacked
     from lora_efficiency.evaluation import evaluate_loss
     from lora_efficiency.models import load_base_model, load_tokenizer, resolve_model
+    from lora_efficiency.prepare import load_prepared
 
     _, run = trained
     adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
@@ -135,8 +107,7 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
     base = load_base_model(source, quantization="nf4", double_quant=True, device=torch.device("cpu"))
     model = PeftModel.from_pretrained(base, adapter)
     tokenizer = load_tokenizer(source)
-    _, evaluation, _ = load_examples(str(tiny_data_dir))
-    rows = unpacked(tokenize(tokenizer, evaluation, seq_len=256))
+    rows = unpacked(load_prepared(run.data.params["data_path"]).eval)
     result = evaluate_loss(
         model,
         rows,
@@ -159,9 +130,11 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
         ({"target_modules": "qkv"}, "error: target_modules='qkv': qkv matches no linear module"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_no_run_running(mlflow_server, tiny_model_dir, tiny_data_dir, params, message):
+def test_bad_input_is_one_line_and_leaves_no_run_running(
+    mlflow_server, tiny_model_dir, tiny_data_file, params, message
+):
     experiment = f"bad-{uuid.uuid4().hex[:8]}"
-    proc = mlflow_run(mlflow_server, experiment, {"model": tiny_model_dir, "data": tiny_data_dir, **params})
+    proc = mlflow_run(mlflow_server, experiment, {"model": tiny_model_dir, "data": tiny_data_file, **params})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
@@ -185,7 +158,7 @@ def test_without_mlflow_run_bad_input_creates_no_run(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_default_store_is_sqlite_in_the_working_directory(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_default_store_is_sqlite_in_the_working_directory(tmp_path, tiny_model_dir, tiny_data_file):
     env = subprocess_env(PYTHONPATH=str(ROOT))
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
@@ -196,7 +169,7 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path, tiny_model_d
             "--model",
             str(tiny_model_dir),
             "--data",
-            str(tiny_data_dir),
+            str(tiny_data_file),
             "--max_steps",
             "1",
             "--batch_size",

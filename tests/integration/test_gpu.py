@@ -10,10 +10,10 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "bf16"])
-def test_trains_on_cuda_and_reports_nvml_and_torch_peaks(tiny_model_dir, tiny_data_dir, tmp_path, quantization):
+def test_trains_on_cuda_and_reports_nvml_and_torch_peaks(tiny_model_dir, tiny_data_file, tmp_path, quantization):
     result = train(
         model=resolve_model(str(tiny_model_dir)),
-        data=str(tiny_data_dir),
+        data=str(tiny_data_file),
         quantization=quantization,
         max_steps=3,
         batch_size=2,

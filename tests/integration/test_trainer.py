@@ -54,10 +54,10 @@ class RecordingTracker:
         self.artifacts[artifact_path] = sorted(os.listdir(local_dir))
 
 
-def run(tiny_model_dir, tiny_data_dir, tmp_path, **overrides):
+def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
     kwargs = dict(
         model=resolve_model(str(tiny_model_dir)),
-        data=str(tiny_data_dir),
+        data=str(tiny_data_file),
         max_steps=3,
         batch_size=2,
         seq_len=256,
@@ -70,8 +70,8 @@ def run(tiny_model_dir, tiny_data_dir, tmp_path, **overrides):
     return train(**kwargs), tracker
 
 
-def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_dir, tmp_path):
-    result, tracker = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization="nf4")
+def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_file, tmp_path):
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="nf4")
     config_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "device"}
     assert config_fields <= set(tracker.params)
     assert tracker.params["target_modules_resolved"] == "k_proj,o_proj,q_proj,v_proj"
@@ -91,10 +91,10 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_di
     assert result.losses == [m["train/loss"] for _, m in tracker.steps]
 
 
-def test_same_seed_same_loss_curve(tiny_model_dir, tiny_data_dir, tmp_path):
-    a, _ = run(tiny_model_dir, tiny_data_dir, tmp_path / "a", seed=1, dropout=0.1)
-    b, _ = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", seed=1, dropout=0.1)
-    c, _ = run(tiny_model_dir, tiny_data_dir, tmp_path / "c", seed=2, dropout=0.1)
+def test_same_seed_same_loss_curve(tiny_model_dir, tiny_data_file, tmp_path):
+    a, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "a", seed=1, dropout=0.1)
+    b, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "b", seed=1, dropout=0.1)
+    c, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "c", seed=2, dropout=0.1)
     assert a.losses == b.losses
     assert a.losses != c.losses
 
@@ -110,8 +110,8 @@ def test_same_seed_same_loss_curve(tiny_model_dir, tiny_data_dir, tmp_path):
         ("fp32", "Linear"),
     ],
 )
-def test_every_quantization_mode_trains_on_the_cpu(tiny_model_dir, tiny_data_dir, tmp_path, quantization, layer_type):
-    result, tracker = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization=quantization, max_steps=2)
+def test_every_quantization_mode_trains_on_the_cpu(tiny_model_dir, tiny_data_file, tmp_path, quantization, layer_type):
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization=quantization, max_steps=2)
     assert all(math.isfinite(x) for x in result.losses)
     base = load_base_model(
         resolve_model(str(tiny_model_dir)), quantization=quantization, double_quant=True, device=torch.device("cpu")
@@ -129,20 +129,20 @@ def test_quantized_bases_take_less_memory(tiny_model_dir):
     assert size["nf4"] < size["int8"] < size["bf16"] < size["fp32"]
 
 
-def test_the_saved_adapter_reproduces_eval_loss(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_the_saved_adapter_reproduces_eval_loss(tiny_model_dir, tiny_data_file, tmp_path):
     from peft import PeftModel
 
-    from lora_efficiency.data import load_examples, tokenize, unpacked
+    from lora_efficiency.data import unpacked
     from lora_efficiency.evaluation import evaluate_loss
     from lora_efficiency.models import load_tokenizer
+    from lora_efficiency.prepare import load_prepared
 
-    result, _ = run(tiny_model_dir, tiny_data_dir, tmp_path, quantization="fp32")
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="fp32")
     source = resolve_model(str(tiny_model_dir))
     base = load_base_model(source, quantization="fp32", double_quant=True, device=torch.device("cpu"))
     model = PeftModel.from_pretrained(base, result.adapter_dir)
     tokenizer = load_tokenizer(source)
-    _, evaluation, _ = load_examples(str(tiny_data_dir))
-    rows = unpacked(tokenize(tokenizer, evaluation[:8], seq_len=256))
+    rows = unpacked(load_prepared(tracker.params["data_path"]).eval)
     reloaded = evaluate_loss(
         model, rows, batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), autocast_dtype=None
     )
@@ -151,8 +151,8 @@ def test_the_saved_adapter_reproduces_eval_loss(tiny_model_dir, tiny_data_dir, t
     assert not list(Path(result.adapter_dir).glob("*.bin"))
 
 
-def test_a_module_name_the_model_lacks_fails_before_training(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_a_module_name_the_model_lacks_fails_before_training(tiny_model_dir, tiny_data_file, tmp_path):
     from lora_efficiency.errors import UserError
 
     with pytest.raises(UserError, match="c_attn matches no linear module"):
-        run(tiny_model_dir, tiny_data_dir, tmp_path, target_modules="c_attn")
+        run(tiny_model_dir, tiny_data_file, tmp_path, target_modules="c_attn")

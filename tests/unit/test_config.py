@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from lora_efficiency.config import DEFAULTS_FILE, TrainConfig, build_config, parse_args, read_defaults
+from lora_efficiency.config import DEFAULTS_FILE, PrepareConfig, TrainConfig, build_config, parse_args, read_defaults
 from lora_efficiency.errors import ConfigError, UserError
 
 ROOT = DEFAULTS_FILE.parents[1]
@@ -15,14 +15,17 @@ def test_defaults_parse_into_a_complete_config():
     assert cfg.double_quant is True and cfg.packing is True and cfg.lr == pytest.approx(2e-4)
 
 
-@pytest.mark.parametrize("entry_point", ["train", "main"])
-def test_mlproject_defaults_mirror_default_yaml(entry_point):
+@pytest.mark.parametrize(
+    "entry_point, section, cls",
+    [("train", "train", TrainConfig), ("main", "train", TrainConfig), ("prepare", "prepare", PrepareConfig)],
+)
+def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     params = project["entry_points"][entry_point]["parameters"]
-    defaults = read_defaults("train")
-    assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)}
-    from_mlproject = build_config(TrainConfig, {k: v["default"] for k, v in params.items()})
-    assert from_mlproject == build_config(TrainConfig, defaults)
+    defaults = read_defaults(section)
+    assert set(params) == {f.name for f in dataclasses.fields(cls)}
+    from_mlproject = build_config(cls, {k: v["default"] for k, v in params.items()})
+    assert from_mlproject == build_config(cls, defaults)
     for name in params:
         assert f"--{name} {{{name}}}" in project["entry_points"][entry_point]["command"]
 
@@ -42,7 +45,7 @@ def test_mlproject_defaults_mirror_default_yaml(entry_point):
         (["--packing", "maybe"], "packing='maybe' is invalid: true or false"),
         (["--device", "tpu"], "device='tpu' is invalid: auto, cpu, cuda or cuda:N"),
         (["--model", "/does/not/exist"], "model='/does/not/exist' does not exist"),
-        (["--data", "/does/not/exist"], "data='/does/not/exist' is invalid"),
+        (["--data", "/does/not/exist"], "data='/does/not/exist' is invalid: '' (the bundled set), a known set"),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_what_is_allowed(args, message):
