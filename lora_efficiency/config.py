@@ -45,6 +45,9 @@ class TrainConfig:
     gradient_checkpointing: bool
     eval_samples: int
     eval_batch_size: int
+    generate_samples: int
+    max_new_tokens: int
+    exact_match: str
     seed: int
     device: str
     trust_remote_code: bool
@@ -58,8 +61,10 @@ def train_problems(v: dict[str, Any]) -> list[str]:
         if name in v and not ok(v[name]):
             p.append(invalid(name, v[name], allowed))
 
-    for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size"):
+    for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens"):
         check(name, lambda x: x >= 1, "an integer >= 1")
+    check("generate_samples", lambda x: x >= 0, "an integer >= 0 (0: no exact match)")
+    check("exact_match", lambda x: x in ("auto", "true", "false"), "auto, true or false")
     check("rank", lambda x: x < 1 or x <= 4096, "an integer from 1 to 4096")
     check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
     check("seed", lambda x: x >= 0, "an integer >= 0")
@@ -130,7 +135,65 @@ def prepare_problems(v: dict[str, Any]) -> list[str]:
     return p
 
 
-CHECKS = {TrainConfig: train_problems, PrepareConfig: prepare_problems}
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of `evaluate`; configs/default.yaml documents each field."""
+
+    run_id: str
+    adapter: str
+    model: str
+    data: str
+    quantization: str
+    double_quant: bool
+    seq_len: int
+    eval_samples: int
+    generate_samples: int
+    max_new_tokens: int
+    exact_match: str
+    batch_size: int
+    device: str
+    trust_remote_code: bool
+
+
+def evaluate_problems(v: dict[str, Any]) -> list[str]:
+    p = []
+    run_id, adapter = v.get("run_id", ""), v.get("adapter", "")
+    if bool(run_id) == bool(adapter):
+        p.append(
+            f"run_id={run_id!r} and adapter={adapter!r}: give exactly one (a train run's id, an adapter folder, "
+            "or adapter=none for the base model alone)"
+        )
+    if run_id and not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        p.append(invalid("run_id", run_id, "an MLflow run id (32 hexadecimal characters)"))
+    if adapter and adapter != "none" and not Path(adapter).is_dir():
+        p.append(invalid("adapter", adapter, "an existing adapter folder, or none"))
+    if v.get("quantization") and v["quantization"] not in QUANTIZATIONS:
+        p.append(invalid("quantization", v["quantization"], f"empty (the run's) or one of {', '.join(QUANTIZATIONS)}"))
+    if v.get("model") and (problem := model_name_problem(v["model"])):
+        p.append(problem)
+    if v.get("data") and not data_reference_ok(v["data"]):
+        p.append(
+            invalid(
+                "data",
+                v["data"],
+                "empty (the run's data), a known set name, a data file, a prepared folder or a prepare run's id",
+            )
+        )
+    if "seq_len" in v and v["seq_len"] and not 16 <= v["seq_len"] <= 131072:
+        p.append(invalid("seq_len", v["seq_len"], "0 (the run's) or an integer from 16 to 131072"))
+    for name in ("eval_samples", "max_new_tokens", "batch_size"):
+        if name in v and v[name] < 1:
+            p.append(invalid(name, v[name], "an integer >= 1"))
+    if "generate_samples" in v and v["generate_samples"] < 0:
+        p.append(invalid("generate_samples", v["generate_samples"], "an integer >= 0"))
+    if "exact_match" in v and v["exact_match"] not in ("auto", "true", "false"):
+        p.append(invalid("exact_match", v["exact_match"], "auto, true or false"))
+    if "device" in v and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v["device"]):
+        p.append(invalid("device", v["device"], "auto, cpu, cuda or cuda:N"))
+    return p
+
+
+CHECKS = {TrainConfig: train_problems, PrepareConfig: prepare_problems, EvaluateConfig: evaluate_problems}
 
 
 def _convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:

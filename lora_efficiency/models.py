@@ -36,6 +36,7 @@ class ModelSource:
     path: str  # a local folder or a hub id, as given to from_pretrained
     model_id: str  # what the run is tagged with
     revision: str
+    name: str = ""  # as the user gave it: smollm2-135m, a folder, a hub id
 
 
 def cache_root() -> Path:
@@ -113,11 +114,13 @@ def resolve_model(name: str) -> ModelSource:
     if name == BUNDLED_MODEL:
         path = bundled_model_path()
         source = json.loads((path / "source.json").read_text())
-        return ModelSource(str(path), "HuggingFaceTB/SmolLM2-135M-Instruct", f"{source['package']}:{source['file']}")
+        return ModelSource(
+            str(path), "HuggingFaceTB/SmolLM2-135M-Instruct", f"{source['package']}:{source['file']}", name
+        )
     local = Path(name).expanduser()
     if local.is_dir():
-        return ModelSource(str(local.resolve()), local.resolve().name, _folder_revision(local))
-    return ModelSource(name, name, "main")
+        return ModelSource(str(local.resolve()), local.resolve().name, _folder_revision(local), name)
+    return ModelSource(name, name, "main", name)
 
 
 def _folder_revision(folder: Path) -> str:

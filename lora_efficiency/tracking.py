@@ -58,6 +58,9 @@ class MlflowTracker:
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         mlflow.log_artifacts(local_dir, artifact_path)
 
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        mlflow.log_table(data=data, artifact_file=artifact_file)
+
 
 def check_tracking_store() -> None:
     """Fail before any training if the tracking store cannot be reached."""

@@ -19,7 +19,7 @@ import torch
 
 from lora_efficiency import data as D
 from lora_efficiency.errors import UserError
-from lora_efficiency.evaluation import evaluate_loss
+from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
@@ -34,6 +34,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None: ...
 
 
 class NullTracker:
@@ -62,6 +63,7 @@ class TrainResult:
     target_modules: list[str]
     adapter_dir: str
     memory_trace: list[tuple[float, float]] = field(default_factory=list)
+    eval_samples: dict[str, list] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +126,9 @@ def train(
     gradient_checkpointing: bool = False,
     eval_samples: int = 300,
     eval_batch_size: int = 8,
+    generate_samples: int = 100,
+    max_new_tokens: int = 64,
+    exact_match: str = "auto",
     seed: int = 0,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
@@ -183,6 +188,7 @@ def train(
     fingerprint = prepared.manifest["fingerprint"]
     resolved = {
         **settings,
+        "model": model.name or model.path,
         "device_resolved": str(device),
         "target_modules_resolved": ",".join(modules),
         "base_model": model.model_id,
@@ -279,17 +285,25 @@ def train(
     train_s = time.perf_counter() - t_start
     sampler.stop()
 
-    # -- evaluate and save ------------------------------------------------------------------------------
-    metrics = evaluate_loss(
+    # -- save, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes last) ---
+    adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    model_mb = base.get_memory_footprint() / 2**20
+    evaluation = evaluate_model(
         peft_model,
-        eval_rows,
+        tokenizer,
+        eval_rows=eval_rows,
+        eval_examples=prepared.eval_examples[:eval_samples],
+        exact_match=use_exact_match(exact_match, prepared.manifest, data),
+        generate_samples=generate_samples,
+        max_new_tokens=max_new_tokens,
         batch_size=eval_batch_size,
         pad_id=tokenizer.pad_token_id,
         device=device,
         autocast_dtype=amp_dtype,
+        measure_merged=quantization in ("bf16", "fp16", "fp32"),
     )
-    adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
-    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    metrics = evaluation.metrics
     metrics.update(sampler.summary())
     metrics.update(
         {
@@ -297,7 +311,7 @@ def train(
             "params/total": float(total_params),
             "params/trainable_fraction": trainable_params / total_params,
             "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
-            "memory/model_mb": base.get_memory_footprint() / 2**20,
+            "memory/model_mb": model_mb,
             "time/train_s": train_s,
             "train/tokens": float(tokens_total),
             "perf/train_tokens_per_second": tokens_steady / time_steady if time_steady else tokens_total / train_s,
@@ -305,7 +319,21 @@ def train(
         }
     )
     tracker.log_metrics(metrics)
+    tracker.set_tags(
+        {
+            "eval_settings": eval_settings_tag(
+                data_fingerprint=fingerprint,
+                eval_samples=eval_samples,
+                generate_samples=generate_samples,
+                max_new_tokens=max_new_tokens,
+            )
+        }
+    )
+    if evaluation.samples["prompt"]:
+        tracker.log_table(evaluation.samples, "eval_samples.json")
     tracker.log_artifacts(str(adapter_dir), "adapter")
     tracker.log_text(sampler.trace_csv(), "memory_trace.csv")
-    tracker.log_text(json.dumps({k: v for k, v in resolved.items()}, indent=2, default=str), "config.json")
-    return TrainResult("FINISHED", losses, metrics, tags, modules, str(adapter_dir), sampler.samples)
+    tracker.log_text(json.dumps(resolved, indent=2, default=str), "config.json")
+    return TrainResult(
+        "FINISHED", losses, metrics, tags, modules, str(adapter_dir), sampler.samples, evaluation.samples
+    )

@@ -53,6 +53,9 @@ class RecordingTracker:
     def log_artifacts(self, local_dir, artifact_path):
         self.artifacts[artifact_path] = sorted(os.listdir(local_dir))
 
+    def log_table(self, data, artifact_file):
+        self.texts[artifact_file] = data
+
 
 def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
     kwargs = dict(
@@ -62,6 +65,8 @@ def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
         batch_size=2,
         seq_len=256,
         eval_samples=8,
+        generate_samples=4,
+        max_new_tokens=8,
         quantization="fp32",
         output_dir=str(tmp_path / "adapter"),
     )
@@ -71,7 +76,7 @@ def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
 
 
 def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_file, tmp_path):
-    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="nf4")
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="nf4", exact_match="true")
     config_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "device"}
     assert config_fields <= set(tracker.params)
     assert tracker.params["target_modules_resolved"] == "k_proj,o_proj,q_proj,v_proj"
@@ -82,6 +87,12 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
     assert {"config_hash", "base_model", "base_model_revision", "data_fingerprint", "device_name"} <= set(tracker.tags)
     assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
+    table = tracker.texts["eval_samples.json"]
+    assert len(table["prompt"]) == 4 and set(table) == {"prompt", "reference", "output", "correct", "task"}
+    assert tracker.summary["eval/exact_match"] == sum(table["correct"]) / 4
+    assert tracker.summary["inference/tokens_per_second"] > 0
+    assert "inference/merged_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
+    assert "eval_settings" in tracker.tags
     # 2 layers x 4 modules x r16 x (in + out): q 64+64, k 64+32, v 64+32, o 64+64 -> 16 x 448 x 2 = 14,336
     assert tracker.summary["params/trainable"] == 14336
     assert tracker.summary["eval/perplexity"] == pytest.approx(math.exp(tracker.summary["eval/loss"]))
@@ -156,3 +167,16 @@ def test_a_module_name_the_model_lacks_fails_before_training(tiny_model_dir, tin
 
     with pytest.raises(UserError, match="c_attn matches no linear module"):
         run(tiny_model_dir, tiny_data_file, tmp_path, target_modules="c_attn")
+
+
+def test_unquantized_runs_also_time_the_merged_model(tiny_model_dir, tiny_data_file, tmp_path):
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="bf16", max_steps=1)
+    assert tracker.summary["inference/merged_tokens_per_second"] > 0
+    assert "eval/exact_match" not in tracker.summary  # a local prompt/response file has no known references
+
+
+def test_exact_match_on_plain_text_is_a_clear_error(tiny_model_dir, tmp_path):
+    from lora_efficiency.errors import UserError
+
+    with pytest.raises(UserError, match="exact_match=true but data='python-docs' .* is plain text"):
+        run(tiny_model_dir, "python-docs", tmp_path, exact_match="true", max_steps=1)

@@ -3,7 +3,15 @@ import dataclasses
 import pytest
 import yaml
 
-from lora_efficiency.config import DEFAULTS_FILE, PrepareConfig, TrainConfig, build_config, parse_args, read_defaults
+from lora_efficiency.config import (
+    DEFAULTS_FILE,
+    EvaluateConfig,
+    PrepareConfig,
+    TrainConfig,
+    build_config,
+    parse_args,
+    read_defaults,
+)
 from lora_efficiency.errors import ConfigError, UserError
 
 ROOT = DEFAULTS_FILE.parents[1]
@@ -17,7 +25,12 @@ def test_defaults_parse_into_a_complete_config():
 
 @pytest.mark.parametrize(
     "entry_point, section, cls",
-    [("train", "train", TrainConfig), ("main", "train", TrainConfig), ("prepare", "prepare", PrepareConfig)],
+    [
+        ("train", "train", TrainConfig),
+        ("main", "train", TrainConfig),
+        ("prepare", "prepare", PrepareConfig),
+        ("evaluate", "evaluate", EvaluateConfig),
+    ],
 )
 def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
     project = yaml.safe_load((ROOT / "MLproject").read_text())

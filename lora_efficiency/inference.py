@@ -1,0 +1,110 @@
+"""Base + adapter for inference: from a run's artifacts or a folder (safetensors only), generate, merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lora_efficiency.errors import UserError
+from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_model
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def check_adapter_folder(folder: str | Path) -> Path:
+    """An adapter folder must hold adapter_config.json and adapter_model.safetensors; pickles are never loaded
+    (unpickling runs arbitrary code)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(
+            f"adapter={str(folder)!r} is not a folder: allowed are a folder with adapter_config.json "
+            "and adapter_model.safetensors, or none"
+        )
+    if not (folder / "adapter_model.safetensors").is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"it holds the pickle file {pickles[0]}, which is refused" if pickles else "it has none"
+        raise UserError(
+            f"adapter={str(folder)!r} needs adapter_model.safetensors: {found}; only safetensors adapters are loaded"
+        )
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"adapter={str(folder)!r} has no adapter_config.json")
+    return folder
+
+
+def train_run(run_id: str):
+    """The MLflow run `run_id`, which must exist and carry an adapter artifact."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise UserError(f"run_id={run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}") from None
+    if not client.list_artifacts(run_id, "adapter"):
+        raise UserError(f"run_id={run_id!r} has no adapter artifact: pass the id of a finished train run")
+    return run
+
+
+def download_adapter(run_id: str) -> Path:
+    import os
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download clutters logs
+
+    return check_adapter_folder(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter"))
+
+
+def load_for_inference(
+    *,
+    model: str | ModelSource,
+    adapter: str | Path | None,
+    quantization: str,
+    device: torch.device,
+    double_quant: bool = True,
+    trust_remote_code: bool = False,
+):
+    """(model with the adapter attached, or the bare base if adapter is None; tokenizer; model source)."""
+    from peft import PeftModel
+
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    base = load_base_model(
+        source, quantization=quantization, double_quant=double_quant, device=device, trust_remote_code=trust_remote_code
+    )
+    if adapter is None:
+        return base, tokenizer, source
+    return PeftModel.from_pretrained(base, str(check_adapter_folder(adapter))), tokenizer, source
+
+
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, device: torch.device | None = None) -> str:
+    """Greedy answer to one prompt, formatted with the model's chat template."""
+    from lora_efficiency.evaluation import generate_answers
+
+    device = device or next(model.parameters()).device
+    dtype = None if next(model.parameters()).dtype == torch.float32 else compute_dtype(device)
+    answers, _ = generate_answers(
+        model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, device=device, autocast_dtype=dtype
+    )
+    return answers[0]
+
+
+def merge(*, model: str | ModelSource, adapter: str | Path, output_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Write base + adapter merged into one model folder (safetensors). Only unquantized bases merge exactly:
+    merging into nf4/int8 weights would round the update away, so dtype is bf16, fp16 or fp32."""
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"dtype={dtype!r} is invalid: merge writes bf16, fp16 or fp32 weights")
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"output={str(output)!r} exists and is not empty: choose a new folder")
+    peft_model, tokenizer, _ = load_for_inference(
+        model=model, adapter=adapter, quantization=dtype, device=torch.device("cpu")
+    )
+    merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    (output / "merged_from.json").write_text(json.dumps({"adapter": str(adapter), "dtype": dtype}, indent=2))
+    return output
