@@ -48,7 +48,7 @@ def cache_key(*, dataset: str, tokenizer, model: ModelSource, settings: dict) ->
     """Everything that changes the tokenized rows: the source (a local file by its content), the tokenizer and
     its chat template, and the settings. Hub sets are keyed by name; their manifest records the content."""
     local = Path(dataset)
-    source = f"file:{_file_digest(local)}" if local.is_file() else f"name:{dataset or D.BUNDLED_DATA}"
+    source = f"file:{_file_digest(local)}" if dataset and local.is_file() else f"name:{dataset or D.BUNDLED_DATA}"
     parts = {
         "format": FORMAT_VERSION,
         "source": source,
@@ -137,7 +137,8 @@ def prepare_data(
         "text_field": text_field,
     }
     key = cache_key(dataset=dataset, tokenizer=tokenizer, model=model, settings=settings)
-    name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if Path(dataset).is_file() else dataset or D.BUNDLED_DATA)
+    is_file = bool(dataset) and Path(dataset).is_file()
+    name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if is_file else dataset or D.BUNDLED_DATA)
     folder = cache_root() / "data" / f"{name}-{key}"
     if (folder / "manifest.json").exists():
         prepared = load_prepared(folder)
@@ -248,7 +249,7 @@ def resolve_data(data: str, *, model: ModelSource, tokenizer, seq_len: int, trai
     (empty for the bundled instruction set, a set name, a local file), prepared on the fly through the cache."""
     if _RUN_ID.match(data):
         data = _prepared_path_of_run(data)
-    if Path(data).is_dir():
+    if data and Path(data).is_dir():  # Path("") is "."
         prepared = load_prepared(data)
         expected = f"{model.model_id}@{model.revision}"
         if prepared.manifest["tokenizer"] != expected:

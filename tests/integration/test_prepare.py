@@ -110,3 +110,9 @@ def test_resolve_data_rejects_a_folder_made_for_another_tokenizer(model, tmp_pat
 def test_a_folder_without_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="is not a prepared data folder"):
         load_prepared(tmp_path)
+
+
+def test_empty_data_means_the_bundled_set(model):
+    source, tokenizer = model
+    prepared = resolve_data("", model=source, tokenizer=tokenizer, seq_len=512)
+    assert prepared.manifest["dataset"] == "instruct" and prepared.manifest["eval"]["count"] == 300
