@@ -53,13 +53,23 @@ class TrainConfig:
     trust_remote_code: bool
 
 
-def train_problems(v: dict[str, Any]) -> list[str]:
-    """Range and name checks of TrainConfig values; fields that failed conversion are absent and skipped."""
-    p = []
+def _checker(v: dict[str, Any], problems: list[str]):
+    """check(name, ok, allowed): records a problem when field `name` was converted and fails `ok`."""
 
     def check(name: str, ok, allowed: str) -> None:
         if name in v and not ok(v[name]):
-            p.append(invalid(name, v[name], allowed))
+            problems.append(invalid(name, v[name], allowed))
+
+    return check
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def train_problems(v: dict[str, Any]) -> list[str]:
+    """Range and name checks of TrainConfig values; fields that failed conversion are absent and skipped."""
+    p: list[str] = []
+    check = _checker(v, p)
 
     for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens"):
         check(name, lambda x: x >= 1, "an integer >= 1")
@@ -76,7 +86,7 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("max_grad_norm", lambda x: x > 0, "a number > 0")
     check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
     check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
-    check("device", lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?", x), "auto, cpu, cuda or cuda:N")
+    check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
     check(
         "data",
         data_reference_ok,
@@ -113,23 +123,17 @@ class PrepareConfig:
 def prepare_problems(v: dict[str, Any]) -> list[str]:
     from lora_efficiency.sources import KNOWN_SETS
 
-    p = []
-    if "dataset" in v and not (v["dataset"] in KNOWN_SETS or v["dataset"] == "" or Path(v["dataset"]).is_file()):
-        p.append(
-            invalid(
-                "dataset",
-                v["dataset"],
-                f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file",
-            )
-        )
-    if "seq_len" in v and not 16 <= v["seq_len"] <= 131072:
-        p.append(invalid("seq_len", v["seq_len"], "an integer from 16 to 131072"))
-    if "num_samples" in v and v["num_samples"] < 0:
-        p.append(invalid("num_samples", v["num_samples"], "an integer >= 0 (0: all)"))
-    if "eval_fraction" in v and not 0 < v["eval_fraction"] < 1:
-        p.append(invalid("eval_fraction", v["eval_fraction"], "a number in (0, 1)"))
-    if "seed" in v and v["seed"] < 0:
-        p.append(invalid("seed", v["seed"], "an integer >= 0"))
+    p: list[str] = []
+    check = _checker(v, p)
+    check(
+        "dataset",
+        lambda x: x in KNOWN_SETS or x == "" or Path(x).is_file(),
+        f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file",
+    )
+    check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
+    check("num_samples", lambda x: x >= 0, "an integer >= 0 (0: all)")
+    check("eval_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
+    check("seed", lambda x: x >= 0, "an integer >= 0")
     if "model" in v and (problem := model_name_problem(v["model"])):
         p.append(problem)
     return p
@@ -156,40 +160,32 @@ class EvaluateConfig:
 
 
 def evaluate_problems(v: dict[str, Any]) -> list[str]:
-    p = []
+    p: list[str] = []
+    check = _checker(v, p)
     run_id, adapter = v.get("run_id", ""), v.get("adapter", "")
     if bool(run_id) == bool(adapter):
         p.append(
             f"run_id={run_id!r} and adapter={adapter!r}: give exactly one (a train run's id, an adapter folder, "
             "or adapter=none for the base model alone)"
         )
-    if run_id and not re.fullmatch(r"[0-9a-f]{32}", run_id):
-        p.append(invalid("run_id", run_id, "an MLflow run id (32 hexadecimal characters)"))
-    if adapter and adapter != "none" and not Path(adapter).is_dir():
-        p.append(invalid("adapter", adapter, "an existing adapter folder, or none"))
-    if v.get("quantization") and v["quantization"] not in QUANTIZATIONS:
-        p.append(invalid("quantization", v["quantization"], f"empty (the run's) or one of {', '.join(QUANTIZATIONS)}"))
+    check("run_id", lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x), "an MLflow run id (32 hexadecimal characters)")
+    check("adapter", lambda x: x in ("", "none") or Path(x).is_dir(), "an existing adapter folder, or none")
+    check(
+        "quantization", lambda x: not x or x in QUANTIZATIONS, f"empty (the run's) or one of {', '.join(QUANTIZATIONS)}"
+    )
+    check(
+        "data",
+        lambda x: not x or data_reference_ok(x),
+        "empty (the run's data), a known set name, a data file, a prepared folder or a prepare run's id",
+    )
+    check("seq_len", lambda x: x == 0 or 16 <= x <= 131072, "0 (the run's) or an integer from 16 to 131072")
+    for name in ("eval_samples", "max_new_tokens", "batch_size"):
+        check(name, lambda x: x >= 1, "an integer >= 1")
+    check("generate_samples", lambda x: x >= 0, "an integer >= 0")
+    check("exact_match", lambda x: x in ("auto", "true", "false"), "auto, true or false")
+    check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
     if v.get("model") and (problem := model_name_problem(v["model"])):
         p.append(problem)
-    if v.get("data") and not data_reference_ok(v["data"]):
-        p.append(
-            invalid(
-                "data",
-                v["data"],
-                "empty (the run's data), a known set name, a data file, a prepared folder or a prepare run's id",
-            )
-        )
-    if "seq_len" in v and v["seq_len"] and not 16 <= v["seq_len"] <= 131072:
-        p.append(invalid("seq_len", v["seq_len"], "0 (the run's) or an integer from 16 to 131072"))
-    for name in ("eval_samples", "max_new_tokens", "batch_size"):
-        if name in v and v[name] < 1:
-            p.append(invalid(name, v[name], "an integer >= 1"))
-    if "generate_samples" in v and v["generate_samples"] < 0:
-        p.append(invalid("generate_samples", v["generate_samples"], "an integer >= 0"))
-    if "exact_match" in v and v["exact_match"] not in ("auto", "true", "false"):
-        p.append(invalid("exact_match", v["exact_match"], "auto, true or false"))
-    if "device" in v and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v["device"]):
-        p.append(invalid("device", v["device"], "auto, cpu, cuda or cuda:N"))
     return p
 
 

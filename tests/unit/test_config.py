@@ -1,4 +1,5 @@
 import dataclasses
+from typing import get_type_hints
 
 import pytest
 import yaml
@@ -8,7 +9,7 @@ from lora_efficiency.config import (
     EvaluateConfig,
     PrepareConfig,
     TrainConfig,
-    build_config,
+    _convert,
     parse_args,
     read_defaults,
 )
@@ -36,9 +37,10 @@ def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     params = project["entry_points"][entry_point]["parameters"]
     defaults = read_defaults(section)
-    assert set(params) == {f.name for f in dataclasses.fields(cls)}
-    from_mlproject = build_config(cls, {k: v["default"] for k, v in params.items()})
-    assert from_mlproject == build_config(cls, defaults)
+    hints = get_type_hints(cls)
+    assert set(params) == {f.name for f in dataclasses.fields(cls)} == set(defaults)
+    for name, spec in params.items():  # the same typed value, however YAML spelled it
+        assert _convert(name, spec["default"], hints[name]) == _convert(name, defaults[name], hints[name]), name
     for name in params:
         assert f"--{name} {{{name}}}" in project["entry_points"][entry_point]["command"]
 
