@@ -189,7 +189,35 @@ def evaluate_problems(v: dict[str, Any]) -> list[str]:
     return p
 
 
-CHECKS = {TrainConfig: train_problems, PrepareConfig: prepare_problems, EvaluateConfig: evaluate_problems}
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Settings of `sweep`; configs/default.yaml documents each field."""
+
+    config: str
+    profile: str
+    data: str
+    device: str
+
+
+def sweep_problems(v: dict[str, Any]) -> list[str]:
+    p: list[str] = []
+    check = _checker(v, p)
+    check("config", lambda x: Path(x).is_file(), "an existing sweep file, such as configs/sweeps/rank.yaml")
+    check(
+        "data",
+        lambda x: not x or data_reference_ok(x),
+        "empty (the sweep file's), a known set name, a data file, a prepared folder or a prepare run's id",
+    )
+    check("device", lambda x: not x or DEVICE.fullmatch(x), "empty (the sweep file's), auto, cpu, cuda or cuda:N")
+    return p
+
+
+CHECKS = {
+    SweepConfig: sweep_problems,
+    TrainConfig: train_problems,
+    PrepareConfig: prepare_problems,
+    EvaluateConfig: evaluate_problems,
+}
 
 
 def _convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
@@ -222,9 +250,9 @@ def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"config={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"defaults={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
-        raise UserError(f"config={str(path)!r} has no mapping named {section!r}")
+        raise UserError(f"defaults={str(path)!r} has no mapping named {section!r}")
     return loaded[section]
 
 
@@ -250,15 +278,15 @@ def build_config(cls: type, values: dict[str, Any]):
 
 
 def parse_args(cls: type, section: str, argv: list[str], description: str):
-    """`--field value` for every dataclass field, over the defaults file (`--config FILE` to use another)."""
+    """`--field value` for every dataclass field, over the defaults file (`--defaults FILE` to use another)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
+    parser.add_argument("--defaults", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         names = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are --config and --{{{names}}}")
-    values = dict(read_defaults(section, Path(args.config)))
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are --defaults and --{{{names}}}")
+    values = dict(read_defaults(section, Path(args.defaults)))
+    values.update({k: v for k, v in vars(args).items() if k != "defaults" and v is not None})
     return build_config(cls, values)

@@ -35,7 +35,7 @@ class MlflowTracker:
     server costs ~55 ms (../shared/ENVIRONMENT.md), longer than a GPU step; the queue is flushed at the end."""
 
     def __init__(self, run_id: str):
-        self.run_id = run_id
+        self.run_id = run_id  # the run this tracker logs to
         self.client = mlflow.MlflowClient()
 
     def log_params(self, params: dict) -> None:

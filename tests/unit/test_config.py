@@ -8,6 +8,7 @@ from lora_efficiency.config import (
     DEFAULTS_FILE,
     EvaluateConfig,
     PrepareConfig,
+    SweepConfig,
     TrainConfig,
     _convert,
     parse_args,
@@ -31,6 +32,7 @@ def test_defaults_parse_into_a_complete_config():
         ("main", "train", TrainConfig),
         ("prepare", "prepare", PrepareConfig),
         ("evaluate", "evaluate", EvaluateConfig),
+        ("sweep", "sweep", SweepConfig),
     ],
 )
 def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
@@ -79,7 +81,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_unknown_argument_lists_the_allowed_ones():
-    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --config and"):
+    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --defaults and"):
         parse_args(TrainConfig, "train", ["--rnak", "4"], "")
 
 
@@ -87,12 +89,12 @@ def test_booleans_and_a_config_file(tmp_path):
     section = read_defaults("train") | {"rank": 8, "packing": "no"}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": section}))
-    cfg = parse_args(TrainConfig, "train", ["--config", str(path), "--use_dora", "TRUE"], "")
+    cfg = parse_args(TrainConfig, "train", ["--defaults", str(path), "--use_dora", "TRUE"], "")
     assert (cfg.rank, cfg.packing, cfg.use_dora) == (8, False, True)
 
 
 def test_corrupt_yaml_is_a_one_line_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: [rank: 1\n")
-    with pytest.raises(UserError, match=r"config='.*bad.yaml' could not be read as YAML"):
-        parse_args(TrainConfig, "train", ["--config", str(path)], "")
+    with pytest.raises(UserError, match=r"defaults='.*bad.yaml' could not be read as YAML"):
+        parse_args(TrainConfig, "train", ["--defaults", str(path)], "")

@@ -1,0 +1,87 @@
+"""Run a sweep file: one parent run, one child run per (configuration, seed); resumable, failures isolated.
+
+mlflow run . -e sweep --env-manager local -P config=configs/sweeps/rank.yaml -P profile=quick
+python -m entrypoints.sweep --config configs/sweeps/modules.yaml --profile quick
+"""
+
+from __future__ import annotations
+
+import json
+
+from lora_efficiency.config import SweepConfig, parse_args
+from lora_efficiency.errors import UserError, run_cli
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_args(SweepConfig, "sweep", argv, description=__doc__)
+    from transformers.utils import logging as hf_logging
+
+    from lora_efficiency.models import load_tokenizer, resolve_model
+    from lora_efficiency.prepare import resolve_data
+    from lora_efficiency.sweep import load_sweep, run_sweep
+    from lora_efficiency.tracking import start_run
+
+    hf_logging.disable_progress_bar()
+    overrides = {k: v for k, v in (("data", cfg.data), ("device", cfg.device)) if v}
+    sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
+    data_settings = {
+        (c.config.data, c.config.model, c.config.seq_len, c.config.train_on_prompt) for c in sweep.children
+    }
+    if len(data_settings) > 1:
+        raise UserError(
+            f"config={cfg.config!r}: a sweep prepares its data once, so data, model, seq_len and "
+            "train_on_prompt must be the same in every configuration"
+        )
+    first = sweep.children[0].config
+    source = resolve_model(first.model)
+    prepared = resolve_data(
+        first.data,
+        model=source,
+        tokenizer=load_tokenizer(source),
+        seq_len=first.seq_len,
+        train_on_prompt=first.train_on_prompt,
+    )
+    print(
+        f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
+        f"{len(sweep.children)} runs; data {prepared.manifest['dataset']} ({prepared.path})",
+        flush=True,
+    )
+    with start_run(run_name=f"sweep-{sweep.name}", entry_point="sweep", system_metrics=False) as tracker:
+        tracker.log_params({**vars(cfg), "children_total": len(sweep.children), "seeds": sweep.seeds})
+        tracker.set_tags(
+            {
+                "sweep_name": sweep.name,
+                "sweep_file": cfg.config,
+                "profile": cfg.profile,
+                "data_fingerprint": prepared.manifest["fingerprint"],
+            }
+        )
+        result = run_sweep(
+            sweep,
+            parent_run_id=tracker.run_id,
+            data_fingerprint=prepared.manifest["fingerprint"],
+            data_path=str(prepared.path),
+            log=lambda line: print(line, flush=True),
+        )
+        tracker.set_tags(
+            {
+                "children_total": result.total,
+                "children_finished": result.finished,
+                "children_skipped": result.skipped,
+                "children_failed": result.failed,
+            }
+        )
+        tracker.log_text(json.dumps(result.runs, indent=2), "sweep_runs.json")
+    print(
+        f"[{sweep.name}] {result.finished} finished, {result.skipped} skipped (already FINISHED), "
+        f"{result.failed} failed"
+    )
+    if result.failed:
+        raise UserError(
+            f"{result.failed} of {result.total} runs of sweep {sweep.name!r} failed: "
+            + " | ".join(result.failures)[:2000]
+        )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,265 @@
+"""Sweeps: a YAML file of configurations x seeds, expanded, checked up front, and run as MLflow child runs.
+
+A sweep file names a base (overrides of configs/default.yaml's `train` section), the axes (a grid, or an
+explicit list of configurations) and the seeds. Each (configuration, seed) is one child run of the sweep's
+parent run, keyed by `sweep_key` = hash(settings, data fingerprint, seed): a key that already has a FINISHED
+run in the experiment is skipped, so a sweep started again after a crash runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, read_defaults
+from lora_efficiency.errors import ConfigError, UserError
+
+SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds"}
+
+
+@dataclass
+class Child:
+    name: str
+    config: TrainConfig
+    overrides: dict[str, Any]  # what differs from the sweep's base: the configuration's label
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: str
+    children: list[Child]
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def configurations(self) -> int:
+        return len(self.children) // max(len(self.seeds), 1)
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{what}={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
+    return loaded
+
+
+def load_profile(profile: str) -> dict:
+    """A profile (configs/profiles/<name>.yaml): training-budget overrides (`train`) and `seeds`."""
+    if not profile:
+        return {}
+    path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
+        raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
+    return _read_yaml(path, "profile")
+
+
+def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any] | None = None) -> Sweep:
+    """Expand a sweep file into children and check every one of them before anything runs."""
+    path = Path(path)
+    spec = _read_yaml(path, "config")
+    problems = [
+        f"config={str(path)!r}: unknown key {k!r}: allowed are {', '.join(sorted(SWEEP_KEYS))}"
+        for k in spec
+        if k not in SWEEP_KEYS
+    ]
+    if ("axes" in spec) == ("configurations" in spec):
+        problems.append(
+            f"config={str(path)!r}: give either axes (a grid) or configurations (a list), not both or neither"
+        )
+    if problems:
+        raise ConfigError(problems)
+    prof = load_profile(profile)
+    base = {**read_defaults("train"), **(spec.get("base") or {}), **(prof.get("train") or {}), **(overrides or {})}
+    seeds = prof.get("seeds", spec.get("seeds", [base["seed"]]))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError([f"seeds={seeds!r} is invalid: a non-empty list of integers >= 0"])
+    if "axes" in spec:
+        axes = spec["axes"]
+        if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+            raise ConfigError([f"axes={axes!r} is invalid: a mapping of setting -> non-empty list of values"])
+        variants = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    else:
+        variants = spec["configurations"]
+        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
+            raise ConfigError([f"configurations={variants!r} is invalid: a non-empty list of mappings"])
+    children, problems = [], []
+    for variant in variants:
+        label = ",".join(f"{k}={v}" for k, v in variant.items()) or "base"
+        for seed in seeds:
+            try:
+                config = build_config(TrainConfig, {**base, **variant, "seed": seed})
+            except ConfigError as exc:
+                problems += [f"[{label}] {p}" for p in exc.problems]
+                continue
+            children.append(Child(f"{label},seed={seed}", config, variant))
+    if problems:
+        raise ConfigError(sorted(set(problems)))
+    return Sweep(spec.get("name", path.stem), str(path), children, seeds)
+
+
+def sweep_key(config: TrainConfig, data_fingerprint: str) -> str:
+    """What identifies one child across restarts: every setting but the device, the data by content, the seed."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "data")}
+    payload = json.dumps({**settings, "data_fingerprint": data_fingerprint}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs a child: a RUNNING child whose process is gone on this host is stale."""
+    return {"owner_host": socket.gethostname(), "owner_pid": str(os.getpid())}
+
+
+def is_stale(tags: dict[str, str]) -> bool:
+    if tags.get("owner_host") != socket.gethostname():
+        return False  # another machine's sweep: not ours to judge
+    try:
+        os.kill(int(tags.get("owner_pid", "0")), 0)
+    except (ProcessLookupError, ValueError):
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Eta:
+    """Remaining time from the measured durations of the children run so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.seconds = total, 0, []
+
+    def update(self, seconds: float | None) -> None:
+        self.done += 1
+        if seconds is not None:
+            self.seconds.append(seconds)
+
+    def line(self, name: str) -> str:
+        left = self.total - self.done
+        eta = f", ETA {left * sum(self.seconds) / len(self.seconds) / 60:.1f} min" if self.seconds else ""
+        return f"[{name}] {self.done}/{self.total} done{eta}"
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+@dataclass
+class SweepResult:
+    total: int
+    finished: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    runs: dict[str, str] = field(default_factory=dict)  # sweep_key -> run id of its FINISHED run
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the sweep dies (kill -9 included), so none outlives it."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _train_command(config: TrainConfig, data_path: str) -> list[str]:
+    import sys
+
+    args = [sys.executable, "-m", "entrypoints.train"]
+    for key, value in asdict(config).items():
+        value = data_path if key == "data" else value
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def mark_stale_runs(client, experiment_id: str) -> int:
+    """Runs left RUNNING by a sweep whose process is gone on this host -> FAILED."""
+    stale = 0
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        if "owner_pid" in run.data.tags and is_stale(run.data.tags):
+            client.set_tag(run.info.run_id, "error", "stale: the sweep that ran it died (marked on restart)")
+            client.set_terminated(run.info.run_id, "FAILED")
+            stale += 1
+    return stale
+
+
+def finished_keys(client, experiment_id: str) -> dict[str, str]:
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
+    return {r.data.tags["sweep_key"]: r.info.run_id for r in runs if "sweep_key" in r.data.tags}
+
+
+def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_path: str, log=print) -> SweepResult:
+    """Run every child not already FINISHED, each in its own process, as a child run of `parent_run_id`.
+
+    One process per child costs ~8 s of imports but keeps memory figures honest: in one long process the heap
+    a bf16 child leaves behind raises the next child's measured peak RSS. A child that fails (an exception,
+    an out-of-memory kill) is marked FAILED with its error and the sweep goes on.
+    """
+    import subprocess
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    stale = mark_stale_runs(client, experiment_id)
+    if stale:
+        log(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
+    done = finished_keys(client, experiment_id)
+    result, eta = SweepResult(len(sweep.children)), Eta(len(sweep.children))
+    for child in sweep.children:
+        key = sweep_key(child.config, data_fingerprint)
+        if key in done:
+            result.skipped += 1
+            result.runs[key] = done[key]
+            eta.update(None)
+            log(f"{eta.line(sweep.name)}: {child.name} already FINISHED ({done[key]}), skipped")
+            continue
+        tags = {
+            "mlflow.parentRunId": parent_run_id,
+            "sweep_name": sweep.name,
+            "sweep_key": key,
+            "sweep_configuration": child.name,
+            "seed": str(child.config.seed),
+            **owner_tags(),
+        }
+        run = client.create_run(experiment_id, run_name=child.name, tags=tags)
+        run_id = run.info.run_id
+        env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id}
+        t0 = now()
+        proc = subprocess.run(
+            _train_command(child.config, data_path),
+            env=env,
+            preexec_fn=_die_with_parent,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        status = client.get_run(run_id).info.status
+        if proc.returncode == 0 and status == "FINISHED":
+            result.finished += 1
+            result.runs[key] = run_id
+            eta.update(now() - t0)
+            log(f"{eta.line(sweep.name)}: {child.name} FINISHED in {now() - t0:.0f} s")
+            continue
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+        if proc.returncode < 0:
+            error = f"killed by signal {-proc.returncode} (out of memory?) {error}".strip()
+        client.set_tag(run_id, "error", error[:5000] or f"exit status {proc.returncode}")
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+        result.failed += 1
+        result.failures.append(f"{child.name}: {error}")
+        eta.update(now() - t0)
+        log(f"{eta.line(sweep.name)}: {child.name} FAILED: {error}")
+    return result
