@@ -212,7 +212,41 @@ def sweep_problems(v: dict[str, Any]) -> list[str]:
     return p
 
 
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Settings of the whole study (`main`); configs/default.yaml documents each field."""
+
+    profile: str
+    sweeps: str
+    baselines: str
+    data: str
+
+
+def study_problems(v: dict[str, Any]) -> list[str]:
+    p: list[str] = []
+    check = _checker(v, p)
+    check(
+        "profile",
+        lambda x: not x or (CONFIG_DIR / "profiles" / f"{x}.yaml").is_file(),
+        "a profile in configs/profiles/: "
+        + ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml"))),
+    )
+    check("sweeps", lambda x: all(Path(s.strip()).is_file() for s in x.split(",")), "a comma list of sweep files")
+    check(
+        "baselines",
+        lambda x: all(q.strip() in QUANTIZATIONS for q in x.split(",")),
+        f"a comma list of quantizations ({', '.join(QUANTIZATIONS)})",
+    )
+    check(
+        "data",
+        lambda x: not x or data_reference_ok(x),
+        "empty (the bundled set), a known set name, a data file, a prepared folder or a prepare run's id",
+    )
+    return p
+
+
 CHECKS = {
+    StudyConfig: study_problems,
     SweepConfig: sweep_problems,
     TrainConfig: train_problems,
     PrepareConfig: prepare_problems,

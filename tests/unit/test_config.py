@@ -8,6 +8,7 @@ from lora_efficiency.config import (
     DEFAULTS_FILE,
     EvaluateConfig,
     PrepareConfig,
+    StudyConfig,
     SweepConfig,
     TrainConfig,
     _convert,
@@ -29,7 +30,7 @@ def test_defaults_parse_into_a_complete_config():
     "entry_point, section, cls",
     [
         ("train", "train", TrainConfig),
-        ("main", "train", TrainConfig),
+        ("main", "main", StudyConfig),
         ("prepare", "prepare", PrepareConfig),
         ("evaluate", "evaluate", EvaluateConfig),
         ("sweep", "sweep", SweepConfig),

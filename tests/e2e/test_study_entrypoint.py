@@ -1,0 +1,53 @@
+"""`mlflow run . -e main`: the study's run tree (baseline + sweep parents + children), and a rerun that skips."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import mlflow_run, runs_of
+
+pytestmark = pytest.mark.e2e
+
+
+def test_study_tree_and_rerun(mlflow_server, tiny_model_dir, tiny_data_file, tmp_path):
+    base = {
+        "model": str(tiny_model_dir),
+        "data": str(tiny_data_file),
+        "max_steps": 2,
+        "batch_size": 2,
+        "seq_len": 256,
+        "eval_samples": 4,
+        "generate_samples": 2,
+        "max_new_tokens": 4,
+        "device": "cpu",
+    }
+    files = []
+    for name, axes in (("ranks", {"rank": [2, 4]}), ("mods", {"target_modules": ["q_v", "attention"]})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "base": {**base, "rank": 4}, "axes": axes, "seeds": [0]}))
+        files.append(str(path))
+    experiment = f"study-{uuid.uuid4().hex[:8]}"
+    params = {"profile": "", "sweeps": ",".join(files), "baselines": "fp32"}
+    proc = mlflow_run(mlflow_server, experiment, params, entry_point="main")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    runs = runs_of(client, experiment)
+    study = next(r for r in runs if r.data.tags.get("entry_point") == "main")
+    parents = {r.data.tags["sweep_name"]: r for r in runs if r.data.tags.get("entry_point") == "sweep"}
+    assert set(parents) == {"ranks", "mods"}
+    assert all(p.data.tags["mlflow.parentRunId"] == study.info.run_id for p in parents.values())
+    (baseline,) = [r for r in runs if r.data.tags.get("baseline") == "true"]
+    assert baseline.info.status == "FINISHED" and "eval/perplexity" in baseline.data.metrics
+    children = [r for r in runs if "sweep_key" in r.data.tags]
+    # rank=4 with attention is in both sweeps: trained once, skipped by the second sweep
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert parents["mods"].data.tags["children_skipped"] == "1"
+
+    again = mlflow_run(mlflow_server, experiment, params, entry_point="main")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already evaluated, skipped" in again.stdout
+    assert len([r for r in runs_of(client, experiment) if "sweep_key" in r.data.tags]) == 3
