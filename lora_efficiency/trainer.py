@@ -82,9 +82,10 @@ def device_name(device: torch.device) -> str:
 
 
 def config_hash(settings: dict) -> str:
-    """Stable hash of what determines the trained adapter; seed and device are left out so seeds group, and the
-    data enters by its content fingerprint, not by how it was named (path, run id or set name)."""
-    keep = {k: v for k, v in settings.items() if k not in ("seed", "device", "device_resolved", "data")}
+    """Stable hash of what determines the trained adapter; seed and device are left out so seeds group. Data and
+    model enter by content (data fingerprint; base model id and revision), not by how they were named (a path,
+    a run id), so the same configuration hashes the same on every machine."""
+    keep = {k: v for k, v in settings.items() if k not in ("seed", "device", "device_resolved", "data", "model")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -96,7 +97,7 @@ def _batches(
     order = list(range(len(rows)))
     while True:
         rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # train() checks len(rows) >= batch_size
             idx = order[start : start + batch_size]
             yield D.collate(rows, idx, pad_id=pad_id, length=length), sum(len(rows.input_ids[i]) for i in idx)
 

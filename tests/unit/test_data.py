@@ -103,3 +103,12 @@ def test_fingerprint_changes_with_content():
     assert fingerprint(a) == fingerprint(b)
     b.labels[0][1] = IGNORE_INDEX
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_config_hash_groups_seeds_and_ignores_names():
+    from lora_efficiency.trainer import config_hash
+
+    a = {"rank": 8, "seed": 0, "data": "/a/x", "model": "/a/m", "base_model": "m", "data_fingerprint": "f"}
+    assert config_hash(a) == config_hash({**a, "seed": 1, "data": "run-id", "model": "/b/m"})
+    assert config_hash(a) != config_hash({**a, "rank": 16})
+    assert config_hash(a) != config_hash({**a, "data_fingerprint": "g"})
