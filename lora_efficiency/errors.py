@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -42,8 +43,15 @@ def _fail_active_run(message: str) -> None:
         print(f"warning: could not mark run {run_id} FAILED: {exc}", file=sys.stderr)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """Run an entry point's main; a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run an entry point's main; a UserError becomes `error: ...` on stderr and exit status 2. SIGTERM is
+    handled like Ctrl-C, so `kill` leaves the run FAILED rather than RUNNING (kill -9 cannot be caught: a
+    sweep restart marks those runs FAILED)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as exc:

@@ -190,3 +190,36 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path, tiny_model_d
     (run,) = runs_of(client, "lora-efficiency")
     assert run.info.status == "FINISHED"
     assert (tmp_path / "mlruns").is_dir()
+
+
+def test_sigterm_leaves_the_run_failed_not_running(tmp_path, tiny_model_dir, tiny_data_file):
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="term")
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tiny_data_file),
+        "--max_steps",
+        "100000",
+        "--batch_size",
+        "2",
+        "--seq_len",
+        "128",
+    ]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first step line: the run exists and training is under way
+        if line.startswith("step 1/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "error: interrupted" in stderr
+    time.sleep(0.5)
+    (run,) = runs_of(MlflowClient(uri), "term")
+    assert run.info.status == "FAILED"
