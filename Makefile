@@ -7,7 +7,7 @@ export MLFLOW_EXPERIMENT_NAME ?= lora-efficiency
 # -P arguments for `make train`, e.g. make train P="-P rank=8 -P max_steps=20"
 P ?=
 
-.PHONY: setup test study train ui lint lock clean
+.PHONY: setup test study train plan ui lint lock clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ study: setup
 
 train: setup
 	mlflow run . -e train --env-manager local $(P)
+
+# predicted peak training memory, e.g. make plan P="--rank 64 --target_modules all_linear --quantization int8"
+plan: setup
+	$(VENV)/bin/python -m entrypoints.plan $(P)
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

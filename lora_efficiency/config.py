@@ -254,7 +254,7 @@ CHECKS = {
 }
 
 
-def _convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
+def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     """Turn a YAML or command-line value into `kind`; returns (value, problem)."""
     text = str(raw).strip()
     if kind is bool:
@@ -300,7 +300,7 @@ def build_config(cls: type, values: dict[str, Any]):
         if name not in values:
             problems.append(f"{name} is missing: set it in {DEFAULTS_FILE.name} or pass --{name}")
             continue
-        value, problem = _convert(name, values[name], hints[name])
+        value, problem = convert(name, values[name], hints[name])
         if problem:
             problems.append(problem)
         else:

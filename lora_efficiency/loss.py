@@ -8,9 +8,11 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_efficiency.data import IGNORE_INDEX
 
-# 1,024 target tokens x 49,152 vocab x 4 bytes = 201 MB of fp32 logits per chunk; the whole batch at once
-# (4 x 512 tokens) would be 403 MB of fp32 logits plus as much again for their gradient. Each chunk is
-# recomputed in backward (checkpoint), so only one chunk's logits exist at any time.
+# Each chunk's logits are recomputed in backward (checkpoint), so only one chunk's exist at any time; that
+# backward holds three fp32 chunk-sized tensors (logits, softmax, gradient), measured as exactly
+# 3 x chunk x vocab x 4 bytes of peak RSS: 604 MB at 1,024 tokens x 49,152 (tests/unit/test_memory_estimate.py
+# relies on it). Response-only labels keep most CPU batches to one chunk (~350 targets per 4 x 512 packed
+# rows of the bundled set); smaller chunks would cut the peak for plain-text data, at a speed cost not yet measured.
 LOSS_CHUNK_TOKENS = 1024
 
 

@@ -285,6 +285,7 @@ def train(
         )
     train_s = time.perf_counter() - t_start
     sampler.stop()
+    memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
 
     # -- save, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes last) ---
     adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
@@ -305,7 +306,7 @@ def train(
         measure_merged=quantization in ("bf16", "fp16", "fp32"),
     )
     metrics = evaluation.metrics
-    metrics.update(sampler.summary())
+    metrics.update(memory)
     metrics.update(
         {
             "params/trainable": float(trainable_params),

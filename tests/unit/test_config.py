@@ -11,7 +11,7 @@ from lora_efficiency.config import (
     StudyConfig,
     SweepConfig,
     TrainConfig,
-    _convert,
+    convert,
     parse_args,
     read_defaults,
 )
@@ -43,7 +43,7 @@ def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
     hints = get_type_hints(cls)
     assert set(params) == {f.name for f in dataclasses.fields(cls)} == set(defaults)
     for name, spec in params.items():  # the same typed value, however YAML spelled it
-        assert _convert(name, spec["default"], hints[name]) == _convert(name, defaults[name], hints[name]), name
+        assert convert(name, spec["default"], hints[name]) == convert(name, defaults[name], hints[name]), name
     for name in params:
         assert f"--{name} {{{name}}}" in project["entry_points"][entry_point]["command"]
 
