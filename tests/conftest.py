@@ -188,6 +188,21 @@ def runs_of(client: MlflowClient, experiment: str):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
+def tiny_sweep_base(model_dir: Path, data_file: Path) -> dict:
+    """A sweep file's base for the tiny model: 2 steps, 4 eval examples, 2 answers of 4 tokens (~10 s a child)."""
+    return {
+        "model": str(model_dir),
+        "data": str(data_file),
+        "max_steps": 2,
+        "batch_size": 2,
+        "seq_len": 256,
+        "eval_samples": 4,
+        "generate_samples": 2,
+        "max_new_tokens": 4,
+        "device": "cpu",
+    }
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, not faked, on the CPU."""
     if torch.cuda.is_available():

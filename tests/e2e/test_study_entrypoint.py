@@ -8,23 +8,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import mlflow_run, runs_of
+from tests.conftest import mlflow_run, runs_of, tiny_sweep_base
 
 pytestmark = pytest.mark.e2e
 
 
 def test_study_tree_and_rerun(mlflow_server, tiny_model_dir, tiny_data_file, tmp_path):
-    base = {
-        "model": str(tiny_model_dir),
-        "data": str(tiny_data_file),
-        "max_steps": 2,
-        "batch_size": 2,
-        "seq_len": 256,
-        "eval_samples": 4,
-        "generate_samples": 2,
-        "max_new_tokens": 4,
-        "device": "cpu",
-    }
+    base = tiny_sweep_base(tiny_model_dir, tiny_data_file)
     files = []
     for name, axes in (("ranks", {"rank": [2, 4]}), ("mods", {"target_modules": ["q_v", "attention"]})):
         path = tmp_path / f"{name}.yaml"

@@ -14,23 +14,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
+from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env, tiny_sweep_base
 
 pytestmark = pytest.mark.e2e
 
 
 def sweep_file(tmp_path, tiny_model_dir, tiny_data_file, **spec) -> str:
-    base = {
-        "model": str(tiny_model_dir),
-        "data": str(tiny_data_file),
-        "max_steps": 2,
-        "batch_size": 2,
-        "seq_len": 256,
-        "eval_samples": 4,
-        "generate_samples": 2,
-        "max_new_tokens": 4,
-        "device": "cpu",
-    }
+    base = tiny_sweep_base(tiny_model_dir, tiny_data_file)
     path = tmp_path / f"sweep-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump({"name": "tiny", "base": base, "seeds": [0], **spec}))
     return str(path)
