@@ -394,3 +394,9 @@ def padding_fraction(rows: Rows, *, batch_size: int, fixed_length: int | None = 
         real += sum(lengths)
         padded += (fixed_length or max(lengths)) * len(lengths)
     return 1 - real / padded if padded else 0.0
+
+
+def target_fraction(rows: Rows, *, seq_len: int) -> float:
+    """Share of a micro-batch's seq_len positions that are loss targets: what the memory planner needs."""
+    targets = sum(sum(1 for label in row if label != IGNORE_INDEX) for row in rows.labels)
+    return min(1.0, targets / max(len(rows) * seq_len, 1))

@@ -315,3 +315,34 @@ def estimate(
         "loss_mb": loss_bytes / MB,
     }
     return MemoryEstimate(**parts, total_mb=sum(parts.values()), trainable_params=trainable)
+
+
+def predict_peak_mb(
+    model_path: str,
+    *,
+    rows_target_fraction: float,
+    device: str | torch.device,
+    trust_remote_code: bool = False,
+    **settings,
+) -> float | None:
+    """estimate()'s total for a train run's settings (rank, target_modules, quantization, batch_size, seq_len,
+    double_quant, gradient_checkpointing, dropout), or None where the planner cannot tell.
+
+    Advisory only: the planner knows Llama-, GPT-2- and NeoX-style blocks, and a model it cannot read must not
+    stop a run that would train fine, so any failure here means "no prediction".
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        return estimate(config, device=device, target_fraction=rows_target_fraction, **settings).total_mb
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+
+
+def available_mb(device: str | torch.device) -> float:
+    """What a run on `device` can have now: the GPU's free memory, or the RAM the kernel says is available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / MB
+    return psutil.virtual_memory().available / MB

@@ -135,7 +135,8 @@ def is_stale(tags: dict[str, str]) -> bool:
 
 
 class Eta:
-    """Remaining time from the measured durations of the children run so far."""
+    """Remaining time from the measured durations of the children run so far (skipped ones cost nothing, so
+    tqdm's own rate, which counts them, would be wrong)."""
 
     def __init__(self, total: int):
         self.total, self.done, self.seconds = total, 0, []
@@ -145,10 +146,13 @@ class Eta:
         if seconds is not None:
             self.seconds.append(seconds)
 
-    def line(self, name: str) -> str:
+    def eta(self) -> str:
         left = self.total - self.done
-        eta = f", ETA {left * sum(self.seconds) / len(self.seconds) / 60:.1f} min" if self.seconds else ""
-        return f"[{name}] {self.done}/{self.total} done{eta}"
+        return f"ETA {left * sum(self.seconds) / len(self.seconds) / 60:.1f} min" if self.seconds else ""
+
+    def line(self, name: str) -> str:
+        eta = self.eta()
+        return f"[{name}] {self.done}/{self.total} done" + (f", {eta}" if eta else "")
 
 
 def now() -> float:
@@ -183,6 +187,64 @@ def _train_command(config: TrainConfig, data_path: str) -> list[str]:
     return args
 
 
+def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run one child; its stderr (its step bar, warnings, a traceback) is passed through as it comes, and its
+    tail kept to name the error. Returns the exit status and the last 64 KB of stderr."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, stderr=subprocess.PIPE)
+    tail = bytearray()
+
+    def forward() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail.extend(chunk)
+            del tail[:-65536]
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    returncode = proc.wait()
+    reader.join()
+    proc.stderr.close()
+    return returncode, tail.decode("utf-8", errors="replace")
+
+
+def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
+    """The memory planner's peak for every child (by name), before any runs: None where it cannot tell."""
+    from lora_efficiency import data as D
+    from lora_efficiency.memory import predict_peak_mb
+    from lora_efficiency.models import resolve_model
+    from lora_efficiency.prepare import load_prepared
+    from lora_efficiency.trainer import resolve_device
+
+    train_split = load_prepared(data_path).train
+    fractions: dict[tuple[int, bool], float] = {}
+    out: dict[str, float | None] = {}
+    for child in sweep.children:
+        c = child.config
+        if (c.seq_len, c.packing) not in fractions:
+            rows = D.pack(train_split, seq_len=c.seq_len) if c.packing else D.unpacked(train_split)
+            fractions[c.seq_len, c.packing] = D.target_fraction(rows, seq_len=c.seq_len)
+        out[child.name] = predict_peak_mb(
+            resolve_model(c.model).path,
+            rows_target_fraction=fractions[c.seq_len, c.packing],
+            device=resolve_device(c.device),
+            trust_remote_code=c.trust_remote_code,
+            rank=c.rank,
+            target_modules=c.target_modules,
+            quantization=c.quantization,
+            double_quant=c.double_quant,
+            batch_size=c.batch_size,
+            seq_len=c.seq_len,
+            gradient_checkpointing=c.gradient_checkpointing,
+            dropout=c.dropout,
+        )
+    return out
+
+
 def mark_stale_runs(client, experiment_id: str) -> int:
     """Runs left RUNNING by a sweep whose process is gone on this host -> FAILED."""
     stale = 0
@@ -202,20 +264,30 @@ def finished_keys(client, experiment_id: str) -> dict[str, str]:
 def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_path: str, log=print) -> SweepResult:
     """Run every child not already FINISHED, each in its own process, as a child run of `parent_run_id`.
 
-    One process per child costs ~8 s of imports but keeps memory figures honest: in one long process the heap
-    a bf16 child leaves behind raises the next child's measured peak RSS. A child that fails (an exception,
-    an out-of-memory kill) is marked FAILED with its error and the sweep goes on.
+    One process per child costs ~7 s (imports, model load) but keeps memory figures honest: in one long process
+    the heap a bf16 child leaves behind raises the next child's measured peak RSS. A child that fails (an
+    exception, an out-of-memory kill) is marked FAILED with its error and the sweep goes on. A child the memory
+    planner predicts will not fit the device's available memory is announced with a warning, then tried.
+    On a terminal: a bar for the sweep and one per child for its steps; elsewhere, plain lines.
     """
-    import subprocess
-
     import mlflow
+
+    from lora_efficiency import progress
+    from lora_efficiency.memory import available_mb
+    from lora_efficiency.trainer import resolve_device
 
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
+    bar = None
+    if progress.bars_wanted():
+        bar = progress.bar(total=len(sweep.children), desc=f"sweep {sweep.name}", unit="run", position=0)
+    say = bar.write if bar is not None else log
     stale = mark_stale_runs(client, experiment_id)
     if stale:
-        log(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
+        say(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
     done = finished_keys(client, experiment_id)
+    todo = [c for c in sweep.children if sweep_key(c.config, data_fingerprint) not in done]
+    predicted = predicted_peaks(Sweep(sweep.name, sweep.path, todo, sweep.seeds), data_path) if todo else {}
     result, eta = SweepResult(len(sweep.children)), Eta(len(sweep.children))
     for child in sweep.children:
         key = sweep_key(child.config, data_fingerprint)
@@ -223,8 +295,16 @@ def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_p
             result.skipped += 1
             result.runs[key] = done[key]
             eta.update(None)
-            log(f"{eta.line(sweep.name)}: {child.name} already FINISHED ({done[key]}), skipped")
+            say(f"{eta.line(sweep.name)}: {child.name} already FINISHED ({done[key]}), skipped")
+            if bar is not None:
+                bar.update(1)
             continue
+        need_mb, have_mb = predicted.get(child.name), available_mb(resolve_device(child.config.device))
+        if need_mb is not None and need_mb > have_mb:
+            say(
+                f"[{sweep.name}] warning: {child.name} is predicted to need {need_mb:,.0f} MB, the device has "
+                f"{have_mb:,.0f} MB available: it may run out of memory (trying it anyway)"
+            )
         tags = {
             "mlflow.parentRunId": parent_run_id,
             "sweep_name": sweep.name,
@@ -235,31 +315,37 @@ def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_p
         }
         run = client.create_run(experiment_id, run_name=child.name, tags=tags)
         run_id = run.info.run_id
-        env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id}
+        env = {
+            **os.environ,
+            "MLFLOW_RUN_ID": run_id,
+            "MLFLOW_EXPERIMENT_ID": experiment_id,
+            "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child
+            progress.PROGRESS_ENV: "bar" if bar is not None else "lines",
+            progress.BAR_POSITION_ENV: "1",
+        }
         t0 = now()
-        proc = subprocess.run(
-            _train_command(child.config, data_path),
-            env=env,
-            preexec_fn=_die_with_parent,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        returncode, stderr = _run_child(_train_command(child.config, data_path), env)
         status = client.get_run(run_id).info.status
-        if proc.returncode == 0 and status == "FINISHED":
+        if returncode == 0 and status == "FINISHED":
             result.finished += 1
             result.runs[key] = run_id
             eta.update(now() - t0)
-            log(f"{eta.line(sweep.name)}: {child.name} FINISHED in {now() - t0:.0f} s")
-            continue
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-        if proc.returncode < 0:
-            error = f"killed by signal {-proc.returncode} (out of memory?) {error}".strip()
-        client.set_tag(run_id, "error", error[:5000] or f"exit status {proc.returncode}")
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FAILED")
-        result.failed += 1
-        result.failures.append(f"{child.name}: {error}")
-        eta.update(now() - t0)
-        log(f"{eta.line(sweep.name)}: {child.name} FAILED: {error}")
+            say(f"{eta.line(sweep.name)}: {child.name} FINISHED in {now() - t0:.0f} s")
+        else:
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+            if returncode < 0:
+                error = f"killed by signal {-returncode} (out of memory?) {error}".strip()
+            client.set_tag(run_id, "error", error[:5000] or f"exit status {returncode}")
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "FAILED")
+            result.failed += 1
+            result.failures.append(f"{child.name}: {error}")
+            eta.update(now() - t0)
+            say(f"{eta.line(sweep.name)}: {child.name} FAILED: {error}")
+        if bar is not None:
+            bar.set_postfix_str(eta.eta(), refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return result

@@ -10,6 +10,7 @@ import platform
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,17 @@ from typing import Protocol
 import torch
 
 from lora_efficiency import data as D
+from lora_efficiency import progress
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
-from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
+from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler, predict_peak_mb
 from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
 from lora_efficiency.prepare import resolve_data
+
+# peft's get_peft_model asks transformers for `is_gradient_checkpointing`, deprecated in transformers 5: one
+# FutureWarning per run that says nothing about the user's settings (a sweep would print it 28 times).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class Tracker(Protocol):
@@ -163,6 +169,21 @@ def train(
     if len(rows) < batch_size:
         raise UserError(f"batch_size={batch_size} is larger than the {len(rows)} training rows of data={data!r}")
 
+    predicted_mb = predict_peak_mb(
+        model.path,
+        rows_target_fraction=D.target_fraction(rows, seq_len=seq_len),
+        device=device,
+        trust_remote_code=trust_remote_code,
+        rank=rank,
+        target_modules=target_modules,
+        quantization=quantization,
+        double_quant=double_quant,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        dropout=dropout,
+    )
+
     # -- model ------------------------------------------------------------------------------------------
     base = load_base_model(
         model, quantization=quantization, double_quant=double_quant, device=device, trust_remote_code=trust_remote_code
@@ -237,6 +258,7 @@ def train(
     tokens_total, time_steady, tokens_steady = 0, 0.0, 0
     t_start = time.perf_counter()
     peft_model.train()
+    steps_bar = progress.bar(total=max_steps, desc="train", unit="step") if progress.bars_wanted() else None
     for step in range(1, max_steps + 1):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
@@ -266,7 +288,12 @@ def train(
             sampler.stop()
             raise RuntimeError(f"training diverged at step {step}: loss={loss}")
         losses.append(loss)
-        if step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0:  # ~20 lines a run
+        if steps_bar is not None:
+            steps_bar.set_postfix_str(
+                f"loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | {sampler.current_mb():.0f} MB", refresh=False
+            )
+            steps_bar.update(1)
+        elif step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0:  # ~20 lines a run
             print(
                 f"step {step}/{max_steps} | loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | "
                 f"{step_s * 1000:.0f} ms | {sampler.current_mb():.0f} MB",
@@ -285,6 +312,8 @@ def train(
         )
     train_s = time.perf_counter() - t_start
     sampler.stop()
+    if steps_bar is not None:
+        steps_bar.close()
     memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
 
     # -- save, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes last) ---
@@ -307,6 +336,8 @@ def train(
     )
     metrics = evaluation.metrics
     metrics.update(memory)
+    if predicted_mb is not None:
+        metrics["memory/predicted_peak_mb"] = predicted_mb  # the planner's figure, to compare with the peak
     metrics.update(
         {
             "params/trainable": float(trainable_params),
