@@ -1,4 +1,4 @@
-# lora-efficiency: `make study` runs the study, `make test` the tests; both set up .venv first.
+# lora-efficiency: `make study` runs the study, `make test` the tests, `make bench` the benchmark; all set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.setup-done
@@ -7,7 +7,7 @@ export MLFLOW_EXPERIMENT_NAME ?= lora-efficiency
 # -P arguments for `make train`, e.g. make train P="-P rank=8 -P max_steps=20"
 P ?=
 
-.PHONY: setup test study train plan ui lint lock clean
+.PHONY: setup test soak study train plan bench ui lint lock clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+# the slow reliability cases (tests marked soak: concurrent load on one server, ...); docs/reliability.md
+soak: setup
+	$(VENV)/bin/python -m pytest -q -m soak tests/reliability
+
 study: setup
 	mlflow run . -e main --env-manager local $(P)
 
@@ -33,8 +37,15 @@ train: setup
 plan: setup
 	$(VENV)/bin/python -m entrypoints.plan $(P)
 
+# the project's trainer against HF Trainer + PEFT: docs/benchmarks.md and bench-results.json, e.g.
+# make bench P="--modes bf16 --repeats 1"   (python -m entrypoints.bench --help lists the options)
+bench: setup
+	$(VENV)/bin/python -m entrypoints.bench $(P)
+
+# the UI on this machine only; make ui HOST=0.0.0.0 to open it to the network
+HOST ?= 127.0.0.1
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port 5000
 
 lint: setup
 	$(VENV)/bin/ruff check lora_efficiency entrypoints tests

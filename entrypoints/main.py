@@ -1,4 +1,5 @@
-"""The whole study: prepare the data, evaluate the base model alone, run the rank, module and quantization sweeps.
+"""The whole study: prepare the data, evaluate the base model alone, run the rank, module and quantization sweeps,
+then write the report (reports/<experiment>/report.md, .html and charts; also a run tagged report=true).
 
     make study                                                   # = the line below
     mlflow run . -e main --env-manager local -P profile=quick
@@ -87,9 +88,19 @@ def main(argv: list[str]) -> None:
             client.set_terminated(parent.info.run_id, "FINISHED" if not result.failed else "FAILED")
             failed += result.failures
         tracker.set_tags({"runs_failed": len(failed)})
+        study_run_id, experiment = tracker.run_id, client.get_experiment(experiment_id).name
+    # The report reads what the study logged through the runs API, like any later `-e report` would; its own
+    # run is a separate run of the experiment (tagged report=true), so the environment's run id must not leak.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    report = [sys.executable, "-m", "entrypoints.report", "--experiment", experiment, "--sweep_run_id", study_run_id]
+    report += ["--output", cfg.output] if cfg.output else []
+    reported = subprocess.run(report, env=env).returncode == 0
     if failed:
         raise UserError(f"{len(failed)} run(s) of the study failed: " + " | ".join(failed)[:2000])
-    print(f"[study {cfg.profile}] done: compare the runs with `make ui`")
+    if not reported:
+        raise UserError(f"the study's runs are logged, but its report failed: run {' '.join(report[1:])} again")
+    folder = cfg.output or f"reports/{experiment}"
+    print(f"[study {cfg.profile}] done: {folder}/report.md; compare the runs with `make ui`")
 
 
 def _baseline(client, experiment_id, study_run_id, config, quantization, data_path, fingerprint, owner) -> None:

@@ -2,11 +2,14 @@
 
 mlflow run . -e train --env-manager local -P rank=16 -P target_modules=attention -P quantization=nf4
 python -m entrypoints.train --rank 16 --max_steps 5          # the same, without `mlflow run`
+python -m entrypoints.train --max_steps 500 --checkpoint_every 50           # a checkpoint artifact every 50 steps
+python -m entrypoints.train --max_steps 500 --resume_from <that run's id>   # after a crash: from its latest one
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from lora_efficiency.config import TrainConfig, parse_args
 from lora_efficiency.errors import run_cli
@@ -17,7 +20,7 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.models import resolve_model
-    from lora_efficiency.tracking import start_run
+    from lora_efficiency.tracking import download_checkpoint, start_run
     from lora_efficiency.trainer import resolve_device, train
 
     hf_logging.disable_progress_bar()
@@ -26,6 +29,10 @@ def main(argv: list[str]) -> None:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "device")}
     name = f"r{cfg.rank}-{cfg.target_modules}-{cfg.quantization}-s{cfg.seed}"
     with start_run(run_name=name, entry_point="train") as tracker:
+        if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
+            tracker.log_params({"resume_from": cfg.resume_from})
+            tracker.set_tags({"resumed_from_run": cfg.resume_from})
+            settings["resume_from"] = str(download_checkpoint(cfg.resume_from))
         result = train(model=source, device=device, tracker=tracker, **settings)
     m = result.metrics
     print(

@@ -51,6 +51,8 @@ class TrainConfig:
     seed: int
     device: str
     trust_remote_code: bool
+    checkpoint_every: int
+    resume_from: str
 
 
 def _checker(v: dict[str, Any], problems: list[str]):
@@ -61,6 +63,16 @@ def _checker(v: dict[str, Any], problems: list[str]):
             problems.append(invalid(name, v[name], allowed))
 
     return check
+
+
+def is_path(value: str | Path, kind: str) -> bool:
+    """Whether `value` names an existing file, folder or either ("any"); False for a name the OS refuses (longer
+    than NAME_MAX, a NUL byte) rather than an exception."""
+    try:
+        path = Path(value)
+        return {"file": path.is_file, "dir": path.is_dir, "any": path.exists}[kind]()
+    except (OSError, ValueError):
+        return False
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -87,6 +99,12 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
     check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
     check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
+    check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
+    check(
+        "resume_from",
+        lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x) or is_path(Path(x) / "trainer_state.json", "file"),
+        "empty, a train run's id (its latest checkpoint) or a checkpoint folder (with trainer_state.json)",
+    )
     check(
         "data",
         data_reference_ok,
@@ -100,7 +118,7 @@ def train_problems(v: dict[str, Any]) -> list[str]:
 def data_reference_ok(value: str) -> bool:
     from lora_efficiency.sources import KNOWN_SETS
 
-    return value == "" or value in KNOWN_SETS or Path(value).exists() or bool(re.fullmatch(r"[0-9a-f]{32}", value))
+    return value == "" or value in KNOWN_SETS or is_path(value, "any") or bool(re.fullmatch(r"[0-9a-f]{32}", value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +145,7 @@ def prepare_problems(v: dict[str, Any]) -> list[str]:
     check = _checker(v, p)
     check(
         "dataset",
-        lambda x: x in KNOWN_SETS or x == "" or Path(x).is_file(),
+        lambda x: x in KNOWN_SETS or x == "" or is_path(x, "file"),
         f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file",
     )
     check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
@@ -169,7 +187,7 @@ def evaluate_problems(v: dict[str, Any]) -> list[str]:
             "or adapter=none for the base model alone)"
         )
     check("run_id", lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x), "an MLflow run id (32 hexadecimal characters)")
-    check("adapter", lambda x: x in ("", "none") or Path(x).is_dir(), "an existing adapter folder, or none")
+    check("adapter", lambda x: x in ("", "none") or is_path(x, "dir"), "an existing adapter folder, or none")
     check(
         "quantization", lambda x: not x or x in QUANTIZATIONS, f"empty (the run's) or one of {', '.join(QUANTIZATIONS)}"
     )
@@ -202,7 +220,7 @@ class SweepConfig:
 def sweep_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
-    check("config", lambda x: Path(x).is_file(), "an existing sweep file, such as configs/sweeps/rank.yaml")
+    check("config", lambda x: is_path(x, "file"), "an existing sweep file, such as configs/sweeps/rank.yaml")
     check(
         "data",
         lambda x: not x or data_reference_ok(x),
@@ -220,6 +238,7 @@ class StudyConfig:
     sweeps: str
     baselines: str
     data: str
+    output: str
 
 
 def study_problems(v: dict[str, Any]) -> list[str]:
@@ -227,11 +246,11 @@ def study_problems(v: dict[str, Any]) -> list[str]:
     check = _checker(v, p)
     check(
         "profile",
-        lambda x: not x or (CONFIG_DIR / "profiles" / f"{x}.yaml").is_file(),
+        lambda x: not x or (re.fullmatch(r"\w[\w.-]*", x) and is_path(CONFIG_DIR / "profiles" / f"{x}.yaml", "file")),
         "a profile in configs/profiles/: "
         + ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml"))),
     )
-    check("sweeps", lambda x: all(Path(s.strip()).is_file() for s in x.split(",")), "a comma list of sweep files")
+    check("sweeps", lambda x: all(is_path(s.strip(), "file") for s in x.split(",")), "a comma list of sweep files")
     check(
         "baselines",
         lambda x: all(q.strip() in QUANTIZATIONS for q in x.split(",")),
@@ -242,10 +261,39 @@ def study_problems(v: dict[str, Any]) -> list[str]:
         lambda x: not x or data_reference_ok(x),
         "empty (the bundled set), a known set name, a data file, a prepared folder or a prepare run's id",
     )
+    check("output", lambda x: not is_path(x, "file"), "a folder (empty: reports/<experiment>), not a file")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Settings of `report`; configs/default.yaml documents each field."""
+
+    experiment: str
+    sweep_run_id: str
+    output: str
+    budgets_mb: str
+
+
+def report_problems(v: dict[str, Any]) -> list[str]:
+    p: list[str] = []
+    check = _checker(v, p)
+    check(
+        "sweep_run_id",
+        lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x),
+        "empty (the latest study) or a sweep or study run's id (32 hexadecimal characters)",
+    )
+    check("output", lambda x: not is_path(x, "file"), "a folder (empty: reports/<experiment>), not a file")
+    check(
+        "budgets_mb",
+        lambda x: all(re.fullmatch(r"\d+(\.\d+)?", b.strip()) and float(b) > 0 for b in x.split(",")) if x else True,
+        "empty (round budgets over the measured peaks) or a comma list of MB > 0, such as 4000,8000",
+    )
     return p
 
 
 CHECKS = {
+    ReportConfig: report_problems,
     StudyConfig: study_problems,
     SweepConfig: sweep_problems,
     TrainConfig: train_problems,
@@ -283,7 +331,7 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
 def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: undecodable bytes, a NUL in the name
         raise UserError(f"defaults={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
         raise UserError(f"defaults={str(path)!r} has no mapping named {section!r}")
@@ -311,9 +359,16 @@ def build_config(cls: type, values: dict[str, Any]):
     return cls(**converted)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (`--rank` with no value) as one UserError line, not usage text and exit."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}: every setting is --name value (--help lists them)")
+
+
 def parse_args(cls: type, section: str, argv: list[str], description: str):
     """`--field value` for every dataclass field, over the defaults file (`--defaults FILE` to use another)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = _Parser(description=description)
     parser.add_argument("--defaults", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -10,6 +11,10 @@ from collections.abc import Callable
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+class TrackingError(UserError):
+    """The tracking store or the artifact storage failed (unreachable, read-only, full): one line, exit 2."""
 
 
 class ConfigError(UserError):
@@ -24,6 +29,19 @@ def invalid(field: str, value: object, allowed: str) -> str:
     return f"{field}={value!r} is invalid: {allowed}"
 
 
+# Secrets never reach the tracking store: the values of these variables, and anything shaped like a Hugging Face,
+# OpenAI or GitHub token, are replaced by `<prefix>***` in every param, tag, text and artifact this project logs.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "OPENAI_API_KEY", "GITHUB_TOKEN")
+_TOKEN = re.compile(r"\b(hf_|sk-|gh[opsu]_|github_pat_)[A-Za-z0-9_-]{16,}")
+
+
+def redact(text: str) -> str:
+    for name in SECRET_ENV:
+        if len(value := os.environ.get(name, "")) >= 8:
+            text = text.replace(value, "***")
+    return _TOKEN.sub(lambda m: m.group(1) + "***", text)
+
+
 def _fail_active_run(message: str) -> None:
     """Mark the run FAILED (the one `mlflow run` opened, or ours) so nothing is left RUNNING."""
     import mlflow
@@ -34,7 +52,7 @@ def _fail_active_run(message: str) -> None:
         return
     try:
         client = mlflow.MlflowClient()
-        client.set_tag(run_id, "error", message[:5000])
+        client.set_tag(run_id, "error", redact(message)[:5000])
         if run:
             mlflow.end_run("FAILED")
         else:
@@ -55,8 +73,9 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as exc:
-        message = str(exc).replace("\n", " ")
-        _fail_active_run(message)
+        message = redact(str(exc).replace("\n", " "))
+        if not isinstance(exc, TrackingError):  # else start_run has tried already; the store may be down
+            _fail_active_run(message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -28,8 +28,12 @@ def evaluate_loss(
     model.eval()
     total, count = 0.0, 0
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    # Batches of similar length pad less: the first 100 held-out examples of the bundled set (47-137 tokens)
+    # took 8.8 s in their own order and 5.1 s sorted by length (SmolLM2 nf4, batches of 8, 2-core CPU), with
+    # the same loss to 1e-8.
+    order = sorted(range(len(rows)), key=lambda i: len(rows.input_ids[i]))
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows, list(range(start, min(start + batch_size, len(rows)))), pad_id=pad_id)
+        batch = collate(rows, order[start : start + batch_size], pad_id=pad_id)
         with autocast:
             loss_sum, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
         total += float(loss_sum)

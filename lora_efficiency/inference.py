@@ -8,9 +8,14 @@ from pathlib import Path
 import torch
 
 from lora_efficiency.errors import UserError
-from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_model
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+from lora_efficiency.models import (
+    PICKLE_SUFFIXES,
+    ModelSource,
+    compute_dtype,
+    load_base_model,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 def check_adapter_folder(folder: str | Path) -> Path:
@@ -76,7 +81,15 @@ def load_for_inference(
     )
     if adapter is None:
         return base, tokenizer, source
-    return PeftModel.from_pretrained(base, str(check_adapter_folder(adapter))), tokenizer, source
+    from safetensors import SafetensorError
+
+    folder = check_adapter_folder(adapter)
+    try:
+        return PeftModel.from_pretrained(base, str(folder)), tokenizer, source
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # corrupt safetensors or config
+        raise UserError(
+            f"adapter={str(folder)!r} could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from None
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, device: torch.device | None = None) -> str:

@@ -94,12 +94,16 @@ def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
     if name == BUNDLED_MODEL:
         return None
-    local = Path(name).expanduser()
-    if local.is_dir():
+    try:  # a name the OS refuses (longer than NAME_MAX, a NUL byte) is no folder
+        local = Path(name).expanduser()
+        is_dir, exists = local.is_dir(), local.exists()
+    except (OSError, ValueError, RuntimeError):
+        is_dir = exists = False
+    if is_dir:
         if not (local / "config.json").exists():
             return f"model={name!r} is a folder without config.json: expected a Hugging Face model folder"
         return None
-    if local.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
+    if exists or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
         return (
             f"model={name!r} does not exist: allowed are {BUNDLED_MODEL!r}, a local Hugging Face folder "
             "or a hub id such as 'meta-llama/Llama-3.2-1B'"
@@ -141,13 +145,30 @@ def _hub_error(source: ModelSource, exc: Exception) -> UserError:
     )
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _load_error(source: ModelSource, exc: Exception) -> UserError:
+    """A local folder that does not load (corrupt safetensors or config, pickle weights only) in one line."""
+    folder = Path(source.path)
+    if not folder.is_dir():
+        return _hub_error(source, exc)
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not has_safetensors:
+        why = f"it holds the pickle file {pickles[0]}, which is refused: models load from safetensors only"
+    else:
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    return UserError(f"model={source.name or source.path!r} could not be loaded from {source.path}: {why}")
+
+
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise _hub_error(source, exc) from None
+    except (OSError, ValueError, TypeError) as exc:  # a hub id offline, a corrupt tokenizer or config file
+        raise _load_error(source, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -188,10 +209,12 @@ def load_base_model(
         kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quantization]
     # bitsandbytes places quantized weights itself; a device_map keeps them from being moved afterwards.
     kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except OSError as exc:
-        raise _hub_error(source, exc) from None
+    from safetensors import SafetensorError
+
+    try:  # use_safetensors: weights in pickle files (.bin) are never unpickled
+        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise _load_error(source, exc) from None
     model.requires_grad_(False)
     # No prepare_model_for_kbit_training: it upcasts every non-quantized weight to fp32 (SmolLM2's tied
     # embedding alone is 28.3 M params, +57 MB) although frozen weights need no fp32 copy; the trainable LoRA

@@ -235,8 +235,14 @@ def load_prepared(folder: str | Path) -> Prepared:
 
     splits = {}
     for name in ("train", "eval"):
-        ds = load_from_disk(str(folder / name))
-        splits[name] = (ds, D.TokenizedSplit(ds["input_ids"], ds["labels"], manifest[name].get("truncated", 0)))
+        try:
+            ds = load_from_disk(str(folder / name))
+            splits[name] = (ds, D.TokenizedSplit(ds["input_ids"], ds["labels"], manifest[name].get("truncated", 0)))
+        except (OSError, ValueError, KeyError) as exc:  # a split missing, truncated or without its columns
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            raise UserError(
+                f"data={str(folder)!r}: its {name} split cannot be read ({why}): run prepare again"
+            ) from None
     eval_ds = splits["eval"][0]
     eval_examples = [
         D.Example(p, r, t) for p, r, t in zip(eval_ds["prompt"], eval_ds["response"], eval_ds["task"], strict=True)

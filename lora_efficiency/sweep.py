@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, read_defaults
+from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
 from lora_efficiency.errors import ConfigError, UserError
 
 SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds"}
@@ -60,7 +61,7 @@ def load_profile(profile: str) -> dict:
     if not profile:
         return {}
     path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
-    if not path.is_file():
+    if not re.fullmatch(r"\w[\w.-]*", profile) or not is_path(path, "file"):  # a name, never a path elsewhere
         known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
         raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
     return _read_yaml(path, "profile")
@@ -111,8 +112,10 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
 
 
 def sweep_key(config: TrainConfig, data_fingerprint: str) -> str:
-    """What identifies one child across restarts: every setting but the device, the data by content, the seed."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "data")}
+    """What identifies one child across restarts: every setting but the device and the checkpointing, the data by
+    content, the seed."""
+    left_out = ("device", "data", "checkpoint_every", "resume_from")
+    settings = {k: v for k, v in asdict(config).items() if k not in left_out}
     payload = json.dumps({**settings, "data_fingerprint": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

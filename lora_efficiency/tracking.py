@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import requests
 
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import TrackingError, UserError, redact
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "lora-efficiency"
@@ -30,60 +36,184 @@ def git_commit() -> str:
         return "unknown"
 
 
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".jinja")
+
+
+def _redacted_copy(local_dir: str) -> str:
+    """`local_dir` itself, or a temporary copy whose text files have their secrets redacted."""
+    files = [f for f in Path(local_dir).rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES]
+    dirty = [f for f in files if redact(text := f.read_text(errors="replace")) != text]
+    if not dirty:
+        return local_dir
+    copy = Path(tempfile.mkdtemp(prefix="redacted-")) / "d"
+    shutil.copytree(local_dir, copy)
+    for f in dirty:
+        target = copy / f.relative_to(local_dir)
+        target.write_text(redact(target.read_text(errors="replace")))
+    return str(copy)
+
+
 class MlflowTracker:
     """The Tracker the trainer logs to. Per-step metrics go asynchronously: a synchronous log_metrics call to a
-    server costs ~55 ms (../shared/ENVIRONMENT.md), longer than a GPU step; the queue is flushed at the end."""
+    server costs ~55 ms (../shared/ENVIRONMENT.md), longer than a GPU step. MLflow retries a failed request
+    (7 times, backoff 2 s doubling: ~4 min) and reports a batch that still failed only on its own handle, not
+    at flush: `flush()` waits on every handle, logs a failed batch again synchronously with its original
+    timestamp, and raises if that fails too, so a run never ends FINISHED with a gap in its curves."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id  # the run this tracker logs to
         self.client = mlflow.MlflowClient()
+        self.pending: list[tuple[object, dict[str, float], int, int]] = []  # (handle, metrics, step, timestamp)
 
     def log_params(self, params: dict) -> None:
         # `mlflow run` already logged every MLproject param as the text given ("2e-4"); logging the same key
         # again with another spelling ("0.0002") is refused by MLflow, and both mean the same value.
         existing = self.client.get_run(self.run_id).data.params
-        fresh = {k: str(v) for k, v in params.items() if k not in existing}
+        fresh = {k: redact(str(v)) for k, v in params.items() if k not in existing}
         if fresh:
             mlflow.log_params(fresh)
 
     def set_tags(self, tags: dict) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics(metrics, step=step, synchronous=step is None)
+        if step is None:
+            mlflow.log_metrics(metrics, synchronous=True)
+            return
+        timestamp = int(time.time() * 1000)
+        handle = mlflow.log_metrics(metrics, step=step, synchronous=False, run_id=self.run_id, timestamp=timestamp)
+        self.pending.append((handle, metrics, step, timestamp))
+
+    def flush(self) -> None:
+        """Every step's metrics are in the store when this returns; else TrackingError names what is missing."""
+        lost = []
+        for handle, metrics, step, timestamp in self.pending:
+            try:
+                handle.wait()
+            except Exception:
+                try:  # MLflow's own retries apply again
+                    mlflow.log_metrics(metrics, step=step, synchronous=True, run_id=self.run_id, timestamp=timestamp)
+                except Exception as exc:
+                    lost.append((step, exc))
+        self.pending.clear()
+        if lost:
+            steps = [s for s, _ in lost]
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r}: the metrics of {len(steps)} step(s) "
+                f"({steps[0]}..{steps[-1]}) could not be logged after MLflow's retries "
+                f"({str(lost[-1][1]).splitlines()[0][:200]}): the run is incomplete"
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        with _artifact_storage(artifact_file):
+            mlflow.log_text(redact(text), artifact_file)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        mlflow.log_artifacts(local_dir, artifact_path)
+        with _artifact_storage(artifact_path):
+            mlflow.log_artifacts(_redacted_copy(local_dir), artifact_path)
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
-        mlflow.log_table(data=data, artifact_file=artifact_file)
-
-
-def check_tracking_store() -> None:
-    """Fail before any training if the tracking store cannot be reached."""
-    try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception as exc:
-        uri = mlflow.get_tracking_uri()
-        raise UserError(f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {str(exc).splitlines()[0][:200]}") from None
+        data = {k: [redact(v) if isinstance(v, str) else v for v in col] for k, col in data.items()}
+        with _artifact_storage(artifact_file):
+            mlflow.log_table(data=data, artifact_file=artifact_file)
 
 
 @contextlib.contextmanager
-def start_run(*, run_name: str, entry_point: str, system_metrics: bool = True) -> Iterator[MlflowTracker]:
-    """Resume the run `mlflow run` opened (MLFLOW_RUN_ID), or start one; FAILED on exception, never RUNNING."""
+def _artifact_storage(what: str) -> Iterator[None]:
+    """A failing artifact store (read-only, full, gone) becomes one line that names it, not a traceback."""
+    try:
+        yield
+    except (OSError, mlflow.exceptions.MlflowException) as exc:
+        raise TrackingError(
+            f"artifact storage {mlflow.get_artifact_uri()!r} failed writing {what}: {str(exc).splitlines()[0][:300]}"
+        ) from None
+
+
+def check_artifact_storage() -> None:
+    """A local artifact root must take a file: fail before training, not after it."""
+    uri = mlflow.get_artifact_uri()
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return  # proxied (mlflow-artifacts:) or remote: the server checks; failures surface as TrackingError
+    root = Path(urllib.parse.unquote(parsed.path))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise TrackingError(f"artifact storage {uri!r} is not writable: {exc}") from None
+
+
+def download_checkpoint(run_id: str) -> Path:
+    """The latest `checkpoints/step-NNNNNN` artifact of run `run_id`, downloaded to a local folder."""
+    client = mlflow.MlflowClient()
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise UserError(
+            f"resume_from={run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}"
+        ) from None
+    steps = sorted(f.path for f in client.list_artifacts(run_id, "checkpoints") if f.is_dir)
+    if not steps:
+        raise UserError(f"resume_from={run_id!r} has no checkpoint: train with checkpoint_every > 0 to make them")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=steps[-1]))
+
+
+def check_tracking_store() -> None:
+    """Fail before any training if the tracking store cannot be reached. A server gets a quick probe first:
+    MLflow's own client retries a refused connection for ~4 min before it gives up."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        for attempt in range(3):  # ~3 s: a server that is restarting gets a moment
+            try:
+                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5)
+                break
+            except OSError as exc:
+                if attempt == 2:
+                    raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {exc}") from None
+                time.sleep(1.5)
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+@contextlib.contextmanager
+def start_run(
+    *, run_name: str, entry_point: str, system_metrics: bool = True, experiment: str = ""
+) -> Iterator[MlflowTracker]:
+    """Resume the run `mlflow run` opened (MLFLOW_RUN_ID), or start one in `experiment` (empty:
+    $MLFLOW_EXPERIMENT_NAME, else lora-efficiency); FAILED on exception, never RUNNING."""
     check_tracking_store()
     if "MLFLOW_RUN_ID" not in os.environ:
-        mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
-    with mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics) as run:
+        mlflow.set_experiment(experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    run = mlflow.start_run(run_name=redact(run_name), log_system_metrics=system_metrics)
+    try:
         mlflow.set_tags({"entry_point": entry_point, "git_commit": git_commit()})
-        try:
-            yield MlflowTracker(run.info.run_id)
-        except BaseException as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            with contextlib.suppress(Exception):
-                mlflow.flush_async_logging()
-            raise
-        mlflow.flush_async_logging()
+        check_artifact_storage()
+        tracker = MlflowTracker(run.info.run_id)
+        yield tracker
+        tracker.flush()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", redact(f"{type(exc).__name__}: {exc}")[:5000])
+        with contextlib.suppress(Exception):
+            mlflow.flush_async_logging()
+        with contextlib.suppress(Exception):  # the store may be what failed: run_cli says so and exits non-zero
+            mlflow.end_run("FAILED")
+        if isinstance(exc, (mlflow.exceptions.MlflowException, requests.exceptions.RequestException)):
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r} failed during run {run.info.run_id}: "
+                f"{redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]}"
+            ) from None
+        raise
+    try:
+        mlflow.end_run()
+    except Exception as exc:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r}: run {run.info.run_id} could not be marked "
+            f"FINISHED: {str(exc).splitlines()[0][:200]}"
+        ) from None

@@ -8,6 +8,7 @@ import json
 import math
 import platform
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -91,21 +92,104 @@ def config_hash(settings: dict) -> str:
     """Stable hash of what determines the trained adapter; seed and device are left out so seeds group. Data and
     model enter by content (data fingerprint; base model id and revision), not by how they were named (a path,
     a run id), so the same configuration hashes the same on every machine."""
-    keep = {k: v for k, v in settings.items() if k not in ("seed", "device", "device_resolved", "data", "model")}
+    left_out = ("seed", "device", "device_resolved", "data", "model", "checkpoint_every", "resume_from")
+    keep = {k: v for k, v in settings.items() if k not in left_out}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _batches(
-    rows: D.Rows, *, batch_size: int, pad_id: int, seed: int, length: int | None
+    rows: D.Rows, *, batch_size: int, pad_id: int, seed: int, length: int | None, skip: int = 0
 ) -> Iterator[tuple[dict, int]]:
-    """Endless shuffled batches, reshuffled every epoch from the seed; yields (tensors, real token count)."""
+    """Endless shuffled batches, reshuffled every epoch from the seed; yields (tensors, real token count). The
+    first `skip` batches are passed over without being built: a resumed run continues the same order."""
     rng = random.Random(seed)
     order = list(range(len(rows)))
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):  # train() checks len(rows) >= batch_size
+            if skip:
+                skip -= 1
+                continue
             idx = order[start : start + batch_size]
             yield D.collate(rows, idx, pad_id=pad_id, length=length), sum(len(rows.input_ids[i]) for i in idx)
+
+
+# A checkpoint folder holds no pickle: the adapter (peft's safetensors), optimizer state and RNG states as
+# safetensors, optimizer hyper-parameters, scheduler and progress as JSON.
+CHECKPOINT_STATE = "trainer_state.json"
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    step: int,
+    peft_model,
+    optimizer,
+    scheduler,
+    scaler,
+    losses: list[float],
+    config_hash: str,
+    seed: int,
+    tokens_total: int,
+    device: torch.device,
+) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    opt = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    save_file(tensors, str(folder / "optimizer_rng.safetensors"))
+    state = {
+        "step": step,
+        "seed": seed,
+        "config_hash": config_hash,
+        "losses": losses,
+        "tokens_total": tokens_total,
+        "param_groups": opt["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+    }
+    (folder / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
+    return folder
+
+
+def load_checkpoint(
+    folder: Path, *, peft_model, optimizer, scheduler, scaler, config_hash: str, seed: int, device: torch.device
+) -> dict:
+    """Restore adapter weights, optimizer, scheduler, scaler and RNG from `folder`; returns its trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((folder / CHECKPOINT_STATE).read_text())
+        tensors = load_file(str(folder / "optimizer_rng.safetensors"))
+        adapter = load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"resume_from={str(folder)!r} is not a readable checkpoint: {exc}") from None
+    if (state.get("config_hash"), state.get("seed")) != (config_hash, seed):
+        raise UserError(
+            f"resume_from={str(folder)!r} was trained with other settings (config_hash {state.get('config_hash')}, "
+            f"seed {state.get('seed')}; this run: {config_hash}, seed {seed}): resume with the same settings"
+        )
+    set_peft_model_state_dict(peft_model, adapter)
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    return state
 
 
 def train(
@@ -139,13 +223,21 @@ def train(
     seed: int = 0,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
+    checkpoint_every: int = 0,
+    resume_from: str | Path = "",
     output_dir: str | None = None,
+    checkpoint_dir: str | Path | None = None,
     tracker: Tracker | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter on `model` and evaluate it; every number also goes to `tracker`.
 
     The base weights are stored as `quantization` (nf4/fp4/int8 through bitsandbytes = QLoRA, or bf16/fp16/fp32
     = LoRA); the forward runs under bf16 autocast (fp16 on GPUs without bf16) except for fp32, which stays fp32.
+
+    Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and step are saved in
+    `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`.
+    `resume_from` (a checkpoint folder, made with the same settings and seed) continues from its step with the
+    same batches and the same loss curve as a run that was never interrupted.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
@@ -155,8 +247,10 @@ def train(
     settings = {
         k: v
         for k, v in locals().items()
-        if k not in ("model", "device", "tracker", "output_dir", "LoraConfig", "get_peft_model", "get_scheduler")
+        if k not in ("model", "device", "tracker", "output_dir", "checkpoint_dir")
+        and k not in ("LoraConfig", "get_peft_model", "get_scheduler")
     }
+    settings["resume_from"] = str(resume_from)
     torch.manual_seed(seed)
 
     # -- data -------------------------------------------------------------------------------------------
@@ -246,20 +340,42 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     warmup_steps = round(warmup_ratio * max_steps)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+    losses: list[float] = []
+    first_step, tokens_total = 1, 0
+    if resume_from:
+        state = load_checkpoint(
+            Path(resume_from),
+            peft_model=peft_model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            config_hash=tags["config_hash"],
+            seed=seed,
+            device=device,
+        )
+        losses, first_step, tokens_total = list(state["losses"]), state["step"] + 1, state["tokens_total"]
+        tracker.set_tags({"resumed_from_step": state["step"]})
     batches = _batches(
-        rows, batch_size=batch_size, pad_id=tokenizer.pad_token_id, seed=seed, length=seq_len if packing else None
+        rows,
+        batch_size=batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=seed,
+        length=seq_len if packing else None,
+        skip=(first_step - 1) * grad_accum,
     )
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir else None  # a temporary folder at the first checkpoint
 
     # -- the loop ---------------------------------------------------------------------------------------
     # One optimizer step = grad_accum micro-batches of batch_size rows (4 x 512 = 2,048 tokens per micro-batch
     # by default). The loss is normalised by the step's target-token count, so accumulation is token-weighted.
     sampler = MemorySampler(device).start()
-    losses: list[float] = []
-    tokens_total, time_steady, tokens_steady = 0, 0.0, 0
+    time_steady, tokens_steady = 0.0, 0
     t_start = time.perf_counter()
     peft_model.train()
     steps_bar = progress.bar(total=max_steps, desc="train", unit="step") if progress.bars_wanted() else None
-    for step in range(1, max_steps + 1):
+    if steps_bar is not None:
+        steps_bar.update(first_step - 1)
+    for step in range(first_step, max_steps + 1):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
         n_targets = sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b, _ in micro)
@@ -280,7 +396,7 @@ def train(
         step_s = time.perf_counter() - t0
         real_tokens = sum(n for _, n in micro)
         tokens_total += real_tokens
-        if step > 1:  # step 1 pays one-off costs (allocator warm-up, lazy init) and is left out of the mean
+        if step > first_step:  # the first step pays one-off costs (allocator warm-up, lazy init): out of the mean
             time_steady += step_s
             tokens_steady += real_tokens
         loss = step_loss / max(n_targets, 1)
@@ -310,6 +426,24 @@ def train(
             },
             step=step,
         )
+        if checkpoint_every and step % checkpoint_every == 0:
+            checkpoints = checkpoints or Path(tempfile.mkdtemp(prefix="checkpoints-"))
+            folder = save_checkpoint(
+                checkpoints / f"step-{step:06d}",
+                step=step,
+                peft_model=peft_model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                losses=losses,
+                config_hash=tags["config_hash"],
+                seed=seed,
+                tokens_total=tokens_total,
+                device=device,
+            )
+            tracker.log_artifacts(str(folder), f"checkpoints/{folder.name}")
+            if not checkpoint_dir:  # logged; the temporary copy is not needed
+                shutil.rmtree(folder, ignore_errors=True)
     train_s = time.perf_counter() - t_start
     sampler.stop()
     if steps_bar is not None:

@@ -21,7 +21,7 @@ def test_study_tree_and_rerun(mlflow_server, tiny_model_dir, tiny_data_file, tmp
         path.write_text(yaml.safe_dump({"name": name, "base": {**base, "rank": 4}, "axes": axes, "seeds": [0]}))
         files.append(str(path))
     experiment = f"study-{uuid.uuid4().hex[:8]}"
-    params = {"profile": "", "sweeps": ",".join(files), "baselines": "fp32"}
+    params = {"profile": "", "sweeps": ",".join(files), "baselines": "fp32", "output": str(tmp_path / "report")}
     proc = mlflow_run(mlflow_server, experiment, params, entry_point="main")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(mlflow_server)
@@ -36,6 +36,11 @@ def test_study_tree_and_rerun(mlflow_server, tiny_model_dir, tiny_data_file, tmp
     # rank=4 with attention is in both sweeps: trained once, skipped by the second sweep
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
     assert parents["mods"].data.tags["children_skipped"] == "1"
+    # the study ends with its report: a run tagged report=true and the files, from exactly these runs
+    (report,) = [r for r in runs if r.data.tags.get("report") == "true"]
+    assert report.data.tags["report_scope_run_id"] == study.info.run_id
+    assert report.data.tags["report_configurations"] == "3"
+    assert "rank" in (tmp_path / "report" / "report.md").read_text()
 
     again = mlflow_run(mlflow_server, experiment, params, entry_point="main")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -8,6 +8,7 @@ from lora_efficiency.config import (
     DEFAULTS_FILE,
     EvaluateConfig,
     PrepareConfig,
+    ReportConfig,
     StudyConfig,
     SweepConfig,
     TrainConfig,
@@ -34,6 +35,7 @@ def test_defaults_parse_into_a_complete_config():
         ("prepare", "prepare", PrepareConfig),
         ("evaluate", "evaluate", EvaluateConfig),
         ("sweep", "sweep", SweepConfig),
+        ("report", "report", ReportConfig),
     ],
 )
 def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
@@ -99,3 +101,11 @@ def test_corrupt_yaml_is_a_one_line_error(tmp_path):
     path.write_text("train: [rank: 1\n")
     with pytest.raises(UserError, match=r"defaults='.*bad.yaml' could not be read as YAML"):
         parse_args(TrainConfig, "train", ["--defaults", str(path)], "")
+
+
+def test_report_settings_are_checked():
+    with pytest.raises(ConfigError) as err:
+        parse_args(ReportConfig, "report", ["--sweep_run_id", "abc", "--budgets_mb", "4000,lots"], "")
+    assert [p.split("=")[0] for p in err.value.problems] == ["sweep_run_id", "budgets_mb"]
+    cfg = parse_args(ReportConfig, "report", ["--budgets_mb", "4000, 8000.5"], "")
+    assert cfg.budgets_mb == "4000, 8000.5" and cfg.experiment == ""

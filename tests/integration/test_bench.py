@@ -1,0 +1,47 @@
+"""The benchmark end to end on the tiny model: one mode, 3 steps, 1 repeat, one startup launch (~60 s)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.conftest import ROOT, subprocess_env
+
+
+def test_bench_writes_json_and_markdown(tiny_model_dir, tiny_data_file, tmp_path):
+    markdown, results_file = tmp_path / "benchmarks.md", tmp_path / "bench-results.json"
+    markdown.write_text("# Benchmarks\n\nNotes the benchmark must keep.\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.bench",
+        *("--model", str(tiny_model_dir), "--data", str(tiny_data_file), "--modes", "bf16", "--device", "cpu"),
+        *("--steps", "3", "--warmup_steps", "1", "--repeats", "1", "--batch_size", "2", "--seq_len", "256"),
+        *("--profile_steps", "0", "--startup_launches", "1"),
+        *("--output", str(markdown), "--json", str(results_file)),
+    ]
+    env = subprocess_env(TMPDIR=str(tmp_path))  # the workers' folder goes there, not into /tmp
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads(results_file.read_text())
+    bf16 = results["modes"]["bf16"]
+    for key in ("tokens_per_second_ratio", "peak_memory_ratio", "mfu", "mfu_fp32", "reference_mfu"):
+        assert math.isfinite(bf16[key]) and bf16[key] > 0, (key, bf16[key])
+    # on minus off: the two runs' noise can make it negative on 0.1 s steps, never non-finite
+    assert math.isfinite(bf16["tracking_overhead"]) and bf16["tracking_overhead"] > -1
+    for side in ("reference", "project", "project_untracked"):
+        for key in ("tokens_per_second", "step_time_s", "tokens_per_step", "peak_memory_mb"):
+            assert math.isfinite(bf16[side][key]) and bf16[side][key] > 0, (side, key)
+    # the same examples a step on both sides: real tokens a step within a factor of 2
+    assert 0.5 < bf16["project"]["tokens_per_step"] / bf16["reference"]["tokens_per_step"] < 2
+    assert results["matmul"]["bf16_flops"] > 0 and results["matmul"]["fp32_flops"] > 0
+    assert results["startup"]["launches_s"][0] > 0
+
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nNotes the benchmark must keep.\n")
+    assert "<!-- bench:cpu-" in text and "### bf16 base" in text
+    assert "| bf16 |" in text and "real tokens/s" in text
+    assert "| bf16 |" in proc.stdout  # printed too

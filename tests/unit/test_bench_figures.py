@@ -1,0 +1,57 @@
+"""Pure parts of the benchmark: model FLOPs per token, the markdown block, `-X importtime` parsing."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+from lora_efficiency.bench import import_times, training_flops_per_token, write_markdown
+
+
+def test_flops_per_token_counts_frozen_lora_head_and_attention():
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    flops = training_flops_per_token(config, rank=8, target_modules="attention", context=50)
+    # per layer: q 64x64, k and v 64x32 (2 kv heads of 16), o 64x64, gate/up/down 64x128
+    frozen = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
+    assert flops["frozen_params"] == frozen and flops["lora_params"] == lora
+    expected = 4 * frozen + 6 * lora + 4 * 1000 * 64 + 12 * 2 * 4 * 16 * 50
+    assert flops["total"] == expected
+
+
+def test_markdown_block_is_replaced_and_other_text_kept(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    write_markdown(path, "## cpu run 1\n", "cpu-m")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks") and "<!-- bench:cpu-m -->\n## cpu run 1\n<!-- /bench:cpu-m -->" in text
+    path.write_text(text + "\nWhat bounds it: the analysis.\n")
+    write_markdown(path, "## gpu run\n", "cuda-m")
+    write_markdown(path, "## cpu run 2\n", "cpu-m")
+    text = path.read_text()
+    assert "cpu run 1" not in text and "## cpu run 2" in text and "## gpu run" in text
+    assert "What bounds it: the analysis." in text
+    assert text.index("cpu run 2") < text.index("the analysis") < text.index("gpu run")
+
+
+def test_import_times_attributes_own_time_to_packages():
+    stderr = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        100 |   torch._C",
+            "import time:       500 |        500 |   torch.nn",
+            "import time:      2000 |       2600 | torch",
+            "import time:       300 |        300 |   mlflow",
+            "import time:       200 |        500 | lora_efficiency.trainer",
+            "some other line",
+        ]
+    )
+    out = import_times(stderr)
+    assert abs(out["total_s"] - 0.0031) < 1e-9  # the top-level lines' cumulative times
+    assert out["packages_s"] == {"torch": 0.0026, "mlflow": 0.0003, "lora_efficiency": 0.0002}
