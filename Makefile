@@ -37,7 +37,7 @@ train: setup
 plan: setup
 	$(VENV)/bin/python -m entrypoints.plan $(P)
 
-# the project's trainer against HF Trainer + PEFT: docs/benchmarks.md and bench-results.json, e.g.
+# the project's trainer against HF Trainer + PEFT: docs/benchmarks.md and docs/bench-results.json, e.g.
 # make bench P="--modes bf16 --repeats 1"   (python -m entrypoints.bench --help lists the options)
 bench: setup
 	$(VENV)/bin/python -m entrypoints.bench $(P)

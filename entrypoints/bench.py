@@ -31,7 +31,7 @@ FIELDS = {
     "profile_steps": (int, 2, "steps profiled with torch.profiler per side and mode (0: none)"),
     "startup_launches": (int, 3, "launches of entrypoints.train to time start to first step (0: none)"),
     "output": (str, "docs/benchmarks.md", "markdown file the table goes into"),
-    "json": (str, "bench-results.json", "the same figures for scripts"),
+    "json": (str, "docs/bench-results.json", "the same figures for scripts"),
 }
 
 

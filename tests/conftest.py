@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -96,46 +98,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with an SQLite backend; stop() and start() keep the port and the file."""
+
+    def __init__(self, root: Path, workers: int = 1):
+        self.root, self.workers, self.port, self.proc = root, workers, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = root / "mlflow.db"
+
+    def start(self) -> MlflowServer:
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.db}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            str(self.workers),
+        ]
+        self.log = open(self.root / "server.log", "a")  # noqa: SIM115 - written by the server until stop()
+        # its own process group: stop() ends the server and its uvicorn workers together
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+        )
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start: {self.log_text()[-2000:]}") from None
+                time.sleep(0.3)
+
+    def stop(self, kill: bool = True) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            self.proc.wait(timeout=30)
+            # uvicorn's workers are its children: wait until nothing answers on the port any more
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                    time.sleep(0.3)
+                except OSError:
+                    break
+        if self.proc:
+            self.log.close()
+
+    def log_text(self) -> str:
+        return (self.root / "server.log").read_text(errors="replace")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite backend, local artifacts) on 127.0.0.1; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes to it until teardown
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(
-                    f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
-                ) from None
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.uri
+    server.stop(kill=False)
 
 
 @pytest.fixture

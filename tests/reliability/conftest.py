@@ -3,20 +3,11 @@ test, and a real `mlflow server` that a test can stop and start again on the sam
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import _free_port
+from tests.conftest import MlflowServer as Server
 
 
 def run_entry_point(main, argv: list[str], capsys) -> tuple[int, str, str]:
@@ -64,67 +55,6 @@ def store(tmp_path, monkeypatch):
 def statuses(client: MlflowClient, experiment: str = "reliability") -> list[str]:
     exp = client.get_experiment_by_name(experiment)
     return [r.info.status for r in client.search_runs([exp.experiment_id])] if exp else []
-
-
-class Server:
-    """`mlflow server` on 127.0.0.1 with an SQLite backend; stop() and start() keep the port and the file."""
-
-    def __init__(self, root: Path, workers: int = 1):
-        self.root, self.workers, self.port, self.proc = root, workers, _free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.db = root / "mlflow.db"
-
-    def start(self) -> Server:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--backend-store-uri",
-            f"sqlite:///{self.db}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-            "--workers",
-            str(self.workers),
-        ]
-        self.log = open(self.root / "server.log", "a")  # noqa: SIM115 - written by the server until stop()
-        # its own process group: stop() ends the server and its uvicorn workers together
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
-        )
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"mlflow server did not start: {self.log_text()[-2000:]}") from None
-                time.sleep(0.3)
-
-    def stop(self, kill: bool = True) -> None:
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            self.proc.wait(timeout=30)
-            # uvicorn's workers are its children: wait until nothing answers on the port any more
-            deadline = time.time() + 30
-            while time.time() < deadline:
-                try:
-                    urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                    time.sleep(0.3)
-                except OSError:
-                    break
-        if self.proc:
-            self.log.close()
-
-    def log_text(self) -> str:
-        return (self.root / "server.log").read_text(errors="replace")
 
 
 @pytest.fixture
