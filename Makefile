@@ -7,7 +7,7 @@ export MLFLOW_EXPERIMENT_NAME ?= lora-efficiency
 # -P arguments for `make train`, e.g. make train P="-P rank=8 -P max_steps=20"
 P ?=
 
-.PHONY: setup test soak study train plan bench ui lint lock clean
+.PHONY: setup test test-scale soak study train plan bench ui lint lock clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# beyond one machine: a sweep on a local Ray instance, one training over 2 gloo processes (also in `make test`)
+test-scale: setup
+	$(VENV)/bin/python -m pytest -q tests/scale tests/unit/test_scale_units.py
 
 # the slow reliability cases (tests marked soak: concurrent load on one server, ...); docs/reliability.md
 soak: setup

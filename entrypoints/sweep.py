@@ -2,6 +2,8 @@
 
 mlflow run . -e sweep --env-manager local -P config=configs/sweeps/rank.yaml -P profile=quick
 python -m entrypoints.sweep --config configs/sweeps/modules.yaml --profile quick
+python -m entrypoints.sweep --config configs/sweeps/rank.yaml --backend ray --max_concurrent 2   # local Ray
+MLFLOW_TRACKING_URI=http://mlflow:5000 python -m entrypoints.sweep --config ... --backend ray --ray_address auto
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def main(argv: list[str]) -> None:
 
     hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in (("data", cfg.data), ("device", cfg.device)) if v}
+    if cfg.backend == "ray":
+        import mlflow
+
+        from lora_efficiency.ray_backend import check_cluster_settings
+
+        check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
     data_settings = {
         (c.config.data, c.config.model, c.config.seq_len, c.config.train_on_prompt) for c in sweep.children
@@ -54,6 +62,7 @@ def main(argv: list[str]) -> None:
                 "sweep_file": cfg.config,
                 "profile": cfg.profile,
                 "data_fingerprint": prepared.manifest["fingerprint"],
+                "sweep_backend": cfg.backend,
             }
         )
         result = run_sweep(
@@ -61,6 +70,11 @@ def main(argv: list[str]) -> None:
             parent_run_id=tracker.run_id,
             data_fingerprint=prepared.manifest["fingerprint"],
             data_path=str(prepared.path),
+            backend=cfg.backend,
+            ray_address=cfg.ray_address,
+            max_concurrent=cfg.max_concurrent,
+            cpus_per_trial=cfg.cpus_per_trial,
+            gpus_per_trial=cfg.gpus_per_trial,
             log=lambda line: print(line, flush=True),
         )
         tracker.set_tags(

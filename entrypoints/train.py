@@ -4,36 +4,54 @@ mlflow run . -e train --env-manager local -P rank=16 -P target_modules=attention
 python -m entrypoints.train --rank 16 --max_steps 5          # the same, without `mlflow run`
 python -m entrypoints.train --max_steps 500 --checkpoint_every 50           # a checkpoint artifact every 50 steps
 python -m entrypoints.train --max_steps 500 --resume_from <that run's id>   # after a crash: from its latest one
+python -m entrypoints.train --num_processes 2                # one DDP training over 2 GPUs (2 gloo processes on a CPU)
+accelerate launch --multi_gpu --num_processes 2 -m entrypoints.train      # the same, started by accelerate
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
+from lora_efficiency import distributed
 from lora_efficiency.config import TrainConfig, parse_args
-from lora_efficiency.errors import run_cli
+from lora_efficiency.errors import UserError, run_cli
 
 
 def main(argv: list[str]) -> None:
     cfg = parse_args(TrainConfig, "train", argv, description=__doc__)
+    if cfg.num_processes > 1 and not distributed.launched():
+        return distributed.launch(cfg.num_processes, "entrypoints.train", argv)  # rank 0 logs the run
+    if distributed.launched() and cfg.num_processes not in (1, distributed.world_size()):
+        raise UserError(
+            f"num_processes={cfg.num_processes} is invalid under a launcher of {distributed.world_size()} processes: "
+            f"1 or {distributed.world_size()}"
+        )
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.models import resolve_model
     from lora_efficiency.tracking import download_checkpoint, start_run
-    from lora_efficiency.trainer import resolve_device, train
+    from lora_efficiency.trainer import NullTracker, resolve_device, train
 
     hf_logging.disable_progress_bar()
     device = resolve_device(cfg.device)
     source = resolve_model(cfg.model)  # converts the bundled model once (~20 s) before a run exists
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "device")}
+    skip = ("model", "device", "num_processes")  # the launcher, not train(), decides the processes
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     name = f"r{cfg.rank}-{cfg.target_modules}-{cfg.quantization}-s{cfg.seed}"
-    with start_run(run_name=name, entry_point="train") as tracker:
+    if distributed.world_size() > 1:
+        name += f"-x{distributed.world_size()}"
+    main_rank = distributed.is_main()
+    run = start_run(run_name=name, entry_point="train") if main_rank else contextlib.nullcontext(NullTracker())
+    with run as tracker:
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
             tracker.log_params({"resume_from": cfg.resume_from})
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
             settings["resume_from"] = str(download_checkpoint(cfg.resume_from))
         result = train(model=source, device=device, tracker=tracker, **settings)
+    if not main_rank:
+        return
     m = result.metrics
     print(
         f"finished {name}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}, "

@@ -53,6 +53,7 @@ class TrainConfig:
     trust_remote_code: bool
     checkpoint_every: int
     resume_from: str
+    num_processes: int
 
 
 def _checker(v: dict[str, Any], problems: list[str]):
@@ -100,6 +101,18 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
     check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
     check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
+    check("num_processes", lambda x: x >= 1, "an integer >= 1 (1: this process; N: N DDP processes, one per GPU)")
+    if v.get("num_processes", 1) > 1:
+        if v.get("checkpoint_every") or v.get("resume_from"):
+            p.append(
+                f"num_processes={v['num_processes']} is invalid with checkpoint_every={v.get('checkpoint_every')} "
+                f"or resume_from={v.get('resume_from')!r}: checkpoints are single-process only"
+            )
+        if re.fullmatch(r"cuda:\d+", v.get("device", "")):
+            p.append(
+                f"device={v['device']!r} is invalid with num_processes={v['num_processes']}: auto, cpu or cuda "
+                "(each process takes the GPU of its local rank)"
+            )
     check(
         "resume_from",
         lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x) or is_path(Path(x) / "trainer_state.json", "file"),
@@ -215,6 +228,11 @@ class SweepConfig:
     profile: str
     data: str
     device: str
+    backend: str
+    ray_address: str
+    max_concurrent: int
+    cpus_per_trial: float
+    gpus_per_trial: str
 
 
 def sweep_problems(v: dict[str, Any]) -> list[str]:
@@ -227,6 +245,16 @@ def sweep_problems(v: dict[str, Any]) -> list[str]:
         "empty (the sweep file's), a known set name, a data file, a prepared folder or a prepare run's id",
     )
     check("device", lambda x: not x or DEVICE.fullmatch(x), "empty (the sweep file's), auto, cpu, cuda or cuda:N")
+    check("backend", lambda x: x in ("local", "ray"), "local (one child after another here) or ray (Ray tasks)")
+    if v.get("backend") == "local" and v.get("ray_address"):
+        p.append(f"ray_address={v['ray_address']!r} is invalid with backend='local': empty, or set backend=ray")
+    check("max_concurrent", lambda x: x >= 0, "an integer >= 0 (0: as many as the Ray cluster's resources allow)")
+    check("cpus_per_trial", lambda x: 0 < x <= 1024, "a number of CPUs in (0, 1024]")
+    check(
+        "gpus_per_trial",
+        lambda x: x == "auto" or (re.fullmatch(r"\d+(\.\d+)?", x) is not None and float(x) <= 64),
+        "auto (1 per training process when the cluster has GPUs, else 0) or a number of GPUs from 0 to 64",
+    )
     return p
 
 

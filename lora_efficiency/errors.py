@@ -74,6 +74,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
         main(sys.argv[1:] if argv is None else argv)
     except UserError as exc:
         message = redact(str(exc).replace("\n", " "))
+        if os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ:  # one rank of a distributed training
+            message = f"rank {os.environ['RANK']}: {message}"
         if not isinstance(exc, TrackingError):  # else start_run has tried already; the store may be down
             _fail_active_run(message)
         print(f"error: {message}", file=sys.stderr)

@@ -116,6 +116,8 @@ def sweep_key(config: TrainConfig, data_fingerprint: str) -> str:
     content, the seed."""
     left_out = ("device", "data", "checkpoint_every", "resume_from")
     settings = {k: v for k, v in asdict(config).items() if k not in left_out}
+    if settings["num_processes"] == 1:  # keys of single-process runs stay those made before the setting existed
+        del settings["num_processes"]
     payload = json.dumps({**settings, "data_fingerprint": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -180,14 +182,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _train_args(config: TrainConfig, data: str) -> list[str]:
+    args = []
+    for key, value in asdict(config).items():
+        value = data if key == "data" else value
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
 def _train_command(config: TrainConfig, data_path: str) -> list[str]:
     import sys
 
-    args = [sys.executable, "-m", "entrypoints.train"]
-    for key, value in asdict(config).items():
-        value = data_path if key == "data" else value
-        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return args
+    return [sys.executable, "-m", "entrypoints.train", *_train_args(config, data_path)]
 
 
 def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -213,6 +219,44 @@ def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     reader.join()
     proc.stderr.close()
     return returncode, tail.decode("utf-8", errors="replace")
+
+
+@dataclass
+class Job:
+    """One child to run: where its run goes, what it runs, and the environment it adds to its host's."""
+
+    name: str
+    key: str
+    experiment_id: str
+    tags: dict[str, str]
+    args: list[str]  # entrypoints.train's arguments
+    env: dict[str, str]
+
+
+@dataclass
+class Outcome:
+    run_id: str  # empty when the child's run was never created (its Ray worker died first)
+    returncode: int
+    stderr: str
+    seconds: float
+
+
+def run_job(job: Job) -> Outcome:
+    """Create the child's run here, on the host that trains it (so its start time and owner are the real ones),
+    then run `python -m entrypoints.train` in a process of its own. The same function runs in the sweep's process
+    (backend local) and as a Ray task (backend ray)."""
+    import sys
+
+    import mlflow
+
+    client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
+    run = client.create_run(job.experiment_id, run_name=job.name, tags={**job.tags, **owner_tags()})
+    env = {**os.environ, **job.env, "MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": job.experiment_id}
+    root = str(Path(__file__).resolve().parents[1])  # `-m entrypoints.train` from any working folder
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    t0 = now()
+    returncode, stderr = _run_child([sys.executable, "-m", "entrypoints.train", *job.args], env)
+    return Outcome(run.info.run_id, returncode, stderr, now() - t0)
 
 
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
@@ -264,14 +308,30 @@ def finished_keys(client, experiment_id: str) -> dict[str, str]:
     return {r.data.tags["sweep_key"]: r.info.run_id for r in runs if "sweep_key" in r.data.tags}
 
 
-def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_path: str, log=print) -> SweepResult:
+def run_sweep(
+    sweep: Sweep,
+    *,
+    parent_run_id: str,
+    data_fingerprint: str,
+    data_path: str,
+    backend: str = "local",
+    ray_address: str = "",
+    max_concurrent: int = 0,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: str = "auto",
+    log=print,
+) -> SweepResult:
     """Run every child not already FINISHED, each in its own process, as a child run of `parent_run_id`.
 
     One process per child costs ~7 s (imports, model load) but keeps memory figures honest: in one long process
     the heap a bf16 child leaves behind raises the next child's measured peak RSS. A child that fails (an
     exception, an out-of-memory kill) is marked FAILED with its error and the sweep goes on. A child the memory
     planner predicts will not fit the device's available memory is announced with a warning, then tried.
-    On a terminal: a bar for the sweep and one per child for its steps; elsewhere, plain lines.
+
+    backend "local" runs the children one after another here; "ray" runs them as Ray tasks, concurrently as far
+    as `cpus_per_trial`/`gpus_per_trial` and `max_concurrent` (0: no cap) allow, on a local Ray instance
+    (`ray_address` empty) or the cluster at `ray_address`; lora_efficiency.ray_backend says what travels.
+    On a terminal (local backend): a bar for the sweep and one per child for its steps; elsewhere, plain lines.
     """
     import mlflow
 
@@ -282,7 +342,7 @@ def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_p
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     bar = None
-    if progress.bars_wanted():
+    if progress.bars_wanted() and backend == "local":  # concurrent children: no bars, their lines interleave
         bar = progress.bar(total=len(sweep.children), desc=f"sweep {sweep.name}", unit="run", position=0)
     say = bar.write if bar is not None else log
     stale = mark_stale_runs(client, experiment_id)
@@ -292,6 +352,14 @@ def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_p
     todo = [c for c in sweep.children if sweep_key(c.config, data_fingerprint) not in done]
     predicted = predicted_peaks(Sweep(sweep.name, sweep.path, todo, sweep.seeds), data_path) if todo else {}
     result, eta = SweepResult(len(sweep.children)), Eta(len(sweep.children))
+    jobs = []
+    remote = backend == "ray" and bool(ray_address)  # another machine: it resolves the data reference itself
+    env = {
+        "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
+        "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child
+        progress.PROGRESS_ENV: "bar" if bar is not None else "lines",
+        progress.BAR_POSITION_ENV: "1",
+    }
     for child in sweep.children:
         key = sweep_key(child.config, data_fingerprint)
         if key in done:
@@ -314,41 +382,54 @@ def run_sweep(sweep: Sweep, *, parent_run_id: str, data_fingerprint: str, data_p
             "sweep_key": key,
             "sweep_configuration": child.name,
             "seed": str(child.config.seed),
-            **owner_tags(),
+            "sweep_backend": backend,
         }
-        run = client.create_run(experiment_id, run_name=child.name, tags=tags)
-        run_id = run.info.run_id
-        env = {
-            **os.environ,
-            "MLFLOW_RUN_ID": run_id,
-            "MLFLOW_EXPERIMENT_ID": experiment_id,
-            "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child
-            progress.PROGRESS_ENV: "bar" if bar is not None else "lines",
-            progress.BAR_POSITION_ENV: "1",
-        }
-        t0 = now()
-        returncode, stderr = _run_child(_train_command(child.config, data_path), env)
-        status = client.get_run(run_id).info.status
-        if returncode == 0 and status == "FINISHED":
+        args = _train_args(child.config, child.config.data if remote else data_path)
+        jobs.append(Job(child.name, key, experiment_id, tags, args, env))
+    if backend == "ray":
+        from lora_efficiency.ray_backend import run_jobs
+
+        outcomes = run_jobs(
+            jobs,
+            address=ray_address,
+            max_concurrent=max_concurrent,
+            cpus_per_trial=cpus_per_trial,
+            gpus_per_trial=gpus_per_trial,
+            say=say,
+        )
+    else:
+        outcomes = ((job, run_job(job)) for job in jobs)
+    for job, outcome in outcomes:
+        status = client.get_run(outcome.run_id).info.status if outcome.run_id else "NONE"
+        eta.update(outcome.seconds)
+        if outcome.returncode == 0 and status == "FINISHED":
             result.finished += 1
-            result.runs[key] = run_id
-            eta.update(now() - t0)
-            say(f"{eta.line(sweep.name)}: {child.name} FINISHED in {now() - t0:.0f} s")
+            result.runs[job.key] = outcome.run_id
+            say(f"{eta.line(sweep.name)}: {job.name} FINISHED in {outcome.seconds:.0f} s")
         else:
-            lines = [line for line in stderr.splitlines() if line.strip()]
+            lines = [line for line in outcome.stderr.splitlines() if line.strip()]
             error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-            if returncode < 0:
-                error = f"killed by signal {-returncode} (out of memory?) {error}".strip()
-            client.set_tag(run_id, "error", error[:5000] or f"exit status {returncode}")
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, "FAILED")
+            if outcome.returncode < 0:
+                error = f"killed by signal {-outcome.returncode} (out of memory?) {error}".strip()
+            if outcome.run_id:
+                client.set_tag(outcome.run_id, "error", error[:5000] or f"exit status {outcome.returncode}")
+                if client.get_run(outcome.run_id).info.status == "RUNNING":
+                    client.set_terminated(outcome.run_id, "FAILED")
             result.failed += 1
-            result.failures.append(f"{child.name}: {error}")
-            eta.update(now() - t0)
-            say(f"{eta.line(sweep.name)}: {child.name} FAILED: {error}")
+            result.failures.append(f"{job.name}: {error}")
+            say(f"{eta.line(sweep.name)}: {job.name} FAILED: {error}")
         if bar is not None:
             bar.set_postfix_str(eta.eta(), refresh=False)
             bar.update(1)
     if bar is not None:
         bar.close()
     return result
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` (relative to the working folder) as an absolute URI, so a child started anywhere
+    (a Ray worker's folder) writes to the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from lora_efficiency import data as D
-from lora_efficiency import progress
+from lora_efficiency import distributed, progress
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
@@ -98,20 +98,47 @@ def config_hash(settings: dict) -> str:
 
 
 def _batches(
-    rows: D.Rows, *, batch_size: int, pad_id: int, seed: int, length: int | None, skip: int = 0
-) -> Iterator[tuple[dict, int]]:
-    """Endless shuffled batches, reshuffled every epoch from the seed; yields (tensors, real token count). The
-    first `skip` batches are passed over without being built: a resumed run continues the same order."""
+    rows: D.Rows,
+    *,
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    length: int | None,
+    skip: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[dict, int, int]]:
+    """Endless shuffled micro-batches, reshuffled every epoch from the seed; yields (this rank's tensors, real
+    tokens and target tokens of the whole micro-batch over every rank). Rank r gets rows r x batch_size ..
+    (r + 1) x batch_size of a micro-batch of batch_size x world_size rows, padded to one length: W processes of
+    batch_size train on exactly the rows (and shapes) one process of batch_size x W would. The first `skip`
+    micro-batches are passed over without being built: a resumed run continues the same order."""
     rng = random.Random(seed)
     order = list(range(len(rows)))
+    size = batch_size * world_size
     while True:
         rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):  # train() checks len(rows) >= batch_size
+        for start in range(0, len(order) - size + 1, size):  # train() checks len(rows) >= batch_size x world_size
             if skip:
                 skip -= 1
                 continue
-            idx = order[start : start + batch_size]
-            yield D.collate(rows, idx, pad_id=pad_id, length=length), sum(len(rows.input_ids[i]) for i in idx)
+            idx = order[start : start + size]
+            batch = D.collate(rows, idx, pad_id=pad_id, length=length)
+            targets = int((batch["labels"][:, 1:] != D.IGNORE_INDEX).sum())
+            mine = {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()}
+            yield mine, sum(len(rows.input_ids[i]) for i in idx), targets
+
+
+class TokenLoss(torch.nn.Module):
+    """token_loss_sum as a module: under DDP the whole loss runs inside DDP's forward, which readies the gradient
+    reducer for the backward that follows (the loss calls the decoder directly, not the model's forward)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(self.model, batch)
 
 
 # A checkpoint folder holds no pickle: the adapter (peft's safetensors), optimizer state and RNG states as
@@ -238,16 +265,27 @@ def train(
     `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`.
     `resume_from` (a checkpoint folder, made with the same settings and seed) continues from its step with the
     same batches and the same loss curve as a run that was never interrupted.
+
+    Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP: each process
+    takes `batch_size` rows of every micro-batch of batch_size x W (global batch batch_size x grad_accum x W),
+    gradients are averaged, and only rank 0 logs to `tracker`, evaluates and saves; its metrics carry tokens/s
+    summed over the processes and every process's peak memory. Other ranks return a TrainResult without metrics.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    tracker = tracker or NullTracker()
-    device = torch.device(device)
+    group = distributed.setup(torch.device(device))  # one process of one, unless a launcher started several
+    device = group.device
+    tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
+    if group.size > 1 and (checkpoint_every or resume_from):
+        raise UserError(
+            f"checkpoint_every={checkpoint_every} and resume_from={str(resume_from)!r} with {group.size} processes: "
+            "checkpoints are single-process only; set checkpoint_every=0 and resume_from='' to train distributed"
+        )
     settings = {
         k: v
         for k, v in locals().items()
-        if k not in ("model", "device", "tracker", "output_dir", "checkpoint_dir")
+        if k not in ("model", "device", "tracker", "output_dir", "checkpoint_dir", "group")
         and k not in ("LoraConfig", "get_peft_model", "get_scheduler")
     }
     settings["resume_from"] = str(resume_from)
@@ -260,8 +298,11 @@ def train(
     eval_split = D.TokenizedSplit(prepared.eval.input_ids[:eval_samples], prepared.eval.labels[:eval_samples])
     rows = D.pack(train_split, seq_len=seq_len) if packing else D.unpacked(train_split)
     eval_rows = D.unpacked(eval_split)
-    if len(rows) < batch_size:
-        raise UserError(f"batch_size={batch_size} is larger than the {len(rows)} training rows of data={data!r}")
+    if len(rows) < batch_size * group.size:
+        raise UserError(
+            f"batch_size={batch_size} x {group.size} process(es) is larger than the {len(rows)} training rows of "
+            f"data={data!r}"
+        )
 
     predicted_mb = predict_peak_mb(
         model.path,
@@ -312,6 +353,8 @@ def train(
         "data_name": prepared.manifest["dataset"],
         "data_fingerprint": fingerprint,
     }
+    if group.size > 1:  # only then: the config_hash of every single-process run stays what it was
+        resolved["world_size"] = group.size
     tags = {
         "config_hash": config_hash(resolved),
         "base_model": model.model_id,
@@ -324,7 +367,8 @@ def train(
         {
             **resolved,
             "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-            "global_batch_size": batch_size * grad_accum,
+            "global_batch_size": batch_size * grad_accum * group.size,
+            "world_size": group.size,
             "train_rows": len(rows),
             "data_path": str(prepared.path),
             "train_examples": len(train_split.input_ids),
@@ -362,30 +406,38 @@ def train(
         seed=seed,
         length=seq_len if packing else None,
         skip=(first_step - 1) * grad_accum,
+        rank=group.rank,
+        world_size=group.size,
     )
+    loss_model = group.wrap(TokenLoss(peft_model))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else None  # a temporary folder at the first checkpoint
 
     # -- the loop ---------------------------------------------------------------------------------------
     # One optimizer step = grad_accum micro-batches of batch_size rows (4 x 512 = 2,048 tokens per micro-batch
-    # by default). The loss is normalised by the step's target-token count, so accumulation is token-weighted.
+    # by default) on each of the group.size processes. The loss is normalised by the step's target-token count
+    # over every process, so accumulation is token-weighted; DDP averages gradients over the processes, so each
+    # scales its sum by group.size to get the gradient one process would compute from the whole global batch.
     sampler = MemorySampler(device).start()
     time_steady, tokens_steady = 0.0, 0
     t_start = time.perf_counter()
     peft_model.train()
-    steps_bar = progress.bar(total=max_steps, desc="train", unit="step") if progress.bars_wanted() else None
+    bars = progress.bars_wanted() and group.is_main
+    steps_bar = progress.bar(total=max_steps, desc="train", unit="step") if bars else None
     if steps_bar is not None:
         steps_bar.update(first_step - 1)
     for step in range(first_step, max_steps + 1):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
-        n_targets = sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b, _ in micro)
+        n_targets = sum(t for _, _, t in micro)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for batch, _ in micro:
-            with autocast:
-                loss_sum, _ = token_loss_sum(peft_model, {k: v.to(device) for k, v in batch.items()})
-            scaler.scale(loss_sum / max(n_targets, 1)).backward()
+        for i, (batch, _, _) in enumerate(micro):
+            with group.no_sync(loss_model, last=i == grad_accum - 1):
+                with autocast:
+                    loss_sum, _ = loss_model({k: v.to(device) for k, v in batch.items()})
+                scaler.scale(loss_sum * group.size / max(n_targets, 1)).backward()
             step_loss += loss_sum.detach().item()
+        step_loss = group.sum(step_loss)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         scaler.step(optimizer)
@@ -394,7 +446,7 @@ def train(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_s = time.perf_counter() - t0
-        real_tokens = sum(n for _, n in micro)
+        real_tokens = sum(n for _, n, _ in micro)  # over every process
         tokens_total += real_tokens
         if step > first_step:  # the first step pays one-off costs (allocator warm-up, lazy init): out of the mean
             time_steady += step_s
@@ -409,7 +461,7 @@ def train(
                 f"loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | {sampler.current_mb():.0f} MB", refresh=False
             )
             steps_bar.update(1)
-        elif step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0:  # ~20 lines a run
+        elif group.is_main and (step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0):  # ~20
             print(
                 f"step {step}/{max_steps} | loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | "
                 f"{step_s * 1000:.0f} ms | {sampler.current_mb():.0f} MB",
@@ -449,6 +501,13 @@ def train(
     if steps_bar is not None:
         steps_bar.close()
     memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
+    if group.size > 1:  # memory/peak_mb: the largest of the processes (one device each); each one's as well
+        per_rank = group.gather(memory)
+        memory = {k: max(m[k] for m in per_rank) for k in memory}
+        memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"] for r, m in enumerate(per_rank)})
+        torch.distributed.destroy_process_group()  # no collective after this one: rank 0 evaluates alone
+    if not group.is_main:
+        return TrainResult("FINISHED", losses, {}, tags, modules, "", sampler.samples)
 
     # -- save, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes last) ---
     adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))

@@ -1,0 +1,138 @@
+"""One training over several processes (DDP): who this process is, its device, and the few collectives the
+trainer needs. Without a launcher (no WORLD_SIZE in the environment) everything here is a no-op for one process.
+
+accelerate launch --multi_gpu --num_processes 2 -m entrypoints.train --rank 16     # 2 GPUs (2 CPU processes without)
+mlflow run . -e train --env-manager local -P num_processes=2                        # the same: train relaunches
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK")  # set by accelerate launch, torchrun, and accelerate's mpirun path
+
+
+def launched() -> bool:
+    """Whether a launcher (accelerate launch, torchrun) started this process as one rank of a group."""
+    return all(k in os.environ for k in LAUNCHER_ENV)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that talks to MLflow."""
+    return not launched() or int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the training: rank r of `size`, training on `device`."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        """`value` summed over every process (the same result on each)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order (on each process)."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP over the group: gradients of the trainable (LoRA) parameters are averaged in backward."""
+        if self.size == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def no_sync(self, module: torch.nn.Module, last: bool):
+        """No all-reduce in the backward of a micro-batch that is not the step's last (grad_accum > 1)."""
+        return contextlib.nullcontext() if self.size == 1 or last else module.no_sync()
+
+
+def setup(device: torch.device) -> Group:
+    """Join the launcher's process group, if there is one. accelerate's PartialState reads whatever launcher set
+    the environment (accelerate launch, torchrun, mpirun) and picks the backend (NCCL on GPUs, gloo on the CPU);
+    each rank then trains on its own GPU, cuda:LOCAL_RANK. accelerate's Accelerator.prepare is not used: it would
+    wrap the scheduler to step num_processes times per optimizer step and add a second autocast to the trainer's.
+    """
+    if not launched():
+        return Group(0, 1, device)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(state.device)
+    return Group(state.process_index, state.num_processes, state.device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, module: str, argv: list[str]) -> None:
+    """Run `python -m module argv` as `num_processes` ranks on this machine with accelerate's own launcher
+    (`accelerate launch --multi_gpu`, i.e. torchrun), in this process; returns when every rank has finished.
+
+    `--multi_gpu` on a machine without CUDA gives gloo ranks on the CPU (setup() passes cpu=True): accelerate
+    1.15's `--cpu --num_processes N` starts ONE process unless MPI is set up (`--mpirun_hostfile`). A free port
+    per launch keeps concurrent trainings (a sweep on Ray) off each other's rendezvous. Each failed rank has
+    printed its own error line; torchrun's traceback of the failure is replaced by one UserError line.
+    """
+    import logging
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from lora_efficiency.errors import UserError
+
+    args = launch_command_parser().parse_args(
+        [
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",  # the trainer's own autocast decides the compute dtype
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            module,
+            *argv,
+        ]
+    )
+    # torchrun's log lines (an OMP_NUM_THREADS banner, "failed (exitcode: 2)"): the UserError below says it all
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        failed = ", ".join(f"rank {rank}: exit status {f.exitcode}" for rank, f in sorted(exc.failures.items()))
+        raise UserError(
+            f"num_processes={num_processes}: the distributed training failed ({failed}); each rank's error is above"
+        ) from None

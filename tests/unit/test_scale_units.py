@@ -1,0 +1,100 @@
+"""The pieces of distributed training and Ray sweeps that are pure functions: batch split, checks, keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lora_efficiency import data as D
+from lora_efficiency.config import SweepConfig, TrainConfig, build_config, read_defaults
+from lora_efficiency.errors import ConfigError
+from lora_efficiency.ray_backend import _gpus
+from lora_efficiency.sweep import absolute_tracking_uri, sweep_key
+from lora_efficiency.trainer import _batches
+
+
+def _rows(n: int) -> D.Rows:
+    """n rows of different lengths, each with a few target labels."""
+    ids = [[i + 1] * (5 + i % 7) for i in range(n)]
+    labels = [[D.IGNORE_INDEX] * 2 + row[2:] for row in ids]
+    return D.Rows(ids, labels, [list(range(len(r))) for r in ids])
+
+
+@pytest.mark.parametrize("length", [None, 16])
+def test_ranks_split_the_batch_one_process_of_the_whole_size_would_take(length):
+    rows = _rows(23)
+    whole = _batches(rows, batch_size=4, pad_id=0, seed=3, length=length)
+    ranks = [_batches(rows, batch_size=2, pad_id=0, seed=3, length=length, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(12):  # past an epoch boundary (5 batches of 4 from 23 rows)
+        batch, tokens, targets = next(whole)
+        parts = [next(r) for r in ranks]
+        for key in batch:
+            assert torch.equal(torch.cat([p[0][key] for p in parts]), batch[key])
+        assert [(p[1], p[2]) for p in parts] == [(tokens, targets)] * 2  # counts are of the whole micro-batch
+        assert targets == int((batch["labels"][:, 1:] != D.IGNORE_INDEX).sum())
+
+
+def _train_values(**over):
+    return {**read_defaults("train"), **over}
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"num_processes": 0}, "num_processes=0 is invalid: an integer >= 1"),
+        ({"num_processes": 2, "checkpoint_every": 5}, "checkpoints are single-process only"),
+        ({"num_processes": 2, "device": "cuda:1"}, "device='cuda:1' is invalid with num_processes=2"),
+    ],
+)
+def test_train_num_processes_checks(over, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainConfig, _train_values(**over))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"backend": "dask"}, "backend='dask' is invalid: local (one child after another here) or ray"),
+        ({"ray_address": "auto"}, "ray_address='auto' is invalid with backend='local'"),
+        ({"backend": "ray", "max_concurrent": -1}, "max_concurrent=-1 is invalid"),
+        ({"backend": "ray", "cpus_per_trial": 0}, "cpus_per_trial=0.0 is invalid"),
+        ({"backend": "ray", "gpus_per_trial": "one"}, "gpus_per_trial='one' is invalid: auto"),
+    ],
+)
+def test_sweep_backend_checks(over, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(SweepConfig, {**read_defaults("sweep"), **over})
+    assert message in str(err.value)
+
+
+def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
+    one = build_config(TrainConfig, _train_values())
+    two = dataclasses.replace(one, num_processes=2)
+    assert sweep_key(one, "fp") != sweep_key(two, "fp")
+    # the key a single-process child had before num_processes existed: the same settings without it
+    import hashlib
+    import json
+
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(one).items()
+        if k not in ("device", "data", "checkpoint_every", "resume_from", "num_processes")
+    }
+    payload = json.dumps({**settings, "data_fingerprint": "fp"}, sort_keys=True)
+    assert sweep_key(one, "fp") == hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def test_gpus_per_trial_auto_follows_the_cluster_and_the_processes():
+    assert _gpus("auto", 1, cluster_gpus=0) == 0
+    assert _gpus("auto", 2, cluster_gpus=8) == 2
+    assert _gpus("0.5", 1, cluster_gpus=8) == 0.5
+
+
+def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_tracking_uri("http://host:5000") == "http://host:5000"
