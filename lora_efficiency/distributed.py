@@ -79,6 +79,14 @@ def setup(device: torch.device) -> Group:
     """
     if not launched():
         return Group(0, 1, device)
+    for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch --use_fsdp / --use_deepspeed set these
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            from lora_efficiency.errors import UserError
+
+            raise UserError(
+                f"accelerate launch with {engine}: not supported yet, the trainer trains with DDP only (a full copy "
+                "of the base on every GPU); launch with --multi_gpu (docs/scaling.md says what FSDP would need)"
+            )
     from accelerate import PartialState
 
     state = PartialState(cpu=device.type == "cpu")

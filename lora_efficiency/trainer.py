@@ -368,7 +368,7 @@ def train(
             **resolved,
             "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
             "global_batch_size": batch_size * grad_accum * group.size,
-            "world_size": group.size,
+            "num_processes": group.size,
             "train_rows": len(rows),
             "data_path": str(prepared.path),
             "train_examples": len(train_split.input_ids),

@@ -181,7 +181,9 @@ def sqlite_tracking(tmp_path, monkeypatch) -> str:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for entry points run as subprocesses: this venv's python first on PATH."""
-    env = dict(os.environ)
+    # mlflow.set_experiment() in an in-process test sets MLFLOW_EXPERIMENT_ID in os.environ: a subprocess that
+    # inherited it would log to that experiment (and `mlflow run --experiment-name` refuses to start)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

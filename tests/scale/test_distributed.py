@@ -67,7 +67,8 @@ def test_accelerate_launch_two_processes_is_one_run_matching_one_process(
     (run,) = runs_of(client, experiment)  # rank 1 logged nothing of its own
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
-    assert (params["world_size"], params["global_batch_size"]) == ("2", "4")
+    assert (params["num_processes"], params["world_size"], params["global_batch_size"]) == ("2", "2", "4")
+    assert single.data.params["num_processes"] == "1" and "world_size" not in single.data.params
     assert single.data.params["global_batch_size"] == "4"
     assert run.data.tags["config_hash"] != single.data.tags["config_hash"]  # 2 x 2 is not the same run as 1 x 4
     assert _losses(client, run.info.run_id) == pytest.approx(_losses(client, single.info.run_id), rel=1e-4)

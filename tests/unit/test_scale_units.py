@@ -98,3 +98,25 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert absolute_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_fsdp_launch_is_refused_with_one_line(monkeypatch):
+    from lora_efficiency.distributed import setup
+    from lora_efficiency.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError) as err:
+        setup(torch.device("cpu"))
+    assert "accelerate launch with FSDP: not supported yet" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_without_a_launcher_this_process_is_the_whole_group(monkeypatch):
+    from lora_efficiency import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    group = distributed.setup(torch.device("cpu"))
+    assert (group.rank, group.size, group.is_main, distributed.world_size()) == (0, 1, True, 1)
+    assert group.sum(2.5) == 2.5 and group.gather("x") == ["x"]
