@@ -21,7 +21,7 @@ import torch
 
 from lora_efficiency import data as D
 from lora_efficiency import distributed, progress
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, raise_if_terminated
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler, predict_peak_mb
@@ -426,6 +426,7 @@ def train(
     if steps_bar is not None:
         steps_bar.update(first_step - 1)
     for step in range(first_step, max_steps + 1):
+        raise_if_terminated()
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
         n_targets = sum(t for _, _, t in micro)

@@ -120,3 +120,16 @@ def test_without_a_launcher_this_process_is_the_whole_group(monkeypatch):
     group = distributed.setup(torch.device("cpu"))
     assert (group.rank, group.size, group.is_main, distributed.world_size()) == (0, 1, True, 1)
     assert group.sum(2.5) == 2.5 and group.gather("x") == ["x"]
+
+
+def test_a_sigterm_whose_interrupt_was_swallowed_is_raised_again(monkeypatch):
+    import signal
+
+    from lora_efficiency import errors
+
+    monkeypatch.setattr(errors, "_TERMINATED", [])
+    errors.raise_if_terminated()  # nothing asked to stop: nothing happens
+    with pytest.raises(KeyboardInterrupt):
+        errors._interrupt(signal.SIGTERM, None)  # e.g. inside a finalizer, where Python drops it...
+    with pytest.raises(KeyboardInterrupt):
+        errors.raise_if_terminated()  # ...so the training loop raises it at the next step
