@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import requests
 
-from lora_efficiency.errors import TrackingError, UserError, redact
+from lora_efficiency.errors import TrackingError, UserError, no_interrupts, redact
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "lora-efficiency"
@@ -81,8 +81,9 @@ class MlflowTracker:
             mlflow.log_metrics(metrics, synchronous=True)
             return
         timestamp = int(time.time() * 1000)
-        handle = mlflow.log_metrics(metrics, step=step, synchronous=False, run_id=self.run_id, timestamp=timestamp)
-        self.pending.append((handle, metrics, step, timestamp))
+        with no_interrupts():  # a SIGTERM is raised at the next step, not inside MLflow's queue
+            handle = mlflow.log_metrics(metrics, step=step, synchronous=False, run_id=self.run_id, timestamp=timestamp)
+            self.pending.append((handle, metrics, step, timestamp))
 
     def flush(self) -> None:
         """Every step's metrics are in the store when this returns; else TrackingError names what is missing."""

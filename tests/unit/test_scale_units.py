@@ -133,3 +133,15 @@ def test_a_sigterm_whose_interrupt_was_swallowed_is_raised_again(monkeypatch):
         errors._interrupt(signal.SIGTERM, None)  # e.g. inside a finalizer, where Python drops it...
     with pytest.raises(KeyboardInterrupt):
         errors.raise_if_terminated()  # ...so the training loop raises it at the next step
+
+
+def test_a_sigterm_inside_mlflow_logging_is_held_until_the_next_step(monkeypatch):
+    import signal
+
+    from lora_efficiency import errors
+
+    monkeypatch.setattr(errors, "_TERMINATED", [])
+    with errors.no_interrupts():
+        errors._interrupt(signal.SIGTERM, None)  # held: nothing raised inside the block
+    with pytest.raises(KeyboardInterrupt):
+        errors.raise_if_terminated()
