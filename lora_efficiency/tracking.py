@@ -205,6 +205,10 @@ def start_run(
             mlflow.flush_async_logging()
         with contextlib.suppress(Exception):  # the store may be what failed: run_cli says so and exits non-zero
             mlflow.end_run("FAILED")
+        with contextlib.suppress(Exception):  # end_run fails when an interrupt broke MLflow's async logging state
+            client = mlflow.MlflowClient()
+            if client.get_run(run.info.run_id).info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "FAILED")
         if isinstance(exc, (mlflow.exceptions.MlflowException, requests.exceptions.RequestException)):
             raise TrackingError(
                 f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r} failed during run {run.info.run_id}: "
