@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from lora_efficiency.errors import run_cli
+from lora_efficiency.cli import run_cli
 
 # name: (type, default, help)
 FIELDS = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lora_efficiency.cli import run_cli
 from lora_efficiency.config import EvaluateConfig, parse_args
-from lora_efficiency.errors import run_cli
 
 
 def main(argv: list[str]) -> None:

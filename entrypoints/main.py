@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 
+from lora_efficiency.cli import run_cli
 from lora_efficiency.config import StudyConfig, parse_args
-from lora_efficiency.errors import UserError, run_cli
+from lora_efficiency.errors import UserError
 
 
 def main(argv: list[str]) -> None:

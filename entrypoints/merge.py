@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from lora_efficiency.errors import UserError, run_cli
+from lora_efficiency.cli import run_cli
+from lora_efficiency.errors import UserError
 
 
 def main(argv: list[str]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_efficiency.errors import run_cli
+from lora_efficiency.cli import run_cli
 
 # the train settings the estimate depends on, with their types
 TRAIN_FIELDS = {
@@ -73,8 +73,8 @@ def main(argv: list[str]) -> None:
     from transformers import AutoConfig
 
     from lora_efficiency.errors import UserError
-    from lora_efficiency.memory import MB, estimate
     from lora_efficiency.models import resolve_model
+    from lora_efficiency.planner import MB, estimate
 
     device = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_model(s["model"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from lora_efficiency.cli import run_cli
 from lora_efficiency.config import PrepareConfig, parse_args
-from lora_efficiency.errors import run_cli
 
 
 def main(argv: list[str]) -> None:

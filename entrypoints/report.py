@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora_efficiency.cli import run_cli
 from lora_efficiency.config import ReportConfig, parse_args, read_defaults
-from lora_efficiency.errors import run_cli
 
 
 def main(argv: list[str]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 
+from lora_efficiency.cli import run_cli
 from lora_efficiency.config import SweepConfig, parse_args
-from lora_efficiency.errors import UserError, run_cli
+from lora_efficiency.errors import UserError
 
 
 def main(argv: list[str]) -> None:

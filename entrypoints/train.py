@@ -15,8 +15,9 @@ import dataclasses
 from pathlib import Path
 
 from lora_efficiency import distributed
+from lora_efficiency.cli import run_cli
 from lora_efficiency.config import TrainConfig, parse_args
-from lora_efficiency.errors import UserError, run_cli
+from lora_efficiency.errors import UserError
 
 
 def main(argv: list[str]) -> None:

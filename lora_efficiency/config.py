@@ -16,6 +16,19 @@ from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec,
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
+
+
+def parse_bool(text: object) -> bool | None:
+    """true/1/yes/on -> True, false/0/no/off -> False (any case), a bool as itself; anything else -> None."""
+    if isinstance(text, bool):
+        return text
+    word = str(text).strip().lower()
+    return True if word in _TRUE else False if word in _FALSE else None
+
+
+def is_run_id(text: str) -> bool:
+    return RUN_ID.fullmatch(text) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +128,7 @@ def train_problems(v: dict[str, Any]) -> list[str]:
             )
     check(
         "resume_from",
-        lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x) or is_path(Path(x) / "trainer_state.json", "file"),
+        lambda x: not x or is_run_id(x) or is_path(Path(x) / "trainer_state.json", "file"),
         "empty, a train run's id (its latest checkpoint) or a checkpoint folder (with trainer_state.json)",
     )
     check(
@@ -131,7 +144,7 @@ def train_problems(v: dict[str, Any]) -> list[str]:
 def data_reference_ok(value: str) -> bool:
     from lora_efficiency.sources import KNOWN_SETS
 
-    return value == "" or value in KNOWN_SETS or is_path(value, "any") or bool(re.fullmatch(r"[0-9a-f]{32}", value))
+    return value == "" or value in KNOWN_SETS or is_path(value, "any") or is_run_id(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +212,7 @@ def evaluate_problems(v: dict[str, Any]) -> list[str]:
             f"run_id={run_id!r} and adapter={adapter!r}: give exactly one (a train run's id, an adapter folder, "
             "or adapter=none for the base model alone)"
         )
-    check("run_id", lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x), "an MLflow run id (32 hexadecimal characters)")
+    check("run_id", lambda x: not x or is_run_id(x), "an MLflow run id (32 hexadecimal characters)")
     check("adapter", lambda x: x in ("", "none") or is_path(x, "dir"), "an existing adapter folder, or none")
     check(
         "quantization", lambda x: not x or x in QUANTIZATIONS, f"empty (the run's) or one of {', '.join(QUANTIZATIONS)}"
@@ -308,7 +321,7 @@ def report_problems(v: dict[str, Any]) -> list[str]:
     check = _checker(v, p)
     check(
         "sweep_run_id",
-        lambda x: not x or re.fullmatch(r"[0-9a-f]{32}", x),
+        lambda x: not x or is_run_id(x),
         "empty (the latest study) or a sweep or study run's id (32 hexadecimal characters)",
     )
     check("output", lambda x: not is_path(x, "file"), "a folder (empty: reports/<experiment>), not a file")
@@ -334,11 +347,8 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     """Turn a YAML or command-line value into `kind`; returns (value, problem)."""
     text = str(raw).strip()
     if kind is bool:
-        if isinstance(raw, bool):
-            return raw, None
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE, None
-        return None, invalid(field, raw, "true or false")
+        value = parse_bool(raw)
+        return (value, None) if value is not None else (None, invalid(field, raw, "true or false"))
     if kind is int:
         if isinstance(raw, bool) or not re.fullmatch(r"[+-]?\d+", text):
             return None, invalid(field, raw, "an integer")

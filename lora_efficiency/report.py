@@ -316,8 +316,8 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
     """
     from transformers import AutoConfig
 
-    from lora_efficiency.memory import estimate
     from lora_efficiency.models import resolve_model
+    from lora_efficiency.planner import estimate
 
     configs: dict[str, object] = {}
     points, skipped = [], defaultdict(list)  # reason -> runs

@@ -262,8 +262,8 @@ def run_job(job: Job) -> Outcome:
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     """The memory planner's peak for every child (by name), before any runs: None where it cannot tell."""
     from lora_efficiency import data as D
-    from lora_efficiency.memory import predict_peak_mb
     from lora_efficiency.models import resolve_model
+    from lora_efficiency.planner import predict_peak_mb
     from lora_efficiency.prepare import load_prepared
     from lora_efficiency.trainer import resolve_device
 
@@ -336,7 +336,7 @@ def run_sweep(
     import mlflow
 
     from lora_efficiency import progress
-    from lora_efficiency.memory import available_mb
+    from lora_efficiency.planner import available_mb
     from lora_efficiency.trainer import resolve_device
 
     client = mlflow.MlflowClient()

@@ -16,7 +16,9 @@ from pathlib import Path
 import mlflow
 import requests
 
-from lora_efficiency.errors import TrackingError, UserError, no_interrupts, redact
+from lora_efficiency.cli import no_interrupts
+from lora_efficiency.errors import TrackingError, UserError
+from lora_efficiency.redaction import redact
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "lora-efficiency"

@@ -21,11 +21,13 @@ import torch
 
 from lora_efficiency import data as D
 from lora_efficiency import distributed, progress
-from lora_efficiency.errors import UserError, raise_if_terminated
+from lora_efficiency.cli import raise_if_terminated
+from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
-from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler, predict_peak_mb
+from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
+from lora_efficiency.planner import predict_peak_mb
 from lora_efficiency.prepare import resolve_data
 
 # peft's get_peft_model asks transformers for `is_gradient_checkpointing`, deprecated in transformers 5: one

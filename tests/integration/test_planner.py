@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from lora_efficiency.memory import MB, estimate
+from lora_efficiency.planner import MB, estimate
 from tests.conftest import ROOT, subprocess_env
 
 TOLERANCE = 0.15  # peaks of one setting vary by ~6 % between runs (glibc heap fragmentation, thread timing)
@@ -195,7 +195,7 @@ def test_plan_prints_components_and_whether_it_fits(planner_model_dir, capsys):
 
 def test_plan_bad_input_is_one_line_and_exit_2(capsys):
     from entrypoints.plan import main
-    from lora_efficiency.errors import run_cli
+    from lora_efficiency.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, ["--rank", "x", "--quantization", "q3", "--target_fraction", "2"])

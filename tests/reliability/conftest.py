@@ -12,7 +12,7 @@ from tests.conftest import MlflowServer as Server
 
 def run_entry_point(main, argv: list[str], capsys) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of `run_cli(main, argv)`; an uncaught exception (a traceback) fails the test."""
-    from lora_efficiency.errors import run_cli
+    from lora_efficiency.cli import run_cli
 
     try:
         run_cli(main, [str(a) for a in argv])

@@ -17,7 +17,7 @@ from entrypoints import merge as merge_entry
 from entrypoints import prepare as prepare_entry
 from entrypoints import train as train_entry
 from lora_efficiency.config import DEFAULTS_FILE, EvaluateConfig, PrepareConfig, TrainConfig
-from lora_efficiency.errors import redact
+from lora_efficiency.redaction import redact
 from tests.reliability.conftest import assert_one_line_error, run_entry_point, statuses
 
 ROOT = DEFAULTS_FILE.parents[1]
@@ -122,7 +122,7 @@ def test_pickle_model_and_adapter_files_are_refused(tiny_model_dir, tmp_path):
 
 
 def test_trust_remote_code_is_off_unless_set():
-    from lora_efficiency import inference, memory, models, trainer
+    from lora_efficiency import inference, models, planner, trainer
 
     defaults = yaml.safe_load(DEFAULTS_FILE.read_text())
     project = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
@@ -135,7 +135,7 @@ def test_trust_remote_code_is_off_unless_set():
         models.load_base_model,
         trainer.train,
         inference.load_for_inference,
-        memory.predict_peak_mb,
+        planner.predict_peak_mb,
     ):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__name__
 

@@ -5,8 +5,8 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from lora_efficiency.memory import CPU_BASELINE_MB, CUDA_CONTEXT_MB, MB, estimate
 from lora_efficiency.models import resolve_target_modules
+from lora_efficiency.planner import CPU_BASELINE_MB, CUDA_CONTEXT_MB, MB, estimate
 from tests.conftest import tiny_llama_config
 
 # tiny_llama_config(128): hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 kv heads, a tied 128 x 64

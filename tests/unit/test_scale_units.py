@@ -125,7 +125,7 @@ def test_without_a_launcher_this_process_is_the_whole_group(monkeypatch):
 def test_a_sigterm_whose_interrupt_was_swallowed_is_raised_again(monkeypatch):
     import signal
 
-    from lora_efficiency import errors
+    from lora_efficiency import cli as errors
 
     monkeypatch.setattr(errors, "_TERMINATED", [])
     errors.raise_if_terminated()  # nothing asked to stop: nothing happens
@@ -138,7 +138,7 @@ def test_a_sigterm_whose_interrupt_was_swallowed_is_raised_again(monkeypatch):
 def test_a_sigterm_inside_mlflow_logging_is_held_until_the_next_step(monkeypatch):
     import signal
 
-    from lora_efficiency import errors
+    from lora_efficiency import cli as errors
 
     monkeypatch.setattr(errors, "_TERMINATED", [])
     with errors.no_interrupts():

@@ -1,0 +1,98 @@
+"""What a configuration is: the one place that says which settings make two runs "the same configuration".
+
+Every train setting is in exactly one group below (tests/unit/test_configuration.py checks that against
+TrainConfig, so a new setting must be placed here before anything else accepts it). Three identities are derived
+from the groups, each for its own question:
+
+- config_hash (tag of every train run): which runs are seeds of one configuration. The adapter's settings, the
+  evaluation's, and model and data by content (hub id + revision, data fingerprint), not by how they were named.
+- sweep_key (tag of every sweep child): has this exact child already FINISHED, so a restarted sweep skips it.
+  Like config_hash plus the seed and the model as named (a child is re-run when its model reference changes).
+- REPORT_SETTINGS: the params the report labels and compares configurations by (the adapter's settings and
+  model and data by content; evaluation settings are compared separately through the eval_settings tag).
+
+The planner's inputs (PLANNER_SETTINGS) are the settings the memory planner needs from a configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+# What shapes the trained adapter: its method, the base's storage, the optimisation and the data layout.
+ADAPTER_SETTINGS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "quantization",
+    "double_quant",
+    "use_rslora",
+    "use_dora",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seq_len",
+    "packing",
+    "train_on_prompt",
+    "gradient_checkpointing",
+)
+# What shapes the evaluation after training (a run scored on 300 examples is not compared with one scored on 8).
+EVAL_SETTINGS = ("eval_samples", "eval_batch_size", "generate_samples", "max_new_tokens", "exact_match")
+# Model and data as named, and how and where a run ran: enter identities by content or not at all.
+NAME_SETTINGS = ("model", "data")
+RUN_SETTINGS = ("seed", "device", "trust_remote_code", "checkpoint_every", "resume_from", "num_processes")
+TRAIN_SETTINGS = ADAPTER_SETTINGS + EVAL_SETTINGS + NAME_SETTINGS + RUN_SETTINGS
+
+# Found when a run starts (logged as params beside the settings).
+RESOLVED = ("target_modules_resolved", "base_model", "base_model_revision", "data_name", "data_fingerprint")
+
+REPORT_SETTINGS = (*ADAPTER_SETTINGS, "world_size", "base_model", "data_fingerprint")
+PLANNER_SETTINGS = (
+    "rank",
+    "target_modules",
+    "quantization",
+    "double_quant",
+    "batch_size",
+    "seq_len",
+    "gradient_checkpointing",
+    "dropout",
+)
+
+# Out of config_hash: seeds must group; names, device and checkpointing do not change the adapter.
+_NOT_IN_CONFIG_HASH = ("seed", "device", "device_resolved", "data", "model", "checkpoint_every", "resume_from")
+# Out of sweep_key: the data enters by fingerprint; device and checkpointing do not change the child.
+_NOT_IN_SWEEP_KEY = ("device", "data", "checkpoint_every", "resume_from")
+
+
+def _digest(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_hash(resolved: Mapping[str, Any]) -> str:
+    """Hash of a run's resolved settings (the train settings plus RESOLVED, world_size only when > 1): the same
+    for every seed of a configuration and on every machine."""
+    return _digest({k: v for k, v in resolved.items() if k not in _NOT_IN_CONFIG_HASH})
+
+
+def sweep_key(settings: Any, data_fingerprint: str) -> str:
+    """What identifies one sweep child across restarts: its train settings (a TrainConfig, or its fields as a dict)
+    and the data's fingerprint. num_processes enters only when > 1, so keys made before that setting existed stay
+    valid."""
+    settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
+    keep = {k: v for k, v in settings.items() if k not in _NOT_IN_SWEEP_KEY}
+    if keep.get("num_processes") == 1:
+        del keep["num_processes"]
+    return _digest({**keep, "data_fingerprint": data_fingerprint})
+
+
+def planner_inputs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The memory planner's keyword arguments, taken from a configuration (a TrainConfig as a dict, or params)."""
+    return {k: settings[k] for k in PLANNER_SETTINGS}

@@ -1,0 +1,41 @@
+"""The one definition of a configuration: every train setting is placed, and the identities derive from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lora_efficiency import configuration as C
+from lora_efficiency.config import TrainConfig, build_config, read_defaults
+
+
+def _config(**overrides) -> TrainConfig:
+    return build_config(TrainConfig, {**read_defaults("train"), **overrides})
+
+
+def test_every_train_setting_is_in_exactly_one_group():
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(C.TRAIN_SETTINGS) == sorted(fields)
+    assert len(set(C.TRAIN_SETTINGS)) == len(C.TRAIN_SETTINGS)
+    assert set(C.PLANNER_SETTINGS) <= set(C.ADAPTER_SETTINGS)
+
+
+def test_config_hash_groups_seeds_and_names_but_not_adapter_or_eval_settings():
+    resolved = {**dataclasses.asdict(_config()), "base_model": "m", "data_fingerprint": "f"}
+    same = {**resolved, "seed": 7, "model": "/elsewhere/m", "data": "a-run-id", "device": "cuda", "resume_from": "x"}
+    assert C.config_hash(resolved) == C.config_hash(same)
+    for key, value in (("rank", 4), ("lr", 1e-3), ("eval_samples", 3), ("data_fingerprint", "g"), ("world_size", 2)):
+        assert C.config_hash(resolved) != C.config_hash({**resolved, key: value}), key
+
+
+def test_sweep_key_tells_seeds_apart_and_takes_a_config_or_its_dict():
+    one = _config()
+    assert C.sweep_key(one, "fp") == C.sweep_key(dataclasses.asdict(one), "fp")
+    assert C.sweep_key(one, "fp") != C.sweep_key(_config(seed=1), "fp")
+    assert C.sweep_key(one, "fp") != C.sweep_key(one, "other")
+    assert C.sweep_key(one, "fp") == C.sweep_key(_config(device="cpu", checkpoint_every=5), "fp")
+
+
+def test_planner_inputs_are_taken_from_a_configuration():
+    inputs = C.planner_inputs(dataclasses.asdict(_config(rank=8, quantization="bf16")))
+    assert inputs["rank"] == 8 and inputs["quantization"] == "bf16"
+    assert set(inputs) == set(C.PLANNER_SETTINGS)
