@@ -36,10 +36,8 @@ def main(argv: list[str]) -> None:
     from lora_efficiency.trainer import NullTracker, resolve_device, train
 
     hf_logging.disable_progress_bar()
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)  # a device torch cannot see fails here, before a run exists
     source = resolve_model(cfg.model)  # converts the bundled model once (~20 s) before a run exists
-    skip = ("model", "device", "num_processes")  # the launcher, not train(), decides the processes
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     name = f"r{cfg.rank}-{cfg.target_modules}-{cfg.quantization}-s{cfg.seed}"
     if distributed.world_size() > 1:
         name += f"-x{distributed.world_size()}"
@@ -49,8 +47,8 @@ def main(argv: list[str]) -> None:
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
             tracker.log_params({"resume_from": cfg.resume_from})
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
-            settings["resume_from"] = str(download_checkpoint(cfg.resume_from))
-        result = train(model=source, device=device, tracker=tracker, **settings)
+            cfg = dataclasses.replace(cfg, resume_from=str(download_checkpoint(cfg.resume_from)))
+        result = train(cfg, model=source, tracker=tracker)
     if not main_rank:
         return
     m = result.metrics

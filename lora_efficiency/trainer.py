@@ -1,34 +1,48 @@
-"""The shared LoRA/QLoRA trainer: load, wrap with peft, a plain PyTorch loop you can read, evaluate, save."""
+"""The shared LoRA/QLoRA trainer, in the order it runs: settings in, setup (data, model, optimizer), the loop,
+finish (save, evaluate, log).
+
+    from lora_efficiency.models import resolve_model
+    from lora_efficiency.trainer import train
+    result = train(model=resolve_model("smollm2-135m"), rank=8, max_steps=20)   # any TrainConfig field
+
+What is not the loop comes in as hooks: the tracker (MLflow in the entry points, NullTracker otherwise), the
+memory sampler, and callbacks called with each step's StepStats (the progress display and checkpoints are two).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import math
 import platform
 import random
-import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import psutil
 import torch
 
 from lora_efficiency import data as D
 from lora_efficiency import distributed, progress
+from lora_efficiency.checkpoints import Checkpointer, load_checkpoint
 from lora_efficiency.cli import raise_if_terminated
+from lora_efficiency.config import TrainConfig, build_config, read_defaults
+from lora_efficiency.configuration import config_hash, planner_inputs
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
 from lora_efficiency.planner import predict_peak_mb
-from lora_efficiency.prepare import resolve_data
+from lora_efficiency.prepare import Prepared, resolve_data
+
+__all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "resolve_device", "train"]
 
 # peft's get_peft_model asks transformers for `is_gradient_checkpointing`, deprecated in transformers 5: one
 # FutureWarning per run that says nothing about the user's settings (a sweep would print it 28 times).
@@ -36,7 +50,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 
 class Tracker(Protocol):
-    """Where a run's numbers go: MLflow in the entry points, nowhere in NullTracker."""
+    """Where a run's numbers go: MLflow in the entry points (tracking.MlflowTracker), nowhere in NullTracker."""
 
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
@@ -47,20 +61,42 @@ class Tracker(Protocol):
 
 
 class NullTracker:
-    def log_params(self, params):
+    """A Tracker that keeps nothing (ranks other than 0, Python callers that do not track)."""
+
+    def log_params(self, params: dict) -> None:
         pass
 
-    def set_tags(self, tags):
+    def set_tags(self, tags: dict) -> None:
         pass
 
-    def log_metrics(self, metrics, step=None):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
 
-    def log_text(self, text, artifact_file):
+    def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_artifacts(self, local_dir, artifact_path):
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         pass
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step, as the callbacks see it (right after the step, before its metrics are logged)."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int  # real (non-padding) tokens of the step, over every process
+    targets: int  # loss-target tokens of the step, over every process
+    step_s: float
+    memory_mb: float  # the memory sampler's current reading
+
+
+Callback = Callable[[StepStats], None]
 
 
 @dataclass
@@ -90,13 +126,446 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def config_hash(settings: dict) -> str:
-    """Stable hash of what determines the trained adapter; seed and device are left out so seeds group. Data and
-    model enter by content (data fingerprint; base model id and revision), not by how they were named (a path,
-    a run id), so the same configuration hashes the same on every machine."""
-    left_out = ("seed", "device", "device_resolved", "data", "model", "checkpoint_every", "resume_from")
-    keep = {k: v for k, v in settings.items() if k not in left_out}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass
+class Session:
+    """What setup() builds: everything the loop and finish() use."""
+
+    cfg: TrainConfig
+    group: distributed.Group
+    tokenizer: Any
+    prepared: Prepared
+    rows: D.Rows
+    eval_rows: D.Rows
+    base: torch.nn.Module
+    peft_model: torch.nn.Module
+    modules: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    resolved: dict[str, Any]
+    tags: dict[str, str]
+    predicted_mb: float | None
+    first_step: int = 1
+    losses: list[float] = field(default_factory=list)
+    tokens_total: int = 0  # real tokens trained on, over every process, resumed steps included
+
+    @property
+    def device(self) -> torch.device:
+        return self.group.device
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+
+@dataclass
+class LoopStats:
+    """What the loop measured, for finish()."""
+
+    train_s: float
+    steady_s: float  # steps after the first (which pays allocator warm-up and lazy initialisation)
+    steady_tokens: int
+    startup_s: float  # process start -> first training step
+    memory: dict[str, float]  # the sampler's summary, taken before evaluation
+    memory_trace: list[tuple[float, float]]
+    memory_trace_csv: str
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    model: ModelSource,
+    tracker: Tracker | None = None,
+    callbacks: Sequence[Callback] = (),
+    memory_sampler: Callable[[torch.device], MemorySampler] | None = None,
+    output_dir: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train one LoRA adapter on `model`, evaluate it, and send every number to `tracker`.
+
+    Settings: `config` (a TrainConfig), or configs/default.yaml's, with `overrides` (TrainConfig field names)
+    on top; either way checked before anything loads. The base weights are stored as `quantization`
+    (nf4/fp4/int8 through bitsandbytes = QLoRA, or bf16/fp16/fp32 = LoRA); the forward runs under bf16 autocast
+    (fp16 on GPUs without bf16) except for fp32.
+
+    Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and step are saved in
+    `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`;
+    `resume_from` (a checkpoint folder of the same settings and seed) continues with the same batches and loss curve.
+
+    Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP: each process
+    takes `batch_size` rows of every micro-batch of batch_size x W, gradients are averaged, and only rank 0 logs,
+    evaluates and saves; other ranks return a TrainResult without metrics.
+    """
+    cfg = train_settings(config, model=model, **overrides)
+    group = distributed.setup(resolve_device(cfg.device))  # one process of one, unless a launcher started several
+    tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
+    torch.manual_seed(cfg.seed)
+    session = setup(cfg, model=model, group=group, tracker=tracker)
+    hooks = [*callbacks, progress_callback(cfg.max_steps, session.first_step, show=group.is_main)]
+    if cfg.checkpoint_every:
+        hooks.append(Checkpointer(session, every=cfg.checkpoint_every, folder=checkpoint_dir, tracker=tracker))
+    loop = fit(session, tracker=tracker, callbacks=hooks, sampler=(memory_sampler or MemorySampler)(group.device))
+    for hook in hooks:
+        getattr(hook, "close", lambda: None)()
+    if not group.is_main:
+        return TrainResult("FINISHED", session.losses, {}, session.tags, session.modules, "", loop.memory_trace)
+    return finish(session, loop, tracker=tracker, output_dir=output_dir)
+
+
+def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **overrides: Any) -> TrainConfig:
+    """The run's TrainConfig: `config` or the defaults file's train section, with `overrides`, checked (one
+    ConfigError naming every bad field). The model field records how `model` was named."""
+    values = dataclasses.asdict(config) if config else read_defaults("train")
+    values.update({k: (str(v) if isinstance(v, torch.device | Path) else v) for k, v in overrides.items()})
+    values["model"] = model.name or model.path
+    return build_config(TrainConfig, values)
+
+
+# -- setup: data, model, optimizer ----------------------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
+    """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
+    prepared = resolve_data(
+        cfg.data, model=model, tokenizer=tokenizer, seq_len=cfg.seq_len, train_on_prompt=cfg.train_on_prompt
+    )
+    rows = D.pack(prepared.train, seq_len=cfg.seq_len) if cfg.packing else D.unpacked(prepared.train)
+    eval_rows = D.unpacked(
+        D.TokenizedSplit(prepared.eval.input_ids[: cfg.eval_samples], prepared.eval.labels[: cfg.eval_samples])
+    )
+    if len(rows) < cfg.batch_size * group.size:
+        raise UserError(
+            f"batch_size={cfg.batch_size} x {group.size} process(es) is larger than the {len(rows)} training rows "
+            f"of data={cfg.data!r}"
+        )
+    predicted_mb = predict_peak_mb(
+        model.path,
+        rows_target_fraction=D.target_fraction(rows, seq_len=cfg.seq_len),
+        device=group.device,
+        trust_remote_code=cfg.trust_remote_code,
+        **planner_inputs(dataclasses.asdict(cfg)),
+    )
+    base = load_base_model(
+        model,
+        quantization=cfg.quantization,
+        double_quant=cfg.double_quant,
+        device=group.device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    modules = resolve_target_modules(base, cfg.target_modules)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
+    peft_model = get_peft_model(base, lora)  # LoRA weights stay fp32 (autocast_adapter_dtype)
+    amp_dtype = None if cfg.quantization == "fp32" else compute_dtype(group.device)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_steps=cfg.max_steps
+    )
+    resolved, tags = describe_run(cfg, model=model, prepared=prepared, modules=modules, group=group)
+    session = Session(
+        cfg=cfg,
+        group=group,
+        tokenizer=tokenizer,
+        prepared=prepared,
+        rows=rows,
+        eval_rows=eval_rows,
+        base=base,
+        peft_model=peft_model,
+        modules=modules,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(
+            group.device.type, enabled=amp_dtype == torch.float16 and group.device.type == "cuda"
+        ),
+        amp_dtype=amp_dtype,
+        resolved=resolved,
+        tags=tags,
+        predicted_mb=predicted_mb,
+    )
+    log_run_description(session, tracker)
+    if cfg.resume_from:
+        resume(session, Path(cfg.resume_from), tracker)
+    return session
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_ratio: float, max_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with a linear warm-up over warmup_ratio x max_steps, then cosine decay to 0 at max_steps."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup_steps = round(warmup_ratio * max_steps)
+    return optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+
+
+def describe_run(
+    cfg: TrainConfig, *, model: ModelSource, prepared: Prepared, modules: list[str], group: distributed.Group
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The run's resolved settings (logged as params, hashed into config_hash) and its identifying tags."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_processes")}
+    fingerprint = prepared.manifest["fingerprint"]
+    resolved = {
+        **settings,
+        "device_resolved": str(group.device),
+        "target_modules_resolved": ",".join(modules),
+        "base_model": model.model_id,
+        "base_model_revision": model.revision,
+        "data_name": prepared.manifest["dataset"],
+        "data_fingerprint": fingerprint,
+    }
+    if group.size > 1:  # only then: the config_hash of every single-process run stays what it was
+        resolved["world_size"] = group.size
+    tags = {
+        "config_hash": config_hash(resolved),
+        "base_model": model.model_id,
+        "base_model_revision": model.revision,
+        "data_fingerprint": fingerprint,
+        "device_name": device_name(group.device),
+        "quantization": cfg.quantization,
+    }
+    return resolved, tags
+
+
+def log_run_description(s: Session, tracker: Tracker) -> None:
+    cfg = s.cfg
+    tracker.log_params(
+        {
+            **s.resolved,
+            "compute_dtype": str(s.amp_dtype).removeprefix("torch.") if s.amp_dtype else "float32",
+            "global_batch_size": cfg.batch_size * cfg.grad_accum * s.group.size,
+            "num_processes": s.group.size,
+            "train_rows": len(s.rows),
+            "data_path": str(s.prepared.path),
+            "train_examples": len(s.prepared.train.input_ids),
+            "eval_examples": len(s.eval_rows),
+            "data_truncated": s.prepared.train.num_truncated,
+            "data_padding_fraction": round(D.padding_fraction(s.rows, batch_size=cfg.batch_size), 4),
+            "memory_sample_interval_s": DEFAULT_INTERVAL_S,
+        }
+    )
+    tracker.set_tags(s.tags)
+
+
+def resume(s: Session, folder: Path, tracker: Tracker) -> None:
+    state = load_checkpoint(
+        folder,
+        peft_model=s.peft_model,
+        optimizer=s.optimizer,
+        scheduler=s.scheduler,
+        scaler=s.scaler,
+        config_hash=s.tags["config_hash"],
+        seed=s.cfg.seed,
+        device=s.device,
+    )
+    s.losses, s.first_step, s.tokens_total = list(state["losses"]), state["step"] + 1, state["tokens_total"]
+    tracker.set_tags({"resumed_from_step": state["step"]})
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler: MemorySampler) -> LoopStats:
+    """The training loop. One optimizer step = grad_accum micro-batches of batch_size rows (4 x 512 = 2,048
+    tokens a micro-batch by default) on each of the group.size processes. The loss is normalised by the step's
+    target-token count over every process, so accumulation is token-weighted; DDP averages gradients over the
+    processes, so each scales its sum by group.size to get the gradient of the whole global batch."""
+    cfg, group, device = s.cfg, s.group, s.device
+    batches = _batches(
+        s.rows,
+        batch_size=cfg.batch_size,
+        pad_id=s.tokenizer.pad_token_id,
+        seed=cfg.seed,
+        length=cfg.seq_len if cfg.packing else None,
+        skip=(s.first_step - 1) * cfg.grad_accum,
+        rank=group.rank,
+        world_size=group.size,
+    )
+    loss_model, trainable = group.wrap(TokenLoss(s.peft_model)), s.trainable
+    steady_s, steady_tokens = 0.0, 0
+    sampler.start()
+    t_start = time.perf_counter()
+    startup_s = time.time() - psutil.Process().create_time()
+    s.peft_model.train()
+    for step in range(s.first_step, cfg.max_steps + 1):
+        raise_if_terminated()
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        n_targets = sum(t for _, _, t in micro)
+        s.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for i, (batch, _, _) in enumerate(micro):
+            with group.no_sync(loss_model, last=i == cfg.grad_accum - 1):
+                with s.autocast():
+                    loss_sum, _ = loss_model({k: v.to(device) for k, v in batch.items()})
+                s.scaler.scale(loss_sum * group.size / max(n_targets, 1)).backward()
+            step_loss += loss_sum.detach().item()
+        s.scaler.unscale_(s.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_s = time.perf_counter() - t0
+        tokens = sum(n for _, n, _ in micro)  # over every process
+        loss = group.sum(step_loss) / max(n_targets, 1)
+        if not math.isfinite(loss):
+            sampler.stop()
+            raise RuntimeError(f"training diverged at step {step}: loss={loss}")
+        s.losses.append(loss)
+        s.tokens_total += tokens
+        if step > s.first_step:  # the first step pays one-off costs (allocator warm-up, lazy init): out of the mean
+            steady_s, steady_tokens = steady_s + step_s, steady_tokens + tokens
+        stats = StepStats(
+            step, loss, s.scheduler.get_last_lr()[0], float(grad_norm), tokens, n_targets, step_s, sampler.current_mb()
+        )
+        for callback in callbacks:
+            callback(stats)
+        tracker.log_metrics(step_metrics(stats), step=step)
+    train_s = time.perf_counter() - t_start
+    sampler.stop()
+    memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
+    return LoopStats(
+        train_s, steady_s, steady_tokens, startup_s, gather_memory(memory, group), sampler.samples, sampler.trace_csv()
+    )
+
+
+def step_metrics(stats: StepStats) -> dict[str, float]:
+    return {
+        "train/loss": stats.loss,
+        "train/lr": stats.lr,
+        "train/grad_norm": stats.grad_norm,
+        "perf/tokens_per_second": stats.tokens / stats.step_s,
+        "perf/step_time_ms": stats.step_s * 1000,
+        "memory/current_mb": stats.memory_mb,
+    }
+
+
+def gather_memory(memory: dict[str, float], group: distributed.Group) -> dict[str, float]:
+    """memory/peak_mb over W processes: the largest (one device each), and each one's as memory/rank_N/peak_mb.
+    Ends the process group: no collective comes after this one (rank 0 evaluates alone)."""
+    if group.size == 1:
+        return memory
+    per_rank = group.gather(memory)
+    memory = {k: max(m[k] for m in per_rank) for k in memory}
+    memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"] for r, m in enumerate(per_rank)})
+    torch.distributed.destroy_process_group()
+    return memory
+
+
+def progress_callback(max_steps: int, first_step: int, *, show: bool) -> Callback:
+    """A step bar on a terminal (tqdm), else ~20 plain `step N/M | loss | tokens/s | ms | MB` lines a run."""
+    if not show:
+        return lambda stats: None
+    if progress.bars_wanted():
+        bar = progress.bar(total=max_steps, desc="train", unit="step")
+        bar.update(first_step - 1)
+
+        def update(stats: StepStats) -> None:
+            bar.set_postfix_str(
+                f"loss {stats.loss:.4f} | {stats.tokens / stats.step_s:.0f} tokens/s | {stats.memory_mb:.0f} MB",
+                refresh=False,
+            )
+            bar.update(1)
+
+        update.close = bar.close
+        return update
+
+    def line(stats: StepStats) -> None:
+        if stats.step in (1, max_steps) or stats.step % max(1, max_steps // 20) == 0:
+            print(
+                f"step {stats.step}/{max_steps} | loss {stats.loss:.4f} | {stats.tokens / stats.step_s:.0f} tokens/s"
+                f" | {stats.step_s * 1000:.0f} ms | {stats.memory_mb:.0f} MB",
+                flush=True,
+            )
+
+    return line
+
+
+# -- finish: save, evaluate, log ------------------------------------------------------------------------------
+
+
+def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | None) -> TrainResult:
+    """Save the adapter, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes
+    last), then log every summary number and the artifacts."""
+    cfg = s.cfg
+    adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
+    s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    model_mb = s.base.get_memory_footprint() / 2**20
+    evaluation = evaluate_model(
+        s.peft_model,
+        s.tokenizer,
+        eval_rows=s.eval_rows,
+        eval_examples=s.prepared.eval_examples[: cfg.eval_samples],
+        exact_match=use_exact_match(cfg.exact_match, s.prepared.manifest, cfg.data),
+        generate_samples=cfg.generate_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+        pad_id=s.tokenizer.pad_token_id,
+        device=s.device,
+        autocast_dtype=s.amp_dtype,
+        measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
+    )
+    metrics = {**evaluation.metrics, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
+    tracker.log_metrics(metrics)
+    eval_tag = eval_settings_tag(
+        data_fingerprint=s.tags["data_fingerprint"],
+        eval_samples=cfg.eval_samples,
+        generate_samples=cfg.generate_samples,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    tracker.set_tags({"eval_settings": eval_tag})
+    if evaluation.samples["prompt"]:
+        tracker.log_table(evaluation.samples, "eval_samples.json")
+    tracker.log_artifacts(str(adapter_dir), "adapter")
+    tracker.log_text(loop.memory_trace_csv, "memory_trace.csv")
+    tracker.log_text(json.dumps(s.resolved, indent=2, default=str), "config.json")
+    return TrainResult(
+        "FINISHED", s.losses, metrics, s.tags, s.modules, str(adapter_dir), loop.memory_trace, evaluation.samples
+    )
+
+
+def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: float) -> dict[str, float]:
+    trainable_params, total_params = s.peft_model.get_nb_trainable_parameters()
+    metrics = {
+        "params/trainable": float(trainable_params),
+        "params/total": float(total_params),
+        "params/trainable_fraction": trainable_params / total_params,
+        "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
+        "memory/model_mb": model_mb,
+        "time/train_s": loop.train_s,
+        "time/startup_s": loop.startup_s,
+        "train/tokens": float(s.tokens_total),
+        "perf/train_tokens_per_second": (
+            loop.steady_tokens / loop.steady_s if loop.steady_s else s.tokens_total / loop.train_s
+        ),
+        "train/final_loss": s.losses[-1],
+    }
+    if s.predicted_mb is not None:
+        metrics["memory/predicted_peak_mb"] = s.predicted_mb  # the planner's figure, to compare with the peak
+    return metrics
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
 
 
 def _batches(
@@ -141,428 +610,3 @@ class TokenLoss(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return token_loss_sum(self.model, batch)
-
-
-# A checkpoint folder holds no pickle: the adapter (peft's safetensors), optimizer state and RNG states as
-# safetensors, optimizer hyper-parameters, scheduler and progress as JSON.
-CHECKPOINT_STATE = "trainer_state.json"
-
-
-def save_checkpoint(
-    folder: Path,
-    *,
-    step: int,
-    peft_model,
-    optimizer,
-    scheduler,
-    scaler,
-    losses: list[float],
-    config_hash: str,
-    seed: int,
-    tokens_total: int,
-    device: torch.device,
-) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    opt = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    save_file(tensors, str(folder / "optimizer_rng.safetensors"))
-    state = {
-        "step": step,
-        "seed": seed,
-        "config_hash": config_hash,
-        "losses": losses,
-        "tokens_total": tokens_total,
-        "param_groups": opt["param_groups"],
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-    }
-    (folder / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
-    return folder
-
-
-def load_checkpoint(
-    folder: Path, *, peft_model, optimizer, scheduler, scaler, config_hash: str, seed: int, device: torch.device
-) -> dict:
-    """Restore adapter weights, optimizer, scheduler, scaler and RNG from `folder`; returns its trainer state."""
-    from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads((folder / CHECKPOINT_STATE).read_text())
-        tensors = load_file(str(folder / "optimizer_rng.safetensors"))
-        adapter = load_file(str(folder / "adapter_model.safetensors"))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"resume_from={str(folder)!r} is not a readable checkpoint: {exc}") from None
-    if (state.get("config_hash"), state.get("seed")) != (config_hash, seed):
-        raise UserError(
-            f"resume_from={str(folder)!r} was trained with other settings (config_hash {state.get('config_hash')}, "
-            f"seed {state.get('seed')}; this run: {config_hash}, seed {seed}): resume with the same settings"
-        )
-    set_peft_model_state_dict(peft_model, adapter)
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    return state
-
-
-def train(
-    *,
-    model: ModelSource,
-    data: str = "",
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.05,
-    target_modules: str = "attention",
-    quantization: str = "nf4",
-    double_quant: bool = True,
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    max_steps: int = 100,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    lr: float = 2e-4,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    seq_len: int = 512,
-    packing: bool = True,
-    train_on_prompt: bool = False,
-    gradient_checkpointing: bool = False,
-    eval_samples: int = 300,
-    eval_batch_size: int = 8,
-    generate_samples: int = 100,
-    max_new_tokens: int = 64,
-    exact_match: str = "auto",
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    trust_remote_code: bool = False,
-    checkpoint_every: int = 0,
-    resume_from: str | Path = "",
-    output_dir: str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    tracker: Tracker | None = None,
-) -> TrainResult:
-    """Train one LoRA adapter on `model` and evaluate it; every number also goes to `tracker`.
-
-    The base weights are stored as `quantization` (nf4/fp4/int8 through bitsandbytes = QLoRA, or bf16/fp16/fp32
-    = LoRA); the forward runs under bf16 autocast (fp16 on GPUs without bf16) except for fp32, which stays fp32.
-
-    Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and step are saved in
-    `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`.
-    `resume_from` (a checkpoint folder, made with the same settings and seed) continues from its step with the
-    same batches and the same loss curve as a run that was never interrupted.
-
-    Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP: each process
-    takes `batch_size` rows of every micro-batch of batch_size x W (global batch batch_size x grad_accum x W),
-    gradients are averaged, and only rank 0 logs to `tracker`, evaluates and saves; its metrics carry tokens/s
-    summed over the processes and every process's peak memory. Other ranks return a TrainResult without metrics.
-    """
-    from peft import LoraConfig, get_peft_model
-    from transformers import get_scheduler
-
-    group = distributed.setup(torch.device(device))  # one process of one, unless a launcher started several
-    device = group.device
-    tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
-    if group.size > 1 and (checkpoint_every or resume_from):
-        raise UserError(
-            f"checkpoint_every={checkpoint_every} and resume_from={str(resume_from)!r} with {group.size} processes: "
-            "checkpoints are single-process only; set checkpoint_every=0 and resume_from='' to train distributed"
-        )
-    settings = {
-        k: v
-        for k, v in locals().items()
-        if k not in ("model", "device", "tracker", "output_dir", "checkpoint_dir", "group")
-        and k not in ("LoraConfig", "get_peft_model", "get_scheduler")
-    }
-    settings["resume_from"] = str(resume_from)
-    torch.manual_seed(seed)
-
-    # -- data -------------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    prepared = resolve_data(data, model=model, tokenizer=tokenizer, seq_len=seq_len, train_on_prompt=train_on_prompt)
-    train_split = prepared.train
-    eval_split = D.TokenizedSplit(prepared.eval.input_ids[:eval_samples], prepared.eval.labels[:eval_samples])
-    rows = D.pack(train_split, seq_len=seq_len) if packing else D.unpacked(train_split)
-    eval_rows = D.unpacked(eval_split)
-    if len(rows) < batch_size * group.size:
-        raise UserError(
-            f"batch_size={batch_size} x {group.size} process(es) is larger than the {len(rows)} training rows of "
-            f"data={data!r}"
-        )
-
-    predicted_mb = predict_peak_mb(
-        model.path,
-        rows_target_fraction=D.target_fraction(rows, seq_len=seq_len),
-        device=device,
-        trust_remote_code=trust_remote_code,
-        rank=rank,
-        target_modules=target_modules,
-        quantization=quantization,
-        double_quant=double_quant,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        dropout=dropout,
-    )
-
-    # -- model ------------------------------------------------------------------------------------------
-    base = load_base_model(
-        model, quantization=quantization, double_quant=double_quant, device=device, trust_remote_code=trust_remote_code
-    )
-    modules = resolve_target_modules(base, target_modules)
-    if gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-    )
-    peft_model = get_peft_model(base, lora)  # LoRA weights stay fp32 (autocast_adapter_dtype)
-    trainable_params, total_params = peft_model.get_nb_trainable_parameters()
-    amp_dtype = None if quantization == "fp32" else compute_dtype(device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
-
-    fingerprint = prepared.manifest["fingerprint"]
-    resolved = {
-        **settings,
-        "model": model.name or model.path,
-        "device_resolved": str(device),
-        "target_modules_resolved": ",".join(modules),
-        "base_model": model.model_id,
-        "base_model_revision": model.revision,
-        "data_name": prepared.manifest["dataset"],
-        "data_fingerprint": fingerprint,
-    }
-    if group.size > 1:  # only then: the config_hash of every single-process run stays what it was
-        resolved["world_size"] = group.size
-    tags = {
-        "config_hash": config_hash(resolved),
-        "base_model": model.model_id,
-        "base_model_revision": model.revision,
-        "data_fingerprint": fingerprint,
-        "device_name": device_name(device),
-        "quantization": quantization,
-    }
-    tracker.log_params(
-        {
-            **resolved,
-            "compute_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-            "global_batch_size": batch_size * grad_accum * group.size,
-            "num_processes": group.size,
-            "train_rows": len(rows),
-            "data_path": str(prepared.path),
-            "train_examples": len(train_split.input_ids),
-            "eval_examples": len(eval_rows),
-            "data_truncated": train_split.num_truncated,
-            "data_padding_fraction": round(D.padding_fraction(rows, batch_size=batch_size), 4),
-            "memory_sample_interval_s": DEFAULT_INTERVAL_S,
-        }
-    )
-    tracker.set_tags(tags)
-
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    warmup_steps = round(warmup_ratio * max_steps)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
-    losses: list[float] = []
-    first_step, tokens_total = 1, 0
-    if resume_from:
-        state = load_checkpoint(
-            Path(resume_from),
-            peft_model=peft_model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            config_hash=tags["config_hash"],
-            seed=seed,
-            device=device,
-        )
-        losses, first_step, tokens_total = list(state["losses"]), state["step"] + 1, state["tokens_total"]
-        tracker.set_tags({"resumed_from_step": state["step"]})
-    batches = _batches(
-        rows,
-        batch_size=batch_size,
-        pad_id=tokenizer.pad_token_id,
-        seed=seed,
-        length=seq_len if packing else None,
-        skip=(first_step - 1) * grad_accum,
-        rank=group.rank,
-        world_size=group.size,
-    )
-    loss_model = group.wrap(TokenLoss(peft_model))
-    checkpoints = Path(checkpoint_dir) if checkpoint_dir else None  # a temporary folder at the first checkpoint
-
-    # -- the loop ---------------------------------------------------------------------------------------
-    # One optimizer step = grad_accum micro-batches of batch_size rows (4 x 512 = 2,048 tokens per micro-batch
-    # by default) on each of the group.size processes. The loss is normalised by the step's target-token count
-    # over every process, so accumulation is token-weighted; DDP averages gradients over the processes, so each
-    # scales its sum by group.size to get the gradient one process would compute from the whole global batch.
-    sampler = MemorySampler(device).start()
-    time_steady, tokens_steady = 0.0, 0
-    t_start = time.perf_counter()
-    peft_model.train()
-    bars = progress.bars_wanted() and group.is_main
-    steps_bar = progress.bar(total=max_steps, desc="train", unit="step") if bars else None
-    if steps_bar is not None:
-        steps_bar.update(first_step - 1)
-    for step in range(first_step, max_steps + 1):
-        raise_if_terminated()
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(grad_accum)]
-        n_targets = sum(t for _, _, t in micro)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for i, (batch, _, _) in enumerate(micro):
-            with group.no_sync(loss_model, last=i == grad_accum - 1):
-                with autocast:
-                    loss_sum, _ = loss_model({k: v.to(device) for k, v in batch.items()})
-                scaler.scale(loss_sum * group.size / max(n_targets, 1)).backward()
-            step_loss += loss_sum.detach().item()
-        step_loss = group.sum(step_loss)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_s = time.perf_counter() - t0
-        real_tokens = sum(n for _, n, _ in micro)  # over every process
-        tokens_total += real_tokens
-        if step > first_step:  # the first step pays one-off costs (allocator warm-up, lazy init): out of the mean
-            time_steady += step_s
-            tokens_steady += real_tokens
-        loss = step_loss / max(n_targets, 1)
-        if not math.isfinite(loss):
-            sampler.stop()
-            raise RuntimeError(f"training diverged at step {step}: loss={loss}")
-        losses.append(loss)
-        if steps_bar is not None:
-            steps_bar.set_postfix_str(
-                f"loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | {sampler.current_mb():.0f} MB", refresh=False
-            )
-            steps_bar.update(1)
-        elif group.is_main and (step == 1 or step == max_steps or step % max(1, max_steps // 20) == 0):  # ~20
-            print(
-                f"step {step}/{max_steps} | loss {loss:.4f} | {real_tokens / step_s:.0f} tokens/s | "
-                f"{step_s * 1000:.0f} ms | {sampler.current_mb():.0f} MB",
-                flush=True,
-            )
-        tracker.log_metrics(
-            {
-                "train/loss": loss,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-                "perf/tokens_per_second": real_tokens / step_s,
-                "perf/step_time_ms": step_s * 1000,
-                "memory/current_mb": sampler.current_mb(),
-            },
-            step=step,
-        )
-        if checkpoint_every and step % checkpoint_every == 0:
-            checkpoints = checkpoints or Path(tempfile.mkdtemp(prefix="checkpoints-"))
-            folder = save_checkpoint(
-                checkpoints / f"step-{step:06d}",
-                step=step,
-                peft_model=peft_model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                losses=losses,
-                config_hash=tags["config_hash"],
-                seed=seed,
-                tokens_total=tokens_total,
-                device=device,
-            )
-            tracker.log_artifacts(str(folder), f"checkpoints/{folder.name}")
-            if not checkpoint_dir:  # logged; the temporary copy is not needed
-                shutil.rmtree(folder, ignore_errors=True)
-    train_s = time.perf_counter() - t_start
-    sampler.stop()
-    if steps_bar is not None:
-        steps_bar.close()
-    memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
-    if group.size > 1:  # memory/peak_mb: the largest of the processes (one device each); each one's as well
-        per_rank = group.gather(memory)
-        memory = {k: max(m[k] for m in per_rank) for k in memory}
-        memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"] for r, m in enumerate(per_rank)})
-        torch.distributed.destroy_process_group()  # no collective after this one: rank 0 evaluates alone
-    if not group.is_main:
-        return TrainResult("FINISHED", losses, {}, tags, modules, "", sampler.samples)
-
-    # -- save, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes last) ---
-    adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
-    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
-    model_mb = base.get_memory_footprint() / 2**20
-    evaluation = evaluate_model(
-        peft_model,
-        tokenizer,
-        eval_rows=eval_rows,
-        eval_examples=prepared.eval_examples[:eval_samples],
-        exact_match=use_exact_match(exact_match, prepared.manifest, data),
-        generate_samples=generate_samples,
-        max_new_tokens=max_new_tokens,
-        batch_size=eval_batch_size,
-        pad_id=tokenizer.pad_token_id,
-        device=device,
-        autocast_dtype=amp_dtype,
-        measure_merged=quantization in ("bf16", "fp16", "fp32"),
-    )
-    metrics = evaluation.metrics
-    metrics.update(memory)
-    if predicted_mb is not None:
-        metrics["memory/predicted_peak_mb"] = predicted_mb  # the planner's figure, to compare with the peak
-    metrics.update(
-        {
-            "params/trainable": float(trainable_params),
-            "params/total": float(total_params),
-            "params/trainable_fraction": trainable_params / total_params,
-            "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
-            "memory/model_mb": model_mb,
-            "time/train_s": train_s,
-            "train/tokens": float(tokens_total),
-            "perf/train_tokens_per_second": tokens_steady / time_steady if time_steady else tokens_total / train_s,
-            "train/final_loss": losses[-1],
-        }
-    )
-    tracker.log_metrics(metrics)
-    tracker.set_tags(
-        {
-            "eval_settings": eval_settings_tag(
-                data_fingerprint=fingerprint,
-                eval_samples=eval_samples,
-                generate_samples=generate_samples,
-                max_new_tokens=max_new_tokens,
-            )
-        }
-    )
-    if evaluation.samples["prompt"]:
-        tracker.log_table(evaluation.samples, "eval_samples.json")
-    tracker.log_artifacts(str(adapter_dir), "adapter")
-    tracker.log_text(sampler.trace_csv(), "memory_trace.csv")
-    tracker.log_text(json.dumps(resolved, indent=2, default=str), "config.json")
-    return TrainResult(
-        "FINISHED", losses, metrics, tags, modules, str(adapter_dir), sampler.samples, evaluation.samples
-    )

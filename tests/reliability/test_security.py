@@ -130,14 +130,10 @@ def test_trust_remote_code_is_off_unless_set():
         assert "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}
         assert defaults[section]["trust_remote_code"] is False
         assert project[section]["parameters"]["trust_remote_code"]["default"] == "false"
-    for fn in (
-        models.load_tokenizer,
-        models.load_base_model,
-        trainer.train,
-        inference.load_for_inference,
-        planner.predict_peak_mb,
-    ):
+    for fn in (models.load_tokenizer, models.load_base_model, inference.load_for_inference, planner.predict_peak_mb):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__name__
+    # train() takes its settings from the defaults file unless told otherwise
+    assert trainer.train_settings(model=models.resolve_model("smollm2-135m")).trust_remote_code is False
 
 
 @pytest.mark.parametrize("extra, host", [([], "127.0.0.1"), (["HOST=0.0.0.0"], "0.0.0.0")])
