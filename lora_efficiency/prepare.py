@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_efficiency import data as D
+from lora_efficiency.config import is_run_id
 from lora_efficiency.errors import UserError
 from lora_efficiency.models import ModelSource, cache_root
 
 FORMAT_VERSION = 1  # bump when the folder layout or the tokenization rules change: old caches are not reused
 STATS_BATCH_SIZE = 4  # batch size at which the manifest reports padding fractions (the train default)
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -121,7 +121,6 @@ def prepare_data(
     truncated and counted.
     """
     import datasets
-    from datasets import Dataset
 
     from lora_efficiency.sources import load_source
 
@@ -165,8 +164,18 @@ def prepare_data(
     train = _tokenize(tokenizer, source.kind, train_records, seq_len=seq_len, train_on_prompt=train_on_prompt)
     evaluation = _tokenize(tokenizer, source.kind, eval_records, seq_len=seq_len, train_on_prompt=False)
 
+    manifest = _manifest(
+        source, tokenizer, model, train, evaluation, key=key, settings=settings, warnings=warnings, seq_len=seq_len
+    )
+    _write_atomically(folder, manifest, train, train_records, evaluation, eval_records, kind=source.kind)
+    return load_prepared(folder)
+
+
+def _manifest(source, tokenizer, model: ModelSource, train, evaluation, *, key, settings, warnings, seq_len) -> dict:
+    """What a prepared folder holds: counts, token-length statistics, padding with and without packing, template,
+    tokenizer, settings and the content fingerprint."""
     packed = D.pack(train, seq_len=seq_len)
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "dataset": source.name,
         "origin": source.origin,
@@ -194,16 +203,20 @@ def prepare_data(
         },
     }
 
+
+def _write_atomically(folder: Path, manifest: dict, train, train_records, evaluation, eval_records, *, kind) -> None:
+    """Write into a temporary sibling, then rename: a reader never sees half a folder."""
+    from datasets import Dataset
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".prepare-"))
-    _to_dataset(Dataset, train, train_records, source.kind).save_to_disk(str(tmp / "train"))
-    _to_dataset(Dataset, evaluation, eval_records, source.kind).save_to_disk(str(tmp / "eval"))
+    _to_dataset(Dataset, train, train_records, kind).save_to_disk(str(tmp / "train"))
+    _to_dataset(Dataset, evaluation, eval_records, kind).save_to_disk(str(tmp / "eval"))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         tmp.rename(folder)
     except OSError:  # prepared concurrently by another process: theirs is identical, keep it
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_prepared(folder)
 
 
 def _to_dataset(dataset_cls, split: D.TokenizedSplit, records: list, kind: str):
@@ -253,7 +266,7 @@ def load_prepared(folder: str | Path) -> Prepared:
 def resolve_data(data: str, *, model: ModelSource, tokenizer, seq_len: int, train_on_prompt: bool = False) -> Prepared:
     """What `train -P data=` accepts: a prepared folder, the run id of a `prepare` run, or anything prepare takes
     (empty for the bundled instruction set, a set name, a local file), prepared on the fly through the cache."""
-    if _RUN_ID.match(data):
+    if is_run_id(data):
         data = _prepared_path_of_run(data)
     if data and Path(data).is_dir():  # Path("") is "."
         prepared = load_prepared(data)

@@ -1,0 +1,287 @@
+"""The report written out: one list of blocks (headings, paragraphs, lists, tables, images) rendered to report.md
+and to a self-contained report.html by the same code, the configurations as configurations.csv, and write_report,
+which writes them all beside the charts.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+from collections import Counter
+from pathlib import Path
+
+from lora_efficiency.report.charts import CHART_TITLES, draw_charts
+from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
+from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
+from lora_efficiency.report.runs import RunData, Scope
+from lora_efficiency.report.stats import Stat, cell
+
+Block = tuple  # (kind, *content): ("h1".."h3", text), ("p", text), ("ul", items), ("table", header, rows),
+# ("img", path, title)
+
+TABLE_METRICS = (
+    PERPLEXITY,
+    EXACT_MATCH,
+    "eval/exact_match_normalized",
+    PEAK_MB,
+    "params/trainable",
+    "perf/train_tokens_per_second",
+    "inference/tokens_per_second",
+    "time/train_s",
+)
+
+METHOD = (
+    "Method: each metric is the mean over seeds with its 95% interval (Student's t, n - 1 degrees of freedom), "
+    "written mean [low, high]. A difference is 'larger than noise' when the 95% interval of the difference "
+    "of means (Welch, unequal variances) excludes zero, i.e. Welch's t-test at the 5% level; otherwise "
+    "'within noise'. 'Within noise' is not 'equal': it rules out only differences larger than its "
+    "interval, and with 2 seeds (t = 12.7) those intervals are wide. One seed, or seeds that all measured "
+    "the same value, give no noise estimate: 'cannot tell'. Differences are relative to the reference "
+    "configuration (exact match: in percentage points). Only seed-to-seed noise is counted, not the "
+    "sampling noise of the evaluation examples."
+)
+
+
+def configuration_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """The table of every configuration (best perplexity first; # is the number in the charts), then the
+    baselines.
+
+    Args:
+        report: the built report.
+
+    Returns:
+        The header and the rows, as text.
+    """
+    header = ["#", "configuration", "seeds"] + [METRICS[m].axis for m in TABLE_METRICS] + ["Pareto front of"]
+    rows = [
+        [str(i), c.label, ", ".join(map(str, c.seeds))]
+        + [cell(c.stats.get(m), m) for m in TABLE_METRICS]
+        + [", ".join(METRICS[m].label for m, front in report.fronts.items() if c in front)]
+        for i, c in enumerate(report.configurations, 1)
+    ]
+    for base in report.scope.baselines:
+        values = [
+            cell(Stat((base.metrics[m],)), m).replace(" (1 seed)", "") if m in base.metrics else "-"
+            for m in TABLE_METRICS
+        ]
+        rows.append(["", f"baseline: no adapter, {base.storage}", "-"] + values + [""])
+    return header, rows
+
+
+def comparison_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
+    """The table of one comparison: its configurations along the axis, quality and cost, the reference marked."""
+    header = [comp.name, "seeds"] + [METRICS[m].axis for m in (*FINDING_METRICS, "params/trainable")]
+    rows = [
+        [comp.value(c) + (" (reference)" if c is comp.reference else ""), str(len(c.runs))]
+        + [cell(c.stats.get(m), m) for m in (*FINDING_METRICS, "params/trainable")]
+        for c in comp.configurations
+    ]
+    return header, rows
+
+
+def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
+    """The report as blocks, rendered to Markdown and to HTML by the same code."""
+    return [
+        *_scope_blocks(report),
+        *_configuration_blocks(report),
+        *_finding_blocks(report),
+        *_recommendation_blocks(report),
+        *_anchor_blocks(report),
+        ("h2", "Charts"),
+        *[("img", path, CHART_TITLES[name]) for name, path in charts.items()],
+        *_failed_blocks(report.scope),
+    ]
+
+
+def _scope_blocks(report: Report) -> list[Block]:
+    """The title, what the report covers, the method, and the sweeps and notes."""
+    s = report.scope
+    seeds = Counter(len(c.runs) for c in report.configurations)
+    kind = {"main": "study run", "sweep": "sweep run"}
+    root = f"{kind.get(s.root.tags.get('entry_point', ''), 'run')} {s.root.name} ({s.root.run_id})" if s.root else None
+    devices = sorted({r.tags.get("device_name", "?") for r in s.runs})
+    blocks: list[Block] = [
+        ("h1", f"LoRA efficiency report: {s.experiment}"),
+        (
+            "p",
+            f"Scope: experiment {s.experiment}, {root or 'every sweep run (no study run)'}: {len(s.runs)} FINISHED "
+            f"training runs in {len(report.configurations)} configurations ("
+            + ", ".join(f"{n} with {k} seed{'s' * (k > 1)}" for k, n in sorted(seeds.items()))
+            + f"), {len(s.failed)} failed, {len(s.baselines)} baselines. Device: {', '.join(devices)}.",
+        ),
+        ("p", METHOD),
+    ]
+    sweeps = [_sweep_line(r) for r in sorted(s.sweeps, key=lambda r: r.start_ms)]
+    if sweeps or report.notes:
+        blocks += [("h2", "Runs and notes"), ("ul", sweeps + report.notes)]
+    return blocks
+
+
+def _sweep_line(r: RunData) -> str:
+    return (
+        f"sweep {r.tags.get('sweep_name', r.name)}: {r.tags.get('children_total', '?')} runs, "
+        f"{r.tags.get('children_finished', '?')} trained, {r.tags.get('children_skipped', '?')} skipped (already "
+        f"FINISHED elsewhere), {r.tags.get('children_failed', '?')} failed"
+    )
+
+
+def _section(title: str, intro: str, *content: Block) -> list[Block]:
+    """A titled section: its heading, the paragraph that says how to read it, then its content."""
+    return [("h2", title), ("p", intro), *content]
+
+
+def _configuration_blocks(report: Report) -> list[Block]:
+    return _section(
+        "Every configuration",
+        "mean [95% interval] over seeds, best perplexity first; a single number: every seed measured the same; "
+        "the base model alone (evaluated once) at the bottom.",
+        ("table", *configuration_rows(report)),
+    )
+
+
+def _finding_blocks(report: Report) -> list[Block]:
+    """The Pareto fronts and the baselines, then each comparison: its table and its findings."""
+    number = {c.key: i for i, c in enumerate(report.configurations, 1)}
+    fronts = [
+        f"Pareto front of {METRICS[m].label} against peak memory (means): "
+        + " -> ".join(f"#{number[c.key]} {c.label} ({c.mean(PEAK_MB):,.0f} MB, {cell(c.stats[m], m)})" for c in front)
+        for m, front in report.fronts.items()
+    ]
+    blocks: list[Block] = [("h2", "Findings"), ("ul", fronts + report.baseline_lines)]
+    for comp in report.comparisons:
+        found = [f.text for f in report.findings if f.comparison == comp.name]
+        blocks += [
+            ("h3", f"{comp.name} ({comp.fixed or 'all else equal'}; reference {comp.value(comp.reference)})"),
+            ("table", *comparison_rows(comp)),
+            ("ul", found + same_modules(comp)),
+        ]
+    return blocks
+
+
+def _recommendation_blocks(report: Report) -> list[Block]:
+    return _section(
+        "Recommendations by memory budget",
+        "The lowest mean perplexity among the configurations whose every seed peaked under the budget, and the "
+        "ones that fit and are within noise of it.",
+        ("ul", recommendation_lines(report.recommendations)),
+    )
+
+
+def _anchor_blocks(report: Report) -> list[Block]:
+    rows = [
+        [a.source, a.claim, a.test, a.verdict]
+        + [f"{a.verdicts[m]}: {a.evidence[m]}" for m in (PERPLEXITY, EXACT_MATCH)]
+        for a in report.anchors
+    ]
+    return _section(
+        "Published anchors",
+        "Each published result (summarised, not quoted) is tested on this study's runs; agrees / disagrees / "
+        "cannot tell is decided by the numbers, per quality metric.",
+        ("table", ["source", "published", "tested here as", "verdict", "perplexity", "exact match"], rows),
+    )
+
+
+def _failed_blocks(scope: Scope) -> list[Block]:
+    if not scope.failed:
+        return []
+    failed = [
+        f"{r.tags.get('sweep_configuration', r.name)} ({r.run_id[:8]}): "
+        + r.tags.get("error", "no error recorded")[:300]
+        for r in scope.failed
+    ]
+    return [("h2", "Failed runs"), ("ul", failed)]
+
+
+def render_report_markdown(blocks: list[Block], folder: Path) -> str:
+    """The blocks as Markdown; images are linked relative to `folder` (where report.md is written)."""
+
+    def esc(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in rest[0]))
+        elif kind == "table":
+            header, rows = rest
+            lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + " --- |" * len(header)]
+            lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0].relative_to(folder).as_posix()})")
+    return "\n\n".join(out) + "\n"
+
+
+HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+    "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}li{margin:.3em 0}"
+)
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    """One file with every image inside it (base64 PNG): it opens anywhere, as an MLflow artifact too."""
+    e = html.escape
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{e(rest[0])}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in rest[0]) + "</ul>")
+        elif kind == "table":
+            header, rows = rest
+            head = "".join(f"<th>{e(h)}</th>" for h in header)
+            body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(rest[0].read_bytes()).decode()
+            out.append(f'<figure><img alt="{e(rest[1])}" src="data:image/png;base64,{data}"></figure>')
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )
+
+
+def write_csv(report: Report, path: Path) -> None:
+    """configurations.csv: every configuration's n, mean, std, low, high of every metric, for other tools."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        metrics = list(METRICS)
+        writer.writerow(
+            ["configuration", "config_hash", "seeds"]
+            + [f"{m}:{k}" for m in metrics for k in ("n", "mean", "std", "low", "high")]
+        )
+        for c in report.configurations:
+            row = [c.label, c.key, " ".join(map(str, c.seeds))]
+            for m in metrics:
+                st = c.stats.get(m)
+                row += ["", "", "", "", ""] if st is None else [st.n, st.mean, st.std, st.low, st.high]
+            writer.writerow(["" if v is None else v for v in row])
+
+
+def write_report(report: Report, folder: Path) -> dict[str, Path]:
+    """report.md, report.html, configurations.csv and charts/*.png in `folder`.
+
+    Args:
+        report: the built report (build_report).
+        folder: where to write; created if missing.
+
+    Returns:
+        The paths written: "markdown", "html", "csv", then one per chart by its name.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    charts = draw_charts(report, folder / "charts")
+    blocks = _document(report, charts)
+    title = f"LoRA efficiency report: {report.scope.experiment}"
+    paths = {"markdown": folder / "report.md", "html": folder / "report.html", "csv": folder / "configurations.csv"}
+    paths["markdown"].write_text(render_report_markdown(blocks, folder), encoding="utf-8")
+    paths["html"].write_text(render_html(blocks, title), encoding="utf-8")
+    write_csv(report, paths["csv"])
+    return {**paths, **charts}

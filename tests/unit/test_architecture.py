@@ -1,0 +1,102 @@
+"""The code's shape (docs/architecture.md): imports go one way, and no function outgrows a screen or two."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("lora_efficiency", "entrypoints")
+# Orchestration: runs trainings and reads them back. Nothing below it (trainer, evaluation, models, data,
+# utilities) may import it, so the trainer can be read, tested and reused without the study around it.
+ORCHESTRATION = (
+    "lora_efficiency.sweep",
+    "lora_efficiency.study",
+    "lora_efficiency.children",
+    "lora_efficiency.ray_backend",
+    "lora_efficiency.report",
+    "lora_efficiency.bench",
+)
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources() -> dict[str, ast.Module]:
+    return {_module_name(p): ast.parse(p.read_text()) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def _imports(tree: ast.Module, modules: set[str]) -> set[str]:
+    """Project modules imported anywhere in the file (function-level imports included: they are still edges)."""
+    found = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in modules}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    sources = _sources()
+    return {name: _imports(tree, set(sources)) - {name} for name, tree in sources.items()}
+
+
+def _in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_no_import_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if _in_package(nxt, node) or _in_package(node, nxt):
+                continue  # a package and its own modules (report/__init__ re-exports report.runs)
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_lower_layers_never_import_orchestration_or_entry_points():
+    wrong = []
+    for module, imported in _graph().items():
+        if module.startswith("entrypoints") or any(_in_package(module, o) for o in ORCHESTRATION):
+            continue
+        wrong += [
+            f"{module} imports {m}"
+            for m in imported
+            if m.startswith("entrypoints") or any(_in_package(m, o) for o in ORCHESTRATION)
+        ]
+    assert not wrong, wrong
+
+
+def test_no_function_is_longer_than_a_screen_or_two():
+    long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name, tree in _sources().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
+
+
+def test_the_training_loop_fits_on_one_screen():
+    tree = _sources()["lora_efficiency.trainer"]
+    fit = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fit")
+    loop = next(n for n in ast.walk(fit) if isinstance(n, ast.For))
+    assert loop.end_lineno - loop.lineno + 1 <= 50
