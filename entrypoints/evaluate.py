@@ -8,61 +8,51 @@ python -m entrypoints.evaluate --adapter path/to/adapter --data python-docs
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_efficiency.cli import run_cli
-from lora_efficiency.config import EvaluateConfig, parse_args
+from lora_efficiency.config import EvaluateConfig, parse_args, parse_bool
+
+
+@dataclass
+class _Target:
+    """What is evaluated: every setting not given comes from the train run, else from the train defaults."""
+
+    model: str
+    data: str
+    quantization: str
+    seq_len: int
+    double_quant: bool
+    adapter: Path | None  # None: the base model alone (or, with run_id, downloaded once the data is known)
 
 
 def main(argv: list[str]) -> None:
     cfg = parse_args(EvaluateConfig, "evaluate", argv, description=__doc__)
-    import mlflow
-    from mlflow.entities import Metric
     from transformers.utils import logging as hf_logging
 
-    from lora_efficiency.data import TokenizedSplit, unpacked
-    from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
-    from lora_efficiency.inference import check_adapter_folder, download_adapter, load_for_inference, train_run
-    from lora_efficiency.models import BUNDLED_MODEL, compute_dtype, load_tokenizer, resolve_model
+    from lora_efficiency.evaluation import eval_settings_tag, use_exact_match
+    from lora_efficiency.inference import download_adapter, load_for_inference
+    from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import resolve_data
     from lora_efficiency.tracking import check_tracking_store, start_run
     from lora_efficiency.trainer import resolve_device
 
     hf_logging.disable_progress_bar()
     check_tracking_store()
-    # What to evaluate: everything not given comes from the train run, else from the train defaults.
-    model, data, quantization, seq_len, double_quant = (
-        cfg.model,
-        cfg.data,
-        cfg.quantization,
-        cfg.seq_len,
-        cfg.double_quant,
-    )
-    adapter = None
-    if cfg.run_id:
-        params = train_run(cfg.run_id).data.params
-        model = model or params.get("model") or BUNDLED_MODEL
-        quantization = quantization or params.get("quantization", "nf4")
-        seq_len = seq_len or int(params.get("seq_len", 512))
-        double_quant = params.get("double_quant", "true").lower() == "true"
-        data_path = params.get("data_path", "")
-        data = data or (data_path if data_path and Path(data_path).is_dir() else params.get("data", ""))
-    elif cfg.adapter != "none":
-        adapter = check_adapter_folder(cfg.adapter)
-    model, quantization, seq_len = model or BUNDLED_MODEL, quantization or "nf4", seq_len or 512
-
+    target = _target(cfg)
     device = resolve_device(cfg.device)
-    source = resolve_model(model)
-    prepared = resolve_data(data, model=source, tokenizer=load_tokenizer(source), seq_len=seq_len)
-    do_exact_match = use_exact_match(cfg.exact_match, prepared.manifest, data)
+    source = resolve_model(target.model)
+    prepared = resolve_data(target.data, model=source, tokenizer=load_tokenizer(source), seq_len=target.seq_len)
+    do_exact_match = use_exact_match(cfg.exact_match, prepared.manifest, target.data)
     if cfg.run_id:  # downloaded once every setting is known to be good
-        adapter = download_adapter(cfg.run_id)
+        target.adapter = download_adapter(cfg.run_id)
     network, tokenizer, _ = load_for_inference(
         model=source,
-        adapter=adapter,
-        quantization=quantization,
+        adapter=target.adapter,
+        quantization=target.quantization,
         device=device,
-        double_quant=double_quant,
+        double_quant=target.double_quant,
         trust_remote_code=cfg.trust_remote_code,
     )
     settings = eval_settings_tag(
@@ -71,64 +61,107 @@ def main(argv: list[str]) -> None:
         generate_samples=cfg.generate_samples if do_exact_match else 0,
         max_new_tokens=cfg.max_new_tokens,
     )
-    kind = "run" if cfg.run_id else ("baseline" if adapter is None else "adapter")
-    name = {
-        "run": f"eval-{cfg.run_id[:8]}",
-        "baseline": f"baseline-{source.model_id.split('/')[-1]}-{quantization}",
-        "adapter": f"eval-{getattr(adapter, 'name', 'adapter')}",
-    }[kind]
+    kind = "run" if cfg.run_id else ("baseline" if target.adapter is None else "adapter")
+    name = _run_name(kind, cfg, source, target)
     with start_run(run_name=name, entry_point="evaluate", system_metrics=False) as tracker:
-        tracker.log_params(
-            {
-                **vars(cfg),
-                "model_resolved": source.name,
-                "quantization_resolved": quantization,
-                "data_path": str(prepared.path),
-            }
-        )
-        tracker.set_tags(
-            {
-                "eval_kind": kind,
-                "eval_settings": settings,
-                "base_model": source.model_id,
-                "data_fingerprint": prepared.manifest["fingerprint"],
-                "quantization": quantization,
-                **({"baseline": "true"} if kind == "baseline" else {}),
-                **({"evaluated_run_id": cfg.run_id} if cfg.run_id else {}),
-            }
-        )
-        amp = None if quantization == "fp32" else compute_dtype(device)
-        n = cfg.eval_samples
-        result = evaluate_model(
-            network,
-            tokenizer,
-            eval_rows=unpacked(TokenizedSplit(prepared.eval.input_ids[:n], prepared.eval.labels[:n])),
-            eval_examples=prepared.eval_examples[:n],
-            exact_match=do_exact_match,
-            generate_samples=cfg.generate_samples,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            pad_id=tokenizer.pad_token_id,
-            device=device,
-            autocast_dtype=amp,
-            measure_merged=adapter is not None and quantization in ("bf16", "fp16", "fp32"),
-        )
+        _log_what_is_evaluated(tracker, cfg, kind, settings, source, target, prepared)
+        result = _evaluate(cfg, network, tokenizer, prepared, target, device, do_exact_match)
         tracker.log_metrics(result.metrics)
         if result.samples["prompt"]:
             tracker.log_table(result.samples, "eval_samples.json")
-        if cfg.run_id:  # same metric names in the train run; the same settings twice write nothing
-            client = mlflow.MlflowClient()
-            if client.get_run(cfg.run_id).data.tags.get("eval_settings") == settings:
-                print(f"run {cfg.run_id} already holds an evaluation with these settings: left as it is")
-            else:
-                now = int(time.time() * 1000)
-                client.log_batch(cfg.run_id, metrics=[Metric(k, v, now, 0) for k, v in result.metrics.items()])
-                client.set_tag(cfg.run_id, "eval_settings", settings)
-                if result.samples["prompt"]:
-                    mlflow.log_table(result.samples, "eval_samples.json", run_id=cfg.run_id)
+        if cfg.run_id:
+            _into_train_run(cfg.run_id, settings, result)
     m = result.metrics
     em = f", exact match {m['eval/exact_match']:.1%}" if "eval/exact_match" in m else ""
     print(f"{name}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}{em}")
+
+
+def _target(cfg: EvaluateConfig) -> _Target:
+    from lora_efficiency.inference import check_adapter_folder, train_run
+    from lora_efficiency.models import BUNDLED_MODEL
+
+    target = _Target(cfg.model, cfg.data, cfg.quantization, cfg.seq_len, cfg.double_quant, None)
+    if cfg.run_id:
+        params = train_run(cfg.run_id).data.params
+        target.model = target.model or params.get("model") or BUNDLED_MODEL
+        target.quantization = target.quantization or params.get("quantization", "nf4")
+        target.seq_len = target.seq_len or int(params.get("seq_len", 512))
+        target.double_quant = bool(parse_bool(params.get("double_quant", "true")))  # the run's, always
+        data_path = params.get("data_path", "")
+        target.data = target.data or (data_path if data_path and Path(data_path).is_dir() else params.get("data", ""))
+    elif cfg.adapter != "none":
+        target.adapter = check_adapter_folder(cfg.adapter)
+    target.model, target.quantization = target.model or BUNDLED_MODEL, target.quantization or "nf4"
+    target.seq_len = target.seq_len or 512
+    return target
+
+
+def _run_name(kind: str, cfg: EvaluateConfig, source, target: _Target) -> str:
+    if kind == "run":
+        return f"eval-{cfg.run_id[:8]}"
+    if kind == "baseline":
+        return f"baseline-{source.model_id.split('/')[-1]}-{target.quantization}"
+    return f"eval-{getattr(target.adapter, 'name', 'adapter')}"
+
+
+def _log_what_is_evaluated(tracker, cfg: EvaluateConfig, kind: str, settings: str, source, target, prepared) -> None:
+    tracker.log_params(
+        {
+            **vars(cfg),
+            "model_resolved": source.name,
+            "quantization_resolved": target.quantization,
+            "data_path": str(prepared.path),
+        }
+    )
+    tracker.set_tags(
+        {
+            "eval_kind": kind,
+            "eval_settings": settings,
+            "base_model": source.model_id,
+            "data_fingerprint": prepared.manifest["fingerprint"],
+            "quantization": target.quantization,
+            **({"baseline": "true"} if kind == "baseline" else {}),
+            **({"evaluated_run_id": cfg.run_id} if cfg.run_id else {}),
+        }
+    )
+
+
+def _evaluate(cfg: EvaluateConfig, network, tokenizer, prepared, target: _Target, device, do_exact_match: bool):
+    from lora_efficiency.data import TokenizedSplit, unpacked
+    from lora_efficiency.evaluation import evaluate_model
+    from lora_efficiency.models import compute_dtype
+
+    n = cfg.eval_samples
+    return evaluate_model(
+        network,
+        tokenizer,
+        eval_rows=unpacked(TokenizedSplit(prepared.eval.input_ids[:n], prepared.eval.labels[:n])),
+        eval_examples=prepared.eval_examples[:n],
+        exact_match=do_exact_match,
+        generate_samples=cfg.generate_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        autocast_dtype=None if target.quantization == "fp32" else compute_dtype(device),
+        measure_merged=target.adapter is not None and target.quantization in ("bf16", "fp16", "fp32"),
+    )
+
+
+def _into_train_run(run_id: str, settings: str, result) -> None:
+    """Same metric names in the train run; the same settings twice write nothing."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).data.tags.get("eval_settings") == settings:
+        print(f"run {run_id} already holds an evaluation with these settings: left as it is")
+        return
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in result.metrics.items()])
+    client.set_tag(run_id, "eval_settings", settings)
+    if result.samples["prompt"]:
+        mlflow.log_table(result.samples, "eval_samples.json", run_id=run_id)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(SweepConfig, "sweep", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
-    from lora_efficiency.models import load_tokenizer, resolve_model
-    from lora_efficiency.prepare import resolve_data
-    from lora_efficiency.sweep import load_sweep, run_sweep
+    from lora_efficiency.sweep import load_sweep, prepare_once, run_sweep
     from lora_efficiency.tracking import start_run
 
     hf_logging.disable_progress_bar()
@@ -33,23 +31,7 @@ def main(argv: list[str]) -> None:
 
         check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
-    data_settings = {
-        (c.config.data, c.config.model, c.config.seq_len, c.config.train_on_prompt) for c in sweep.children
-    }
-    if len(data_settings) > 1:
-        raise UserError(
-            f"config={cfg.config!r}: a sweep prepares its data once, so data, model, seq_len and "
-            "train_on_prompt must be the same in every configuration"
-        )
-    first = sweep.children[0].config
-    source = resolve_model(first.model)
-    prepared = resolve_data(
-        first.data,
-        model=source,
-        tokenizer=load_tokenizer(source),
-        seq_len=first.seq_len,
-        train_on_prompt=first.train_on_prompt,
-    )
+    prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
     print(
         f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
         f"{len(sweep.children)} runs; data {prepared.manifest['dataset']} ({prepared.path})",
@@ -78,14 +60,7 @@ def main(argv: list[str]) -> None:
             gpus_per_trial=cfg.gpus_per_trial,
             log=lambda line: print(line, flush=True),
         )
-        tracker.set_tags(
-            {
-                "children_total": result.total,
-                "children_finished": result.finished,
-                "children_skipped": result.skipped,
-                "children_failed": result.failed,
-            }
-        )
+        tracker.set_tags(result.tags())
         tracker.log_text(json.dumps(result.runs, indent=2), "sweep_runs.json")
     print(
         f"[{sweep.name}] {result.finished} finished, {result.skipped} skipped (already FINISHED), "

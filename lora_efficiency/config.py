@@ -203,16 +203,18 @@ class EvaluateConfig:
     trust_remote_code: bool
 
 
+def _one_adapter_source(v: dict[str, Any], p: list[str], choices: str) -> None:
+    """evaluate, generate and merge take the adapter from exactly one of a train run (run_id) and `adapter`."""
+    run_id, adapter = v.get("run_id", ""), v.get("adapter", "")
+    if bool(run_id) == bool(adapter):
+        p.append(f"run_id={run_id!r} and adapter={adapter!r}: give exactly one ({choices})")
+    _checker(v, p)("run_id", lambda x: not x or is_run_id(x), "an MLflow run id (32 hexadecimal characters)")
+
+
 def evaluate_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
-    run_id, adapter = v.get("run_id", ""), v.get("adapter", "")
-    if bool(run_id) == bool(adapter):
-        p.append(
-            f"run_id={run_id!r} and adapter={adapter!r}: give exactly one (a train run's id, an adapter folder, "
-            "or adapter=none for the base model alone)"
-        )
-    check("run_id", lambda x: not x or is_run_id(x), "an MLflow run id (32 hexadecimal characters)")
+    _one_adapter_source(v, p, "a train run's id, an adapter folder, or adapter=none for the base model alone")
     check("adapter", lambda x: x in ("", "none") or is_path(x, "dir"), "an existing adapter folder, or none")
     check(
         "quantization", lambda x: not x or x in QUANTIZATIONS, f"empty (the run's) or one of {', '.join(QUANTIZATIONS)}"
@@ -333,6 +335,144 @@ def report_problems(v: dict[str, Any]) -> list[str]:
     return p
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """Settings of `plan`: the train settings the estimate depends on, whose defaults are the `train` section's
+    (BASE_SECTIONS), and two of its own in the `plan` section; configs/default.yaml documents each field."""
+
+    model: str
+    rank: int
+    target_modules: str
+    quantization: str
+    double_quant: bool
+    batch_size: int
+    seq_len: int
+    dropout: float
+    gradient_checkpointing: bool
+    device: str
+    trust_remote_code: bool
+    target_fraction: float
+    budget_mb: float
+
+
+def plan_problems(v: dict[str, Any]) -> list[str]:
+    p = train_problems(v)  # the train fields, checked as train checks them (the others are not in v)
+    check = _checker(v, p)
+    check("target_fraction", lambda x: 0 < x <= 1, "a number in (0, 1]")
+    check("budget_mb", lambda x: x >= 0, "a number of MB > 0, or 0 (the machine's: GPU memory, else available RAM)")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of `generate`; configs/default.yaml documents each field."""
+
+    run_id: str
+    adapter: str
+    model: str
+    quantization: str
+    prompt: str
+    max_new_tokens: int
+    device: str
+
+
+def generate_problems(v: dict[str, Any]) -> list[str]:
+    p: list[str] = []
+    check = _checker(v, p)
+    _one_adapter_source(v, p, "a train run's id, an adapter folder, or adapter=none for the base model alone")
+    check(
+        "quantization",
+        lambda x: not x or x in QUANTIZATIONS,
+        f"empty (the run's, else bf16) or one of {', '.join(QUANTIZATIONS)}",
+    )
+    check("prompt", lambda x: x != "", "a prompt to answer (required)")
+    check("max_new_tokens", lambda x: x >= 1, "an integer >= 1")
+    check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
+    if v.get("model") and (problem := model_name_problem(v["model"])):
+        p.append(problem)
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """Settings of `merge`; configs/default.yaml documents each field."""
+
+    run_id: str
+    adapter: str
+    model: str
+    output: str
+    dtype: str
+
+
+def merge_problems(v: dict[str, Any]) -> list[str]:
+    p: list[str] = []
+    check = _checker(v, p)
+    _one_adapter_source(v, p, "a train run's id or an adapter folder")
+    check("output", lambda x: x != "", "a new folder for the merged model (required)")
+    check("dtype", lambda x: x in ("bf16", "fp16", "fp32"), "bf16, fp16 or fp32 (merged into unquantized weights)")
+    if v.get("model") and (problem := model_name_problem(v["model"])):
+        p.append(problem)
+    return p
+
+
+# The benchmark's base storages (lora_efficiency.bench takes them from here: nothing here may import it). No
+# fp16: the reference loads an unquantized base in the compute dtype (bf16 on this CPU), so an fp16 table would
+# compare unlike storages.
+BENCH_MODES = ("bf16", "nf4", "fp4", "int8", "fp32")
+# The benchmark's random-weight models of a real model's shape (their shapes: lora_efficiency.bench.recipe).
+RANDOM_SHAPE_NAMES = ("llama-3.2-1b-shape",)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Settings of `bench` (`make bench`); configs/default.yaml documents each field."""
+
+    modes: str
+    steps: int
+    warmup_steps: int
+    repeats: int
+    batch_size: int
+    seq_len: int
+    ref_batch_size: int
+    model: str
+    data: str
+    device: str
+    profile_steps: int
+    startup_launches: int
+    output: str
+    json: str
+
+    @property
+    def mode_list(self) -> list[str]:
+        return _bench_modes(self.modes)
+
+
+def _bench_modes(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def bench_problems(v: dict[str, Any]) -> list[str]:
+    p: list[str] = []
+    check = _checker(v, p)
+    check(
+        "modes",
+        lambda x: _bench_modes(x) and all(m in BENCH_MODES for m in _bench_modes(x)),
+        f"a comma list of {', '.join(BENCH_MODES)}",
+    )
+    for name in ("repeats", "batch_size", "warmup_steps"):
+        check(name, lambda x: x >= 1, "an integer >= 1")
+    for name in ("ref_batch_size", "profile_steps", "startup_launches"):
+        check(name, lambda x: x >= 0, "an integer >= 0")
+    if "warmup_steps" in v:
+        check("steps", lambda x: x > v["warmup_steps"], f"more than warmup_steps={v['warmup_steps']}")
+    check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
+    if "model" in v and v["model"] not in RANDOM_SHAPE_NAMES and (problem := model_name_problem(v["model"])):
+        p.append(f"{problem}, or one of the random-weight shapes {', '.join(RANDOM_SHAPE_NAMES)}")
+    check("data", data_reference_ok, "'' (the bundled set), a known set name, a data file or folder")
+    check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
+    return p
+
+
 CHECKS = {
     ReportConfig: report_problems,
     StudyConfig: study_problems,
@@ -340,7 +480,14 @@ CHECKS = {
     TrainConfig: train_problems,
     PrepareConfig: prepare_problems,
     EvaluateConfig: evaluate_problems,
+    PlanConfig: plan_problems,
+    GenerateConfig: generate_problems,
+    MergeConfig: merge_problems,
+    BenchConfig: bench_problems,
 }
+# Entry points whose settings are partly another's: a field their own section leaves out takes that section's
+# default (`plan` plans the default training run unless told otherwise).
+BASE_SECTIONS = {PlanConfig: "train"}
 
 
 def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
@@ -414,6 +561,10 @@ def parse_args(cls: type, section: str, argv: list[str], description: str):
     if unknown:
         names = ", ".join(f.name for f in dataclasses.fields(cls))
         raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are --defaults and --{{{names}}}")
-    values = dict(read_defaults(section, Path(args.defaults)))
+    values = {}
+    if cls in BASE_SECTIONS:
+        base = read_defaults(BASE_SECTIONS[cls], Path(args.defaults))
+        values = {f.name: base[f.name] for f in dataclasses.fields(cls) if f.name in base}
+    values.update(read_defaults(section, Path(args.defaults)))
     values.update({k: v for k, v in vars(args).items() if k != "defaults" and v is not None})
     return build_config(cls, values)

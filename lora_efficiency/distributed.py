@@ -79,8 +79,10 @@ def setup(device: torch.device) -> Group:
     """
     if not launched():
         return Group(0, 1, device)
+    from lora_efficiency.config import parse_bool
+
     for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch --use_fsdp / --use_deepspeed set these
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+        if parse_bool(os.environ.get(f"ACCELERATE_USE_{engine}", "false")):
             from lora_efficiency.errors import UserError
 
             raise UserError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import psutil
 import torch
@@ -73,6 +74,30 @@ class MemoryEstimate:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_mb") and f.name != "total_mb"}
 
 
+class MetaModel(NamedTuple):
+    """A model built on the meta device (shapes only), with the names of its linear layers and of those LoRA adapts."""
+
+    model: torch.nn.Module
+    modules: dict[str, torch.nn.Module]  # by name, as named_modules() gives them
+    linear: list[str]  # every linear layer LoRA could adapt (models.linear_module_names)
+    adapted: list[str]  # the ones `target_modules` selects
+
+
+def meta_model(model_config, target_modules: str) -> MetaModel:
+    """`model_config`'s model on the meta device: nothing is allocated, so a 1B model's layers are counted in
+    well under a second. The planner sizes memory from it and the benchmark counts model FLOPs from it."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_efficiency.models import linear_module_names, resolve_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    linear = linear_module_names(model)
+    targets = resolve_target_modules(model, target_modules)
+    adapted = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+    return MetaModel(model, dict(model.named_modules()), linear, adapted)
+
+
 def _in_out_features(module: torch.nn.Module) -> tuple[int, int]:
     """(in, out) of nn.Linear (weight [out, in]) and of GPT-2's Conv1D (weight [in, out])."""
     from transformers.pytorch_utils import Conv1D
@@ -81,44 +106,9 @@ def _in_out_features(module: torch.nn.Module) -> tuple[int, int]:
     return (rows, cols) if isinstance(module, Conv1D) else (cols, rows)
 
 
-def estimate(
-    model_config,
-    *,
-    rank: int,
-    target_modules: str,
-    quantization: str,
-    batch_size: int,
-    seq_len: int,
-    double_quant: bool = True,
-    device: str | torch.device = "cpu",
-    gradient_checkpointing: bool = False,
-    target_fraction: float = 1.0,
-    dropout: float = 0.05,
-) -> MemoryEstimate:
-    """Peak memory of `trainer.train` with these settings, from a transformers config alone.
-
-    The module list comes from the config on the meta device (nothing is allocated). Activations follow what
-    autograd saves in a Llama-style decoder under the trainer's bf16 autocast (fp32 for quantization=fp32);
-    other families get the same per-layer formula. Packed rows are seq_len long, so every micro-batch has
-    batch_size x seq_len positions (padded unpacked batches are shorter: an upper bound for them);
-    `target_fraction` of them are loss targets (1.0 for plain text or train_on_prompt, the upper bound; 0.17
-    for the bundled instruct set packed to 512).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from lora_efficiency.loss import LOSS_CHUNK_TOKENS
-    from lora_efficiency.models import linear_module_names, resolve_target_modules
-
-    device = torch.device(device)
-    cpu = device.type == "cpu"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    modules = dict(model.named_modules())
-    linear = linear_module_names(model)
-    targets = resolve_target_modules(model, target_modules)
-    adapted = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
-
-    # -- weights --------------------------------------------------------------------------------------------
+def _weight_bytes(model_config, meta: MetaModel, quantization: str, double_quant: bool, cpu: bool) -> tuple[int, int]:
+    """(bytes of the stored base weights, bytes the quantizing load holds on the CPU heap on top)."""
+    model, modules, linear, _ = meta
     n_total = sum(p.numel() for p in model.parameters())  # a tied embedding and head count once
     n_linear = sum(modules[n].weight.numel() for n in linear)
     n_other = n_total - n_linear  # embeddings, norms, an untied head, biases: kept in the compute dtype
@@ -134,14 +124,25 @@ def estimate(
     if cpu and quantization in QUANT_LOAD_HEAP_BYTES:
         checkpoint_bytes = torch.finfo(getattr(model_config, "dtype", None) or torch.float32).bits // 8
         load_bytes = n_linear * (checkpoint_bytes + QUANT_LOAD_HEAP_BYTES[quantization])
+    return weight_bytes, load_bytes
 
-    # -- LoRA -----------------------------------------------------------------------------------------------
-    trainable = sum(rank * sum(_in_out_features(modules[n])) for n in adapted)
 
-    # -- activations: what autograd keeps per decoder layer for batch_size x seq_len positions ---------------
-    cfg = model_config
+def _activation_bytes(
+    cfg,
+    meta: MetaModel,
+    *,
+    rank: int,
+    quantization: str,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    dropout: float,
+    cpu: bool,
+) -> int:
+    """What autograd keeps for the backward: per decoder layer, for batch_size x seq_len positions."""
+    model, modules, linear, adapted = meta
     tokens = batch_size * seq_len
-    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
@@ -181,16 +182,61 @@ def estimate(
         saved = layers * tokens * hidden * act + layer + int8_inputs
     else:
         saved = layer0 + (layers - 1) * layer + layers * int8_inputs + norm  # + the final norm
-    saved += 2 * tokens * head_dim * act  # the rotary cos and sin, shared by every layer
+    return saved + 2 * tokens * head_dim * act  # the rotary cos and sin, shared by every layer
 
-    # -- loss: the backward of one chunk of target positions -------------------------------------------------
+
+def estimate(
+    model_config,
+    *,
+    rank: int,
+    target_modules: str,
+    quantization: str,
+    batch_size: int,
+    seq_len: int,
+    double_quant: bool = True,
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+    target_fraction: float = 1.0,
+    dropout: float = 0.05,
+) -> MemoryEstimate:
+    """Peak memory of `trainer.train` with these settings, from a transformers config alone.
+
+    The module list comes from the config on the meta device (nothing is allocated). Activations follow what
+    autograd saves in a Llama-style decoder under the trainer's bf16 autocast (fp32 for quantization=fp32);
+    other families get the same per-layer formula. Packed rows are seq_len long, so every micro-batch has
+    batch_size x seq_len positions (padded unpacked batches are shorter: an upper bound for them);
+    `target_fraction` of them are loss targets (1.0 for plain text or train_on_prompt, the upper bound; 0.17
+    for the bundled instruct set packed to 512).
+    """
+    from lora_efficiency.loss import LOSS_CHUNK_TOKENS
+
+    cpu = torch.device(device).type == "cpu"
+    meta = meta_model(model_config, target_modules)
+    weight_bytes, load_bytes = _weight_bytes(model_config, meta, quantization, double_quant, cpu)
+    trainable = sum(rank * sum(_in_out_features(meta.modules[n])) for n in meta.adapted)  # LoRA's A and B
+    saved = _activation_bytes(
+        model_config,
+        meta,
+        rank=rank,
+        quantization=quantization,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        dropout=dropout,
+        cpu=cpu,
+    )
+    # the loss: the backward of one chunk of target positions
+    tokens = batch_size * seq_len
+    act = 4 if quantization == "fp32" else 2
     n_targets = math.ceil(target_fraction * tokens)
     chunk = min(n_targets, LOSS_CHUNK_TOKENS)
-    loss_bytes = LOSS_FP32_LOGIT_COPIES * chunk * vocab * 4 + n_targets * hidden * act
+    loss_bytes = (
+        LOSS_FP32_LOGIT_COPIES * chunk * model_config.vocab_size * 4 + n_targets * model_config.hidden_size * act
+    )
 
     heap_slack = 0.0
     if cpu:
-        heap_held = saved + (loss_bytes if chunk * vocab * 4 < GLIBC_MMAP_MAX_BYTES else 0)
+        heap_held = saved + (loss_bytes if chunk * model_config.vocab_size * 4 < GLIBC_MMAP_MAX_BYTES else 0)
         heap_slack = CPU_HEAP_SLACK_FIXED_MB * MB + CPU_HEAP_SLACK * heap_held
 
     parts = {

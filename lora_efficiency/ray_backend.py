@@ -3,7 +3,7 @@
 mlflow run . -e sweep --env-manager local -P config=configs/sweeps/rank.yaml -P backend=ray            # local Ray
 mlflow run . -e sweep --env-manager local -P config=... -P backend=ray -P ray_address=auto             # a cluster
 
-Each task is `sweep.run_job`: it creates the child's MLflow run on the node that trains it, then runs
+Each task is `children.run_job`: it creates the child's MLflow run on the node that trains it, then runs
 `python -m entrypoints.train` there as a process of its own, exactly as the local backend does, so a child that
 crashes (even a segfault or an OOM kill) fails alone. Ray only schedules: a task asks for `cpus_per_trial` CPUs
 and `gpus_per_trial` GPUs, and Ray starts as many as the cluster's free resources (and `max_concurrent`) allow.
@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
+from lora_efficiency.children import Job, Outcome, run_job
 from lora_efficiency.errors import UserError
-from lora_efficiency.sweep import Job, Outcome, run_job
+from lora_efficiency.subprocesses import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # Left out of the working_dir Ray uploads to a cluster (its limit is 500 MiB; .venv alone is ~5 GB).
 UPLOAD_EXCLUDES = [".venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "reports", ".pytest_cache", ".hypothesis"]
 # Every child prints ~20 similar step lines: Ray's default log deduplication would fold other children's lines
@@ -72,6 +71,20 @@ def _gpus(gpus_per_trial: str, num_processes: int, cluster_gpus: float) -> float
     return float(gpus_per_trial)
 
 
+def _lost_task(job: Job, exc: Exception, seconds: float) -> Outcome:
+    """The outcome of a task whose worker died: its run, if the task got as far as creating it, is found by its
+    sweep_key tag (still RUNNING) so the sweep marks it FAILED."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
+    runs = client.search_runs(
+        [job.experiment_id],
+        filter_string=f"tags.sweep_key = '{job.key}' and attributes.status = 'RUNNING'",
+    )
+    run_id = runs[0].info.run_id if runs else ""
+    return Outcome(run_id, 1, f"error: the Ray task died: {str(exc).splitlines()[0][:300]}", seconds)
+
+
 def run_jobs(
     jobs: list[Job],
     *,
@@ -89,8 +102,6 @@ def run_jobs(
     if not jobs:
         return
     ray, started = _connect(address)
-    from mlflow import MlflowClient
-
     cluster = ray.cluster_resources()
     say(
         f"[ray] {'local instance' if started and not address else address}: {cluster.get('CPU', 0):g} CPUs, "
@@ -103,10 +114,9 @@ def run_jobs(
         while queue or pending:
             while queue and (not max_concurrent or len(pending) < max_concurrent):
                 job = queue.pop(0)
-                num_processes = int(job.args[job.args.index("--num_processes") + 1])
                 options = {
-                    "num_cpus": cpus_per_trial * num_processes,
-                    "num_gpus": _gpus(gpus_per_trial, num_processes, cluster.get("GPU", 0)),
+                    "num_cpus": cpus_per_trial * job.num_processes,
+                    "num_gpus": _gpus(gpus_per_trial, job.num_processes, cluster.get("GPU", 0)),
                     "max_retries": 0,  # a failed child is recorded FAILED, not run twice
                     "name": f"train {job.name}",
                 }
@@ -116,14 +126,7 @@ def run_jobs(
             try:
                 yield job, ray.get(ref)
             except ray.exceptions.RayError as exc:
-                client = MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
-                runs = client.search_runs(
-                    [job.experiment_id],
-                    filter_string=f"tags.sweep_key = '{job.key}' and attributes.status = 'RUNNING'",
-                )
-                run_id = runs[0].info.run_id if runs else ""
-                error = f"error: the Ray task died: {str(exc).splitlines()[0][:300]}"
-                yield job, Outcome(run_id, 1, error, time.perf_counter() - t0)
+                yield job, _lost_task(job, exc, time.perf_counter() - t0)
     finally:
         for ref in pending:  # interrupted: nothing keeps running on the cluster
             ray.cancel(ref, force=True)

@@ -8,21 +8,26 @@ run in the experiment is skipped, so a sweep started again after a crash runs on
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
-import json
 import os
 import re
-import socket
-import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lora_efficiency import progress
+from lora_efficiency.children import Job, Outcome, is_stale, run_here, train_args
+from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
 from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
+from lora_efficiency.configuration import planner_inputs, sweep_key
 from lora_efficiency.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from lora_efficiency.prepare import Prepared
 
 SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds"}
 
@@ -111,32 +116,35 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
     return Sweep(spec.get("name", path.stem), str(path), children, seeds)
 
 
-def sweep_key(config: TrainConfig, data_fingerprint: str) -> str:
-    """What identifies one child across restarts: every setting but the device and the checkpointing, the data by
-    content, the seed."""
-    left_out = ("device", "data", "checkpoint_every", "resume_from")
-    settings = {k: v for k, v in asdict(config).items() if k not in left_out}
-    if settings["num_processes"] == 1:  # keys of single-process runs stay those made before the setting existed
-        del settings["num_processes"]
-    payload = json.dumps({**settings, "data_fingerprint": data_fingerprint}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def check_one_data(sweeps: list[Sweep], *, where: str, what: str = "a sweep") -> None:
+    """Every child of `sweeps` trains on the one prepared data set: the settings that shape it must agree."""
+    shapes = {
+        (c.config.data, c.config.model, c.config.seq_len, c.config.train_on_prompt)
+        for sweep in sweeps
+        for c in sweep.children
+    }
+    if len(shapes) > 1:
+        raise UserError(
+            f"{where}: {what} prepares its data once, so data, model, seq_len and train_on_prompt must be the same "
+            "in every configuration"
+        )
 
 
-def owner_tags() -> dict[str, str]:
-    """Who runs a child: a RUNNING child whose process is gone on this host is stale."""
-    return {"owner_host": socket.gethostname(), "owner_pid": str(os.getpid())}
+def prepare_once(sweeps: list[Sweep], *, where: str, what: str = "a sweep") -> Prepared:
+    """Check that `sweeps` share one data set (check_one_data), then prepare it (cached): a Prepared."""
+    from lora_efficiency.models import load_tokenizer, resolve_model
+    from lora_efficiency.prepare import resolve_data
 
-
-def is_stale(tags: dict[str, str]) -> bool:
-    if tags.get("owner_host") != socket.gethostname():
-        return False  # another machine's sweep: not ours to judge
-    try:
-        os.kill(int(tags.get("owner_pid", "0")), 0)
-    except (ProcessLookupError, ValueError):
-        return True
-    except PermissionError:
-        return False
-    return False
+    check_one_data(sweeps, where=where, what=what)
+    first = sweeps[0].children[0].config
+    source = resolve_model(first.model)
+    return resolve_data(
+        first.data,
+        model=source,
+        tokenizer=load_tokenizer(source),
+        seq_len=first.seq_len,
+        train_on_prompt=first.train_on_prompt,
+    )
 
 
 class Eta:
@@ -160,10 +168,6 @@ class Eta:
         return f"[{name}] {self.done}/{self.total} done" + (f", {eta}" if eta else "")
 
 
-def now() -> float:
-    return time.perf_counter()
-
-
 @dataclass
 class SweepResult:
     total: int
@@ -173,90 +177,14 @@ class SweepResult:
     failures: list[str] = field(default_factory=list)
     runs: dict[str, str] = field(default_factory=dict)  # sweep_key -> run id of its FINISHED run
 
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the sweep dies (kill -9 included), so none outlives it."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _train_args(config: TrainConfig, data: str) -> list[str]:
-    args = []
-    for key, value in asdict(config).items():
-        value = data if key == "data" else value
-        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return args
-
-
-def _train_command(config: TrainConfig, data_path: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "entrypoints.train", *_train_args(config, data_path)]
-
-
-def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run one child; its stderr (its step bar, warnings, a traceback) is passed through as it comes, and its
-    tail kept to name the error. Returns the exit status and the last 64 KB of stderr."""
-    import subprocess
-    import sys
-    import threading
-
-    proc = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, stderr=subprocess.PIPE)
-    tail = bytearray()
-
-    def forward() -> None:
-        while chunk := os.read(proc.stderr.fileno(), 65536):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
-            tail.extend(chunk)
-            del tail[:-65536]
-
-    reader = threading.Thread(target=forward, daemon=True)
-    reader.start()
-    returncode = proc.wait()
-    reader.join()
-    proc.stderr.close()
-    return returncode, tail.decode("utf-8", errors="replace")
-
-
-@dataclass
-class Job:
-    """One child to run: where its run goes, what it runs, and the environment it adds to its host's."""
-
-    name: str
-    key: str
-    experiment_id: str
-    tags: dict[str, str]
-    args: list[str]  # entrypoints.train's arguments
-    env: dict[str, str]
-
-
-@dataclass
-class Outcome:
-    run_id: str  # empty when the child's run was never created (its Ray worker died first)
-    returncode: int
-    stderr: str
-    seconds: float
-
-
-def run_job(job: Job) -> Outcome:
-    """Create the child's run here, on the host that trains it (so its start time and owner are the real ones),
-    then run `python -m entrypoints.train` in a process of its own. The same function runs in the sweep's process
-    (backend local) and as a Ray task (backend ray)."""
-    import sys
-
-    import mlflow
-
-    client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
-    run = client.create_run(job.experiment_id, run_name=job.name, tags={**job.tags, **owner_tags()})
-    env = {**os.environ, **job.env, "MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": job.experiment_id}
-    root = str(Path(__file__).resolve().parents[1])  # `-m entrypoints.train` from any working folder
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    t0 = now()
-    returncode, stderr = _run_child([sys.executable, "-m", "entrypoints.train", *job.args], env)
-    return Outcome(run.info.run_id, returncode, stderr, now() - t0)
+    def tags(self) -> dict[str, str]:
+        """The counts a sweep's parent run is tagged with (by `sweep` and by every sweep of the study)."""
+        return {
+            "children_total": str(self.total),
+            "children_finished": str(self.finished),
+            "children_skipped": str(self.skipped),
+            "children_failed": str(self.failed),
+        }
 
 
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
@@ -280,14 +208,7 @@ def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
             rows_target_fraction=fractions[c.seq_len, c.packing],
             device=resolve_device(c.device),
             trust_remote_code=c.trust_remote_code,
-            rank=c.rank,
-            target_modules=c.target_modules,
-            quantization=c.quantization,
-            double_quant=c.double_quant,
-            batch_size=c.batch_size,
-            seq_len=c.seq_len,
-            gradient_checkpointing=c.gradient_checkpointing,
-            dropout=c.dropout,
+            **planner_inputs(asdict(c)),
         )
     return out
 
@@ -319,7 +240,7 @@ def run_sweep(
     max_concurrent: int = 0,
     cpus_per_trial: float = 1.0,
     gpus_per_trial: str = "auto",
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Run every child not already FINISHED, each in its own process, as a child run of `parent_run_id`.
 
@@ -335,95 +256,164 @@ def run_sweep(
     """
     import mlflow
 
-    from lora_efficiency import progress
-    from lora_efficiency.planner import available_mb
-    from lora_efficiency.trainer import resolve_device
-
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    bar = None
-    if progress.bars_wanted() and backend == "local":  # concurrent children: no bars, their lines interleave
-        bar = progress.bar(total=len(sweep.children), desc=f"sweep {sweep.name}", unit="run", position=0)
-    say = bar.write if bar is not None else log
+    shown = _Progress(sweep, bars=progress.bars_wanted() and backend == "local", log=log)  # concurrent: lines
     stale = mark_stale_runs(client, experiment_id)
     if stale:
-        say(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
+        shown.say(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
     done = finished_keys(client, experiment_id)
     todo = [c for c in sweep.children if sweep_key(c.config, data_fingerprint) not in done]
     predicted = predicted_peaks(Sweep(sweep.name, sweep.path, todo, sweep.seeds), data_path) if todo else {}
-    result, eta = SweepResult(len(sweep.children)), Eta(len(sweep.children))
+    place = _Placement(parent_run_id, experiment_id, backend, _children_env(bars=shown.bar is not None))
     jobs = []
-    remote = backend == "ray" and bool(ray_address)  # another machine: it resolves the data reference itself
-    env = {
-        "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
-        "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child
-        progress.PROGRESS_ENV: "bar" if bar is not None else "lines",
-        progress.BAR_POSITION_ENV: "1",
-    }
     for child in sweep.children:
         key = sweep_key(child.config, data_fingerprint)
         if key in done:
-            result.skipped += 1
-            result.runs[key] = done[key]
-            eta.update(None)
-            say(f"{eta.line(sweep.name)}: {child.name} already FINISHED ({done[key]}), skipped")
-            if bar is not None:
-                bar.update(1)
+            shown.skipped(child.name, key, done[key])
             continue
-        need_mb, have_mb = predicted.get(child.name), available_mb(resolve_device(child.config.device))
-        if need_mb is not None and need_mb > have_mb:
-            say(
-                f"[{sweep.name}] warning: {child.name} is predicted to need {need_mb:,.0f} MB, the device has "
-                f"{have_mb:,.0f} MB available: it may run out of memory (trying it anyway)"
-            )
-        tags = {
-            "mlflow.parentRunId": parent_run_id,
-            "sweep_name": sweep.name,
-            "sweep_key": key,
-            "sweep_configuration": child.name,
-            "seed": str(child.config.seed),
-            "sweep_backend": backend,
-        }
-        args = _train_args(child.config, child.config.data if remote else data_path)
-        jobs.append(Job(child.name, key, experiment_id, tags, args, env))
-    if backend == "ray":
-        from lora_efficiency.ray_backend import run_jobs
+        _warn_if_too_big(child, predicted.get(child.name), shown.say, sweep.name)
+        data = child.config.data if backend == "ray" and ray_address else data_path  # a cluster resolves its own
+        jobs.append(_job(sweep.name, child, key, data, place))
+    runs = _backend(backend, ray_address, max_concurrent, cpus_per_trial, gpus_per_trial, shown.say)
+    for job, outcome in runs(jobs):
+        _record(client, job, outcome, shown)
+    shown.close()
+    return shown.result
 
-        outcomes = run_jobs(
-            jobs,
-            address=ray_address,
-            max_concurrent=max_concurrent,
-            cpus_per_trial=cpus_per_trial,
-            gpus_per_trial=gpus_per_trial,
-            say=say,
-        )
-    else:
-        outcomes = ((job, run_job(job)) for job in jobs)
-    for job, outcome in outcomes:
-        status = client.get_run(outcome.run_id).info.status if outcome.run_id else "NONE"
-        eta.update(outcome.seconds)
-        if outcome.returncode == 0 and status == "FINISHED":
-            result.finished += 1
-            result.runs[job.key] = outcome.run_id
-            say(f"{eta.line(sweep.name)}: {job.name} FINISHED in {outcome.seconds:.0f} s")
+
+class _Progress:
+    """What a sweep shows and counts as its children end: a bar on a terminal (else plain lines through `log`),
+    the ETA, and the SweepResult."""
+
+    def __init__(self, sweep: Sweep, *, bars: bool, log: Callable[[str], None]):
+        self.name, total = sweep.name, len(sweep.children)
+        self.bar = progress.bar(total=total, desc=f"sweep {sweep.name}", unit="run", position=0) if bars else None
+        self.say = self.bar.write if self.bar is not None else log
+        self.result, self.eta = SweepResult(total), Eta(total)
+
+    def skipped(self, child_name: str, key: str, run_id: str) -> None:
+        self.result.skipped += 1
+        self.result.runs[key] = run_id
+        self.eta.update(None)
+        self.say(f"{self.eta.line(self.name)}: {child_name} already FINISHED ({run_id}), skipped")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def ended(self, job: Job, outcome: Outcome, error: str | None) -> None:
+        """`error` None: the child FINISHED."""
+        self.eta.update(outcome.seconds)
+        if error is None:
+            self.say(f"{self.eta.line(self.name)}: {job.name} FINISHED in {outcome.seconds:.0f} s")
         else:
-            lines = [line for line in outcome.stderr.splitlines() if line.strip()]
-            error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-            if outcome.returncode < 0:
-                error = f"killed by signal {-outcome.returncode} (out of memory?) {error}".strip()
-            if outcome.run_id:
-                client.set_tag(outcome.run_id, "error", error[:5000] or f"exit status {outcome.returncode}")
-                if client.get_run(outcome.run_id).info.status == "RUNNING":
-                    client.set_terminated(outcome.run_id, "FAILED")
-            result.failed += 1
-            result.failures.append(f"{job.name}: {error}")
-            say(f"{eta.line(sweep.name)}: {job.name} FAILED: {error}")
-        if bar is not None:
-            bar.set_postfix_str(eta.eta(), refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return result
+            self.say(f"{self.eta.line(self.name)}: {job.name} FAILED: {error}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.eta.eta(), refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where every child's run goes and what it runs with: the same for all the children of one sweep."""
+
+    parent_run_id: str
+    experiment_id: str
+    backend: str
+    env: dict[str, str]
+
+
+def _children_env(*, bars: bool) -> dict[str, str]:
+    """What each child's environment adds to its host's: the store (absolute, for a child started anywhere) and
+    how it shows progress (its step bar under the sweep's, or lines)."""
+    import mlflow
+
+    return {
+        "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
+        "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child
+        progress.PROGRESS_ENV: "bar" if bars else "lines",
+        progress.BAR_POSITION_ENV: "1",
+    }
+
+
+def _warn_if_too_big(child: Child, need_mb: float | None, say: Callable[[str], None], sweep_name: str) -> None:
+    from lora_efficiency.planner import available_mb
+    from lora_efficiency.trainer import resolve_device
+
+    have_mb = available_mb(resolve_device(child.config.device))
+    if need_mb is not None and need_mb > have_mb:
+        say(
+            f"[{sweep_name}] warning: {child.name} is predicted to need {need_mb:,.0f} MB, the device has "
+            f"{have_mb:,.0f} MB available: it may run out of memory (trying it anyway)"
+        )
+
+
+def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement) -> Job:
+    tags = {
+        "mlflow.parentRunId": place.parent_run_id,
+        "sweep_name": sweep_name,
+        "sweep_key": key,
+        "sweep_configuration": child.name,
+        "seed": str(child.config.seed),
+        "sweep_backend": place.backend,
+    }
+    args = train_args(child.config, data)
+    return Job(child.name, key, place.experiment_id, tags, args, place.env, child.config.num_processes)
+
+
+def _backend(
+    backend: str,
+    ray_address: str,
+    max_concurrent: int,
+    cpus_per_trial: float,
+    gpus_per_trial: str,
+    say: Callable[[str], None],
+) -> Callable[[list[Job]], Iterable[tuple[Job, Outcome]]]:
+    """What runs the jobs and yields (job, outcome) as each one ends: children.run_here, or Ray tasks."""
+    if backend != "ray":
+        return run_here
+    # imported only for backend ray: importing ray_backend sets RAY_DEDUP_LOGS, which local children need not see
+    from lora_efficiency.ray_backend import run_jobs
+
+    return functools.partial(
+        run_jobs,
+        address=ray_address,
+        max_concurrent=max_concurrent,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        say=say,
+    )
+
+
+def _record(client, job: Job, outcome: Outcome, shown: _Progress) -> None:
+    """Count a child that ended; a failed one's run gets its error tag and is marked FAILED if still RUNNING."""
+    status = client.get_run(outcome.run_id).info.status if outcome.run_id else "NONE"
+    result = shown.result
+    if outcome.returncode == 0 and status == "FINISHED":
+        result.finished += 1
+        result.runs[job.key] = outcome.run_id
+        shown.ended(job, outcome, None)
+        return
+    error = _child_error(outcome)
+    if outcome.run_id:
+        client.set_tag(outcome.run_id, "error", error[:5000] or f"exit status {outcome.returncode}")
+        if client.get_run(outcome.run_id).info.status == "RUNNING":
+            client.set_terminated(outcome.run_id, "FAILED")
+    result.failed += 1
+    result.failures.append(f"{job.name}: {error}")
+    shown.ended(job, outcome, error)
+
+
+def _child_error(outcome: Outcome) -> str:
+    """The child's `error:` line (run_cli's one-line error), else its last line of stderr; a signal is named."""
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+    if outcome.returncode < 0:
+        error = f"killed by signal {-outcome.returncode} (out of memory?) {error}".strip()
+    return error
 
 
 def absolute_tracking_uri(uri: str) -> str:

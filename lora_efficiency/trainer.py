@@ -146,6 +146,8 @@ class Session:
     resolved: dict[str, Any]
     tags: dict[str, str]
     predicted_mb: float | None
+    trainable_params: int  # counted right after get_peft_model, before anything (evaluation, merging) can move them
+    total_params: int
     first_step: int = 1
     losses: list[float] = field(default_factory=list)
     tokens_total: int = 0  # real tokens trained on, over every process, resumed steps included
@@ -274,6 +276,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         use_dora=cfg.use_dora,
     )
     peft_model = get_peft_model(base, lora)  # LoRA weights stay fp32 (autocast_adapter_dtype)
+    trainable_params, total_params = peft_model.get_nb_trainable_parameters()
     amp_dtype = None if cfg.quantization == "fp32" else compute_dtype(group.device)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(
@@ -299,6 +302,8 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         resolved=resolved,
         tags=tags,
         predicted_mb=predicted_mb,
+        trainable_params=trainable_params,
+        total_params=total_params,
     )
     log_run_description(session, tracker)
     if cfg.resume_from:
@@ -545,7 +550,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
 
 
 def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: float) -> dict[str, float]:
-    trainable_params, total_params = s.peft_model.get_nb_trainable_parameters()
+    trainable_params, total_params = s.trainable_params, s.total_params
     metrics = {
         "params/trainable": float(trainable_params),
         "params/total": float(total_params),

@@ -34,7 +34,7 @@ def test_a_child_predicted_not_to_fit_is_announced_then_tried(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("PATH", subprocess_env()["PATH"])
-    monkeypatch.setattr("lora_efficiency.memory.available_mb", lambda device: 1.0)  # a 1 MB machine
+    monkeypatch.setattr("lora_efficiency.planner.available_mb", lambda device: 1.0)  # a 1 MB machine
     mlflow.set_tracking_uri(mlflow_server)
     sweep = load_sweep(_one_child_sweep(tmp_path, tiny_model_dir, tiny_data_file))
     source = resolve_model(str(tiny_model_dir))

@@ -1,0 +1,150 @@
+"""The reference side of the benchmark: HF `Trainer` + PEFT as a user writes it, `DataCollatorForLanguageModeling`
+padding each micro-batch to its longest example, the model loaded and wrapped as the PEFT/QLoRA guides show. It
+trains on the project's tokenized examples, so both sides see the same tokens; run as the `reference` worker."""
+
+from __future__ import annotations
+
+from lora_efficiency.bench.recipe import (
+    ALPHA,
+    DROPOUT,
+    LR,
+    MAX_GRAD_NORM,
+    RANK,
+    SEED,
+    TARGET_MODULES,
+    WARMUP_RATIO,
+    WEIGHT_DECAY,
+)
+from lora_efficiency.bench.workers import StepWindow, prepared_data
+
+
+def reference_worker(spec: dict) -> dict:
+    """HF Trainer + PEFT as a user writes it, on the same tokenized examples as the project."""
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = torch.device(spec["device"])
+    source, tokenizer, prepared = prepared_data(spec)
+    # The project's tokenization (chat template, truncated to seq_len): the same tokens on both sides.
+    dataset = Dataset.from_dict({"input_ids": prepared.train.input_ids})
+    model = _peft_model(source.path, device, spec["mode"])
+    collator = _CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    window = StepWindow.for_spec(device, spec)
+    clock = _clock_callback(device, window)
+    args = _training_arguments(spec, device)
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock]).train()
+    warm, seen = spec["warmup_steps"], clock.tokens_seen
+    return {
+        "step_times_s": window.measured(warm),
+        "step_tokens": [b - a for a, b in zip(seen[warm - 1 : -1], seen[warm:], strict=True)],
+        "peak_memory_mb": clock.sampler.summary()["memory/peak_mb"],
+        "padding_fraction": 1 - collator.real / max(collator.positions, 1),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "profile": window.profile,
+    }
+
+
+def _peft_model(path: str, device, mode: str):
+    """The base stored as `mode` (bitsandbytes for nf4/fp4/int8), wrapped in PEFT's LoRA as the guides do."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_efficiency.models import compute_dtype, resolve_target_modules
+
+    dtype = compute_dtype(device)
+    kwargs: dict = {"dtype": dtype if mode != "fp32" else torch.float32}
+    if mode in ("nf4", "fp4"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    elif mode == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "quantization_config" in kwargs:
+        # The QLoRA recipe of the PEFT docs. With its defaults it upcasts the non-quantized weights (embedding,
+        # norms) to fp32 and turns on gradient checkpointing: less activation memory, a slower backward.
+        model = prepare_model_for_kbit_training(model)
+    lora = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=DROPOUT,
+        target_modules=resolve_target_modules(model, TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _training_arguments(spec: dict, device):
+    """The benchmark's recipe as TrainingArguments: same schedule and steps as the project, nothing saved or
+    logged, and the Trainer's own count of non-padding input tokens."""
+    import torch
+    from transformers import TrainingArguments
+
+    from lora_efficiency.models import compute_dtype
+
+    dtype, mode = compute_dtype(device), spec["mode"]
+    return TrainingArguments(
+        output_dir=spec["output_dir"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["reference_batch_size"],
+        gradient_accumulation_steps=spec["reference_grad_accum"],
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=WARMUP_RATIO,  # a float < 1 is a ratio of max_steps
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
+        bf16=mode != "fp32" and dtype == torch.bfloat16,
+        fp16=mode != "fp32" and dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        seed=SEED,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def _clock_callback(device, window: StepWindow):
+    """A TrainerCallback that samples memory over training, stamps each optimizer step's end in `window` and
+    keeps the Trainer's running count of non-padding input tokens (`tokens_seen`, one entry a step)."""
+    from transformers import TrainerCallback
+
+    from lora_efficiency.memory import MemorySampler
+
+    class Clock(TrainerCallback):
+        sampler = None
+
+        def __init__(self):
+            self.tokens_seen: list[int] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.sampler = MemorySampler(device).start()
+
+        def on_step_end(self, args, state, control, **kw):
+            window.step_end(state.global_step)
+            self.tokens_seen.append(int(state.num_input_tokens_seen))
+
+        def on_train_end(self, args, state, control, **kw):
+            self.sampler.stop()
+
+    return Clock()
+
+
+class _CountingCollator:
+    """Counts the positions and real tokens of every batch it pads, for the padding fraction."""
+
+    def __init__(self, inner):
+        self.inner, self.positions, self.real = inner, 0, 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.positions += batch["attention_mask"].numel()
+        self.real += int(batch["attention_mask"].sum())
+        return batch

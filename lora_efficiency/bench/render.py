@@ -1,0 +1,192 @@
+"""What the benchmark writes: docs/bench-results.json (every figure, for scripts) and one block of
+docs/benchmarks.md per device kind and model (the run's header, a summary against the targets, a table per
+mode), put between its markers so that the text around it is kept."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+# Targets of the issue on the 2-core CPU (SmolLM2-135M, r=16, attention); a GPU table is shown without them.
+TARGETS = {
+    "tokens_per_second_ratio": {"bf16": 2.0, "nf4": 1.5},
+    "peak_memory_ratio": 0.5,
+    "tracking_overhead": 0.02,
+    "startup_s": 5.0,
+}
+
+HEADER = """# Benchmarks
+
+The project's trainer against the reference a user would write (Hugging Face `Trainer` + PEFT,
+`DataCollatorForLanguageModeling` padding each batch to its longest example), written by `make bench`
+(`lora_efficiency/bench/` says what is measured and how). Each block below is replaced when the benchmark
+runs again on the same kind of device and model; text outside the blocks is kept.
+"""
+
+
+def write_json(results: dict, path: str | Path, command: str) -> None:
+    Path(path).write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
+
+
+def render_benchmarks_block(results: dict, command: str) -> str:
+    """One block of docs/benchmarks.md: the run's header, a summary against the targets, a table per mode."""
+    cpu = results["settings"]["device"] == "cpu"
+    lines = [*_header(results, command), "", *_summary(results, cpu), *_startup(results.get("startup"), cpu)]
+    for mode, x in results["modes"].items():
+        lines += _mode_section(mode, x, results["settings"])
+    return "\n".join(lines) + "\n"
+
+
+def _header(results: dict, command: str) -> list[str]:
+    """Where and with what it ran; the recipe, data and batch of both sides; the matmul rates and FLOPs."""
+    s, m, r, d = results["settings"], results["machine"], results["matmul"], results["data"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    flops = results["flops_per_token"]
+    reference_batch = (
+        f"pads them to their longest (per_device_train_batch_size {s['reference_batch_size']})."
+        if s["reference_grad_accum"] == 1
+        else f"takes {s['reference_grad_accum']} micro-batches of {s['reference_batch_size']} examples padded "
+        "to their longest (gradient accumulation)."
+    )
+    return [
+        f"## {s['model_id']} on {'the CPU' if s['device'] == 'cpu' else 'a GPU'} ({where}), {results['date']}",
+        "",
+        f"`{command}` ({results['wall_s'] / 60:.0f} min). "
+        + ", ".join(f"{k} {val}" for k, val in results["versions"].items())
+        + f"; {m['torch_threads']} torch threads, {m['memory_gb']} GB RAM.",
+        "",
+        f"LoRA r={s['lora']['rank']}, alpha {s['lora']['alpha']:g}, dropout {s['lora']['dropout']:g} on "
+        f"q,k,v,o; lr {s['lr']:g}, cosine, {s['warmup_ratio']:.0%} warm-up; {s['steps']} optimizer steps of which "
+        f"the first {s['warmup_steps']} are left out, {s['repeats']} repeats, medians. Data: "
+        f"{d['data_name']} ({d['train_examples']:,} examples of "
+        f"{d['example_tokens']['min']}-{d['example_tokens']['max']} tokens). Batch: "
+        f"~{d['examples_per_step']:.0f} examples a step on both sides: the project packs them into "
+        f"{s['batch_size']} rows of {s['seq_len']} tokens, the reference " + reference_batch,
+        "",
+        f"Matmul rate measured first ({r['size']}^3, median of 10): bf16 {r['bf16_flops'] / 1e9:,.0f} GFLOP/s, fp32 "
+        f"{r['fp32_flops'] / 1e9:,.0f} GFLOP/s. Model FLOPs per real token {flops['total'] / 1e6:,.0f} M = "
+        f"4 x {flops['frozen_params'] / 1e6:.1f} M frozen linear weights + 6 x {flops['lora_params'] / 1e6:.2f} M "
+        f"LoRA weights + 4 x the head ({flops['head'] / 4e6:.1f} M) + attention 12 L H Q T at T = "
+        f"{results['context_tokens']:.0f} tokens ({flops['attention'] / 1e6:.0f} M); MFU = that x real tokens/s / "
+        "the measured matmul rate.",
+    ]
+
+
+def _summary(results: dict, cpu: bool) -> list[str]:
+    """A row per mode: the ratios against the targets (on the CPU, where the targets were set)."""
+    lines = [
+        "| base | real tokens/s, project / reference | peak memory, project / reference | "
+        "tracking + sampling overhead | MFU (bf16 rate), project / reference |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode, x in results["modes"].items():
+        tps_target = TARGETS["tokens_per_second_ratio"].get(mode) if cpu else None
+        mem_target = TARGETS["peak_memory_ratio"] if cpu else None
+        overhead_target = TARGETS["tracking_overhead"] if cpu else None
+        lines.append(
+            f"| {mode} | {x['tokens_per_second_ratio']:.2f}{_verdict(x['tokens_per_second_ratio'], tps_target, True)} "
+            f"| {x['peak_memory_ratio']:.2f}{_verdict(x['peak_memory_ratio'], mem_target, False)} "
+            f"| {x['tracking_overhead']:+.1%}{_verdict(x['tracking_overhead'], overhead_target, False)} "
+            f"| {_pct(x['mfu'])} / {_pct(x['reference_mfu'])} |"
+        )
+    return lines
+
+
+def _startup(startup: dict | None, cpu: bool) -> list[str]:
+    """The second run of a sweep, launch to first step, and its import time; nothing without two launches."""
+    if not startup or startup.get("second_run_s") is None:
+        return []
+    target = TARGETS["startup_s"] if cpu else None
+    launches = ", ".join(f"{t:.1f}" for t in startup["launches_s"])
+    lines = [
+        "",
+        f"Second run of a sweep, launch to first step: **{startup['second_run_s']:.1f} s**"
+        f"{_verdict(startup['second_run_s'], target, False)} (`python -m entrypoints.train` as the sweep "
+        f"launches it, caches warm; launches: {launches} s).",
+    ]
+    if "imports" in startup:
+        packages = ", ".join(f"{k} {t:.1f}" for k, t in startup["imports"]["packages_s"].items())
+        lines.append(
+            f"Imports take {startup['imports']['total_s']:.1f} s of it (`-X importtime`, by package: {packages} s)."
+        )
+    return lines
+
+
+def _mode_section(mode: str, x: dict, s: dict) -> list[str]:
+    """### MODE base: both sides' figures side by side, what tracking costs, and the profiles if any."""
+    ref, proj, off = x["reference"], x["project"], x["project_untracked"]
+    gc = (
+        ", gradient checkpointing on (prepare_model_for_kbit_training)" if x["reference_gradient_checkpointing"] else ""
+    )
+    lines = [
+        "",
+        f"### {mode} base",
+        "",
+        f"| | reference: HF Trainer + PEFT{gc} | this project | project / reference |",
+        "| --- | --- | --- | --- |",
+        f"| real tokens/s (range over repeats) | {ref['tokens_per_second']:,.0f} "
+        f"({ref['tokens_per_second_range'][0]:,.0f}-{ref['tokens_per_second_range'][1]:,.0f}) | "
+        f"{proj['tokens_per_second']:,.0f} ({proj['tokens_per_second_range'][0]:,.0f}-"
+        f"{proj['tokens_per_second_range'][1]:,.0f}) | {x['tokens_per_second_ratio']:.2f} |",
+        f"| step time, s | {ref['step_time_s']:.3f} | {proj['step_time_s']:.3f} | {x['step_time_ratio']:.2f} |",
+        f"| real tokens a step | {ref['tokens_per_step']:,.0f} | {proj['tokens_per_step']:,.0f} | |",
+        f"| padding, share of positions | {_pct(ref['padding_fraction'])} | {_pct(proj['padding_fraction'])} | |",
+        f"| peak memory, MB | {ref['peak_memory_mb']:,.0f} | {proj['peak_memory_mb']:,.0f} | "
+        f"{x['peak_memory_ratio']:.2f} |",
+        f"| MFU at the bf16 / fp32 matmul rate | {_pct(x['reference_mfu'])} / {_pct(x['reference_mfu_fp32'])} | "
+        f"{_pct(x['mfu'])} / {_pct(x['mfu_fp32'])} | |",
+        "",
+        f"Tracking and memory sampling: {proj['step_time_s']:.3f} s a step with them, {off['step_time_s']:.3f} s "
+        f"without ({x['tracking_overhead']:+.1%}, repeat by repeat on the same batches); the logging call itself "
+        f"takes {x['logging_ms_per_step']:.2f} ms a step, the rest runs in MLflow's and the sampler's threads.",
+    ]
+    for side, table in x.get("profiles", {}).items():
+        lines += [
+            "",
+            f"<details><summary>{mode}, {side}: torch.profiler over {_steps(s)}, by self time</summary>",
+            "",
+            "```",
+            table.rstrip(),
+            "```",
+            "",
+            "</details>",
+        ]
+    return lines
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _verdict(value: float, target: float | None, higher_is_better: bool) -> str:
+    if target is None:
+        return ""
+    met = value >= target if higher_is_better else value <= target
+    return f" ({'met' if met else 'short'}: {'>=' if higher_is_better else '<='} {target:g})"
+
+
+def _steps(s: dict) -> str:
+    first, last = s["warmup_steps"] + 1, s["warmup_steps"] + s["profile_steps"]
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def write_markdown(path: str | Path, block: str, key: str) -> None:
+    """Put `block` between its markers in `path`: replaced if there, appended if not; other text is kept."""
+    path = Path(path)
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    marked = f"{start}\n{block.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else HEADER
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + marked.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + marked
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def block_key(results: dict) -> str:
+    """The block's marker: one block per device kind (cpu, cuda) and model folder name."""
+    s = results["settings"]
+    return f"{'cpu' if s['device'] == 'cpu' else 'cuda'}-{re.sub(r'[^A-Za-z0-9.-]', '_', Path(s['model']).name)}"

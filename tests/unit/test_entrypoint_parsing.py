@@ -1,0 +1,153 @@
+"""plan, generate and merge parse through the typed-config path (bad input: one line, exit 2); the study checks,
+like a sweep, that its sweeps share one data set before any run opens; what the sweep backends share."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+import yaml
+
+from entrypoints import generate as generate_entry
+from entrypoints import main as main_entry
+from entrypoints import merge as merge_entry
+from entrypoints import plan as plan_entry
+from lora_efficiency.children import Job, train_command
+from lora_efficiency.cli import run_cli
+from lora_efficiency.config import (
+    GenerateConfig,
+    MergeConfig,
+    PlanConfig,
+    TrainConfig,
+    build_config,
+    parse_args,
+    read_defaults,
+)
+from lora_efficiency.errors import UserError
+from lora_efficiency.sweep import Child, Sweep, SweepResult, check_one_data
+
+
+@pytest.fixture(autouse=True)
+def no_run(tmp_path, monkeypatch):
+    """A store of this test alone: a parse error must leave it unopened (no file, no run)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    yield
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def one_line_error(main, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_plan_takes_the_train_defaults_and_its_own_section():
+    cfg = parse_args(PlanConfig, "plan", [], "")
+    train = read_defaults("train")
+    shared = {f.name for f in dataclasses.fields(PlanConfig)} - {"target_fraction", "budget_mb"}
+    assert {k: getattr(cfg, k) for k in shared} == {k: build_config(TrainConfig, train).__dict__[k] for k in shared}
+    assert (cfg.target_fraction, cfg.budget_mb) == (1.0, 0.0)  # every position a target; the machine's memory
+    cfg = parse_args(PlanConfig, "plan", ["--rank", "64", "--budget_mb", "24576"], "")
+    assert (cfg.rank, cfg.budget_mb) == (64, 24576.0)
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--rank", "0", "--budget_mb", "-1"], ["rank=0 is invalid: an integer >= 1", "budget_mb=-1.0 is invalid"]),
+        (["--target_fraction", "0"], ["target_fraction=0.0 is invalid: a number in (0, 1]"]),
+        (["--double_quant", "maybe"], ["double_quant='maybe' is invalid: true or false"]),
+        (["--rnak", "4"], ["unknown argument '--rnak 4'"]),
+    ],
+)
+def test_plan_bad_input(argv, needles, capsys):
+    err = one_line_error(plan_entry.main, argv, capsys)
+    assert all(n in err for n in needles), err
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--adapter", "none"], ["prompt='' is invalid"]),
+        (["--prompt", "hi"], ["run_id='' and adapter='': give exactly one"]),
+        (["--run_id", "a" * 32, "--adapter", "none", "--prompt", "hi"], ["give exactly one"]),
+        (["--run_id", "xyz", "--prompt", "hi"], ["run_id='xyz' is invalid: an MLflow run id"]),
+        (["--adapter", "none", "--prompt", "hi", "--max_new_tokens", "0"], ["max_new_tokens=0 is invalid"]),
+        (["--adapter", "none", "--prompt", "hi", "--quantization", "q3"], ["quantization='q3' is invalid"]),
+        (["--adapter", "none", "--prompt", "hi", "--device", "tpu"], ["device='tpu' is invalid"]),
+    ],
+)
+def test_generate_bad_input(argv, needles, capsys):
+    err = one_line_error(generate_entry.main, argv, capsys)
+    assert all(n in err for n in needles), err
+
+
+def test_generate_and_merge_defaults():
+    cfg = parse_args(GenerateConfig, "generate", ["--adapter", "none", "--prompt", "Compute 2 + 2."], "")
+    assert (cfg.max_new_tokens, cfg.device, cfg.quantization, cfg.model) == (128, "auto", "", "")
+    cfg = parse_args(MergeConfig, "merge", ["--run_id", "a" * 32, "--output", "merged/"], "")
+    assert (cfg.dtype, cfg.adapter, cfg.output) == ("bf16", "", "merged/")
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--adapter", "somewhere"], ["output='' is invalid: a new folder"]),
+        (["--output", "x"], ["run_id='' and adapter='': give exactly one"]),
+        (["--adapter", "somewhere", "--output", "x", "--dtype", "nf4"], ["dtype='nf4' is invalid: bf16, fp16 or fp32"]),
+        (["--output"], ["argument --output: expected one argument"]),
+    ],
+)
+def test_merge_bad_input(argv, needles, capsys, tmp_path):
+    err = one_line_error(merge_entry.main, argv, capsys)
+    assert all(n in err for n in needles), err
+    assert not (tmp_path / "x").exists()
+
+
+def _sweep_file(tmp_path, name: str, **base) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "axes": {"rank": [2]}, "seeds": [0]}))
+    return str(path)
+
+
+def test_a_study_checks_its_sweeps_share_one_data_set_before_any_run(tmp_path, capsys):
+    files = ",".join([_sweep_file(tmp_path, "short", seq_len=128), _sweep_file(tmp_path, "long", seq_len=256)])
+    err = one_line_error(main_entry.main, ["--profile", "", "--sweeps", files, "--baselines", "fp32"], capsys)
+    assert f"sweeps={files!r}: a study prepares its data once" in err
+    assert "data, model, seq_len and train_on_prompt must be the same in every configuration" in err
+
+
+def _sweep(**over) -> Sweep:
+    config = build_config(TrainConfig, {**read_defaults("train"), **over})
+    return Sweep("s", "s.yaml", [Child("base,seed=0", config, {})], [0])
+
+
+def test_one_data_set_across_sweeps():
+    check_one_data([_sweep(seq_len=128, rank=4), _sweep(seq_len=128, rank=8)], where="x")  # one data set
+    with pytest.raises(UserError, match=r"^config='c.yaml': a sweep prepares its data once"):
+        check_one_data([_sweep(seq_len=128), _sweep(seq_len=128, train_on_prompt=True)], where="config='c.yaml'")
+
+
+def test_train_command_and_job():
+    config = build_config(TrainConfig, {**read_defaults("train"), "num_processes": 2, "device": "cpu"})
+    command = train_command(config, "/data/prepared")
+    assert command[:3] == [sys.executable, "-m", "entrypoints.train"]
+    args = dict(zip(command[3::2], command[4::2], strict=True))
+    assert args["--data"] == "/data/prepared" and args["--packing"] == "true" and args["--num_processes"] == "2"
+    assert list(args) == [f"--{f.name}" for f in dataclasses.fields(TrainConfig)]  # every setting, in order
+    assert Job("n", "k", "0", {}, command[3:], {}).num_processes == 1  # one process unless told
+
+
+def test_sweep_result_tags_every_count():
+    result = SweepResult(5, finished=2, skipped=1, failed=2)
+    assert result.tags() == {
+        "children_total": "5",
+        "children_finished": "2",
+        "children_skipped": "1",
+        "children_failed": "2",
+    }
