@@ -37,6 +37,7 @@ class TrainConfig:
 
     model: str
     data: str
+    method: str
     rank: int
     alpha: float
     dropout: float
@@ -61,6 +62,9 @@ class TrainConfig:
     generate_samples: int
     max_new_tokens: int
     exact_match: str
+    eval_every: int
+    val_samples: int
+    converge_tol: float
     seed: int
     device: str
     trust_remote_code: bool
@@ -90,6 +94,8 @@ def is_path(value: str | Path, kind: str) -> bool:
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+METHODS = ("lora", "full")  # full: every weight of the base trains (the reference LoRA is measured against)
+FULL_FT_STORAGES = ("bf16", "fp16", "fp32")
 
 
 def train_problems(v: dict[str, Any]) -> list[str]:
@@ -115,6 +121,17 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
     check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
     check("num_processes", lambda x: x >= 1, "an integer >= 1 (1: this process; N: N DDP processes, one per GPU)")
+    check("method", lambda x: x in METHODS, f"one of {', '.join(METHODS)}")
+    check("val_samples", lambda x: x >= 1, "an integer >= 1")
+    check("converge_tol", lambda x: 0 < x < 1, "a number in (0, 1): the relative improvement that still counts")
+    check("eval_every", lambda x: x >= 0, "an integer >= 0 (0: no validation curve)")
+    if v.get("eval_every", 0) > v.get("max_steps", 1 << 62) >= 1:
+        p.append(invalid("eval_every", v["eval_every"], f"0 or an integer from 1 to max_steps={v['max_steps']}"))
+    if v.get("method") == "full" and v.get("quantization") not in (None, *FULL_FT_STORAGES):
+        p.append(
+            f"method='full' is invalid with quantization={v['quantization']!r}: full fine-tuning trains every "
+            f"weight, so the base must be stored in {', '.join(FULL_FT_STORAGES)} (4- and 8-bit weights cannot train)"
+        )
     if v.get("num_processes", 1) > 1:
         if v.get("checkpoint_every") or v.get("resume_from"):
             p.append(

@@ -24,6 +24,7 @@ from typing import Any
 
 # What shapes the trained adapter: its method, the base's storage, the optimisation and the data layout.
 ADAPTER_SETTINGS = (
+    "method",
     "rank",
     "alpha",
     "dropout",
@@ -46,10 +47,13 @@ ADAPTER_SETTINGS = (
 )
 # What shapes the evaluation after training (a run scored on 300 examples is not compared with one scored on 8).
 EVAL_SETTINGS = ("eval_samples", "eval_batch_size", "generate_samples", "max_new_tokens", "exact_match")
+# What is watched while training (the validation curve and its convergence test): it never changes the weights
+# (evaluation runs under no_grad in eval mode and draws no random numbers), so it enters no identity.
+MONITOR_SETTINGS = ("eval_every", "val_samples", "converge_tol")
 # Model and data as named, and how and where a run ran: enter identities by content or not at all.
 NAME_SETTINGS = ("model", "data")
 RUN_SETTINGS = ("seed", "device", "trust_remote_code", "checkpoint_every", "resume_from", "num_processes")
-TRAIN_SETTINGS = ADAPTER_SETTINGS + EVAL_SETTINGS + NAME_SETTINGS + RUN_SETTINGS
+TRAIN_SETTINGS = ADAPTER_SETTINGS + EVAL_SETTINGS + MONITOR_SETTINGS + NAME_SETTINGS + RUN_SETTINGS
 
 # Found when a run starts (logged as params beside the settings).
 RESOLVED = ("target_modules_resolved", "base_model", "base_model_revision", "data_name", "data_fingerprint")
@@ -67,9 +71,27 @@ PLANNER_SETTINGS = (
 )
 
 # Out of config_hash: seeds must group; names, device and checkpointing do not change the adapter.
-_NOT_IN_CONFIG_HASH = ("seed", "device", "device_resolved", "data", "model", "checkpoint_every", "resume_from")
-# Out of sweep_key: the data enters by fingerprint; device and checkpointing do not change the child.
-_NOT_IN_SWEEP_KEY = ("device", "data", "checkpoint_every", "resume_from")
+_NOT_IN_CONFIG_HASH = (
+    "seed",
+    "device",
+    "device_resolved",
+    "data",
+    "model",
+    "checkpoint_every",
+    "resume_from",
+    *MONITOR_SETTINGS,
+)
+# Out of sweep_key: the data enters by fingerprint; device, checkpointing and monitoring do not change the child.
+_NOT_IN_SWEEP_KEY = ("device", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
+# Settings added after runs were stored: they enter an identity only when not at their default, so the hashes
+# and keys of earlier runs (all of them LoRA) stay valid.
+_ONLY_WHEN_SET = {"method": "lora"}
+
+
+def _identity(settings: Mapping[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        k: v for k, v in settings.items() if k not in leave_out and not (k in _ONLY_WHEN_SET and v == _ONLY_WHEN_SET[k])
+    }
 
 
 def _digest(payload: Mapping[str, Any]) -> str:
@@ -79,7 +101,7 @@ def _digest(payload: Mapping[str, Any]) -> str:
 def config_hash(resolved: Mapping[str, Any]) -> str:
     """Hash of a run's resolved settings (the train settings plus RESOLVED, world_size only when > 1): the same
     for every seed of a configuration and on every machine."""
-    return _digest({k: v for k, v in resolved.items() if k not in _NOT_IN_CONFIG_HASH})
+    return _digest(_identity(resolved, _NOT_IN_CONFIG_HASH))
 
 
 def sweep_key(settings: Any, data_fingerprint: str) -> str:
@@ -87,7 +109,7 @@ def sweep_key(settings: Any, data_fingerprint: str) -> str:
     and the data's fingerprint. num_processes enters only when > 1, so keys made before that setting existed stay
     valid."""
     settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
-    keep = {k: v for k, v in settings.items() if k not in _NOT_IN_SWEEP_KEY}
+    keep = _identity(settings, _NOT_IN_SWEEP_KEY)
     if keep.get("num_processes") == 1:
         del keep["num_processes"]
     return _digest({**keep, "data_fingerprint": data_fingerprint})
