@@ -127,6 +127,11 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("eval_every", lambda x: x >= 0, "an integer >= 0 (0: no validation curve)")
     if v.get("eval_every", 0) > v.get("max_steps", 1 << 62) >= 1:
         p.append(invalid("eval_every", v["eval_every"], f"0 or an integer from 1 to max_steps={v['max_steps']}"))
+    if v.get("method") == "full" and (v.get("checkpoint_every") or v.get("resume_from")):
+        p.append(
+            f"method='full' is invalid with checkpoint_every={v.get('checkpoint_every')} or "
+            f"resume_from={v.get('resume_from')!r}: checkpoints hold LoRA adapters only"
+        )
     if v.get("method") == "full" and v.get("quantization") not in (None, *FULL_FT_STORAGES):
         p.append(
             f"method='full' is invalid with quantization={v['quantization']!r}: full fine-tuning trains every "

@@ -47,6 +47,11 @@ def train_run(run_id: str):
         run = client.get_run(run_id)
     except Exception:
         raise UserError(f"run_id={run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}") from None
+    if run.data.params.get("method") == "full":
+        raise UserError(
+            f"run_id={run_id!r} is a full fine-tuning run (method=full): its weights are not logged, so it has no "
+            "adapter to load; its metrics are the study's reference"
+        )
     if not client.list_artifacts(run_id, "adapter"):
         raise UserError(f"run_id={run_id!r} has no adapter artifact: pass the id of a finished train run")
     return run

@@ -90,6 +90,36 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_GGUF_TYPE = re.compile(r"\.((?:I?Q\d\w*)|F16|BF16|F32)\.gguf$", re.IGNORECASE)
+
+
+def provenance(source: ModelSource, *, trust_remote_code: bool = False) -> dict[str, str]:
+    """What a base's 16-bit weights really are, as tags: `base_gguf_type` (Q4_1 for the bundled model: converted
+    from a 4-bit GGUF, so its "bf16" weights sit on a 4-bit grid and nf4/int8 re-quantize a 4-bit-rounded
+    model; empty for an original checkpoint), `base_checkpoint_dtype` (the dtype the checkpoint declares) and a
+    sentence, `base_provenance`, for the report."""
+    from transformers import AutoConfig
+
+    tags = {"base_gguf_type": "", "base_checkpoint_dtype": "unknown"}
+    source_file = Path(source.path) / "source.json"
+    if source_file.is_file():  # a folder this project converted from a GGUF file
+        origin = json.loads(source_file.read_text())
+        match = _GGUF_TYPE.search(origin.get("file", ""))
+        tags["base_gguf_type"] = match.group(1).upper() if match else "unknown"
+        tags["base_provenance"] = (
+            f"dequantized from {origin.get('file')} ({origin.get('package')}): its 16-bit weights are "
+            f"{tags['base_gguf_type']} values, not the original checkpoint's"
+        )
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        tags["base_checkpoint_dtype"] = str(dtype).removeprefix("torch.") if dtype else "unknown"
+    except (OSError, ValueError):  # the loader names a model that does not load; provenance is no reason to fail
+        pass
+    tags.setdefault("base_provenance", f"{source.model_id} as published ({tags['base_checkpoint_dtype']} checkpoint)")
+    return tags
+
+
 def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
     if name == BUNDLED_MODEL:

@@ -38,9 +38,17 @@ from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
-from lora_efficiency.models import ModelSource, compute_dtype, load_base_model, load_tokenizer, resolve_target_modules
+from lora_efficiency.models import (
+    ModelSource,
+    compute_dtype,
+    load_base_model,
+    load_tokenizer,
+    provenance,
+    resolve_target_modules,
+)
 from lora_efficiency.planner import predict_peak_mb
 from lora_efficiency.prepare import Prepared, resolve_data
+from lora_efficiency.validation import Validator
 
 __all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "resolve_device", "train"]
 
@@ -136,8 +144,9 @@ class Session:
     prepared: Prepared
     rows: D.Rows
     eval_rows: D.Rows
+    val_rows: D.Rows  # the validation curve's examples (the end of the held-out split)
     base: torch.nn.Module
-    peft_model: torch.nn.Module
+    peft_model: torch.nn.Module  # what trains: peft's LoRA model, or the base itself for method=full
     modules: list[str]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -149,6 +158,7 @@ class Session:
     trainable_params: int  # counted right after get_peft_model, before anything (evaluation, merging) can move them
     total_params: int
     first_step: int = 1
+    validator: Validator | None = None  # the validation curve, when eval_every > 0 (rank 0 only)
     losses: list[float] = field(default_factory=list)
     tokens_total: int = 0  # real tokens trained on, over every process, resumed steps included
 
@@ -159,6 +169,15 @@ class Session:
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        """evaluation.evaluate_loss's settings for this run."""
+        return {
+            "batch_size": self.cfg.eval_batch_size,
+            "pad_id": self.tokenizer.pad_token_id,
+            "device": self.device,
+            "autocast_dtype": self.amp_dtype,
+        }
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
@@ -209,6 +228,17 @@ def train(
     torch.manual_seed(cfg.seed)
     session = setup(cfg, model=model, group=group, tracker=tracker)
     hooks = [*callbacks, progress_callback(cfg.max_steps, session.first_step, show=group.is_main)]
+    if cfg.eval_every and group.is_main:
+        session.validator = Validator(
+            session.peft_model,
+            session.val_rows,
+            every=cfg.eval_every,
+            max_steps=cfg.max_steps,
+            tol=cfg.converge_tol,
+            tracker=tracker,
+            eval_kwargs=session.eval_kwargs(),
+        )
+        hooks.insert(0, session.validator)  # first: the step's other hooks (checkpoints) see the model as trained
     if cfg.checkpoint_every:
         hooks.append(Checkpointer(session, every=cfg.checkpoint_every, folder=checkpoint_dir, tracker=tracker))
     loop = fit(session, tracker=tracker, callbacks=hooks, sampler=(memory_sampler or MemorySampler)(group.device))
@@ -233,54 +263,44 @@ def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **o
 
 def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
     """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
-    from peft import LoraConfig, get_peft_model
-
     tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
     prepared = resolve_data(
         cfg.data, model=model, tokenizer=tokenizer, seq_len=cfg.seq_len, train_on_prompt=cfg.train_on_prompt
     )
     rows = D.pack(prepared.train, seq_len=cfg.seq_len) if cfg.packing else D.unpacked(prepared.train)
+    held_out = prepared.eval
     eval_rows = D.unpacked(
-        D.TokenizedSplit(prepared.eval.input_ids[: cfg.eval_samples], prepared.eval.labels[: cfg.eval_samples])
+        D.TokenizedSplit(held_out.input_ids[: cfg.eval_samples], held_out.labels[: cfg.eval_samples])
     )
+    # the validation curve scores the END of the held-out split: disjoint from the final evaluation's first
+    # eval_samples when both fit (100 + 200 in the 300 of the bundled set), so choices made on it (the LR) are
+    # not scored on the examples that report them
+    val_rows = D.unpacked(D.TokenizedSplit(held_out.input_ids[-cfg.val_samples :], held_out.labels[-cfg.val_samples :]))
     if len(rows) < cfg.batch_size * group.size:
         raise UserError(
             f"batch_size={cfg.batch_size} x {group.size} process(es) is larger than the {len(rows)} training rows "
             f"of data={cfg.data!r}"
         )
-    predicted_mb = predict_peak_mb(
-        model.path,
-        rows_target_fraction=D.target_fraction(rows, seq_len=cfg.seq_len),
-        device=group.device,
-        trust_remote_code=cfg.trust_remote_code,
-        **planner_inputs(dataclasses.asdict(cfg)),
-    )
-    base = load_base_model(
-        model,
-        quantization=cfg.quantization,
-        double_quant=cfg.double_quant,
-        device=group.device,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    modules = resolve_target_modules(base, cfg.target_modules)
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-        use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora,
-    )
-    peft_model = get_peft_model(base, lora)  # LoRA weights stay fp32 (autocast_adapter_dtype)
-    trainable_params, total_params = peft_model.get_nb_trainable_parameters()
-    amp_dtype = None if cfg.quantization == "fp32" else compute_dtype(group.device)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    predicted_mb = None  # the planner models LoRA and QLoRA, not full fine-tuning
+    if cfg.method == "lora":
+        predicted_mb = predict_peak_mb(
+            model.path,
+            rows_target_fraction=D.target_fraction(rows, seq_len=cfg.seq_len),
+            device=group.device,
+            trust_remote_code=cfg.trust_remote_code,
+            **planner_inputs(dataclasses.asdict(cfg)),
+        )
+    base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
+    trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in trained.parameters())
+    if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
+        trainable_params, total_params = trained.get_nb_trainable_parameters()
     optimizer, scheduler = make_optimizer(
-        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_steps=cfg.max_steps
+        [p for p in trained.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        max_steps=cfg.max_steps,
     )
     resolved, tags = describe_run(cfg, model=model, prepared=prepared, modules=modules, group=group)
     session = Session(
@@ -290,8 +310,9 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         prepared=prepared,
         rows=rows,
         eval_rows=eval_rows,
+        val_rows=val_rows,
         base=base,
-        peft_model=peft_model,
+        peft_model=trained,
         modules=modules,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -309,6 +330,44 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
     if cfg.resume_from:
         resume(session, Path(cfg.resume_from), tracker)
     return session
+
+
+def build_model(
+    cfg: TrainConfig, model: ModelSource, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, list[str], torch.dtype | None]:
+    """(base, the model that trains, the adapted module names, the autocast dtype or None).
+
+    method=lora: the base frozen in `quantization` storage, peft's LoRA on `target_modules` (the LoRA weights stay
+    fp32: peft's autocast_adapter_dtype). method=full: every weight trains, kept in fp32 (master weights: AdamW
+    updates of ~lr x 1e-3 vanish when rounded to bf16's 8 bits of mantissa) with the forward under bf16 autocast
+    for quantization=bf16/fp16, as HF Trainer's bf16=True does; quantization=fp32 trains in fp32 throughout."""
+    from peft import LoraConfig, get_peft_model
+
+    full = cfg.method == "full"
+    base = load_base_model(
+        model,
+        quantization="fp32" if full else cfg.quantization,
+        double_quant=cfg.double_quant,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    modules = ["*"] if full else resolve_target_modules(base, cfg.target_modules)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    amp_dtype = None if cfg.quantization == "fp32" else compute_dtype(device)
+    if full:
+        return base, base.requires_grad_(True), modules, amp_dtype
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
+    return base, get_peft_model(base, lora), modules, amp_dtype
 
 
 def make_optimizer(
@@ -346,6 +405,8 @@ def describe_run(
         "data_fingerprint": fingerprint,
         "device_name": device_name(group.device),
         "quantization": cfg.quantization,
+        "method": cfg.method,
+        **provenance(model, trust_remote_code=cfg.trust_remote_code),
     }
     return resolved, tags
 
@@ -514,7 +575,10 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     last), then log every summary number and the artifacts."""
     cfg = s.cfg
     adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
-    s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    # a full fine-tuning run's "adapter" is the whole model (540 MB in fp32 for SmolLM2-135M): written only
+    # where the caller asks (output_dir), never logged; the study keeps it as a reference, not as a deliverable
+    if cfg.method == "lora" or output_dir:
+        s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     model_mb = s.base.get_memory_footprint() / 2**20
     evaluation = evaluate_model(
         s.peft_model,
@@ -531,6 +595,10 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
     )
     metrics = {**evaluation.metrics, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
+    if s.validator:
+        converged = s.validator.result()
+        metrics.update({**converged.metrics(), "time/validation_s": s.validator.elapsed_s})
+        tracker.set_tags({"converged": converged.status})
     tracker.log_metrics(metrics)
     eval_tag = eval_settings_tag(
         data_fingerprint=s.tags["data_fingerprint"],
@@ -541,7 +609,8 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     tracker.set_tags({"eval_settings": eval_tag})
     if evaluation.samples["prompt"]:
         tracker.log_table(evaluation.samples, "eval_samples.json")
-    tracker.log_artifacts(str(adapter_dir), "adapter")
+    if cfg.method == "lora":
+        tracker.log_artifacts(str(adapter_dir), "adapter")
     tracker.log_text(loop.memory_trace_csv, "memory_trace.csv")
     tracker.log_text(json.dumps(s.resolved, indent=2, default=str), "config.json")
     return TrainResult(
@@ -555,9 +624,8 @@ def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: fl
         "params/trainable": float(trainable_params),
         "params/total": float(total_params),
         "params/trainable_fraction": trainable_params / total_params,
-        "adapter/size_mb": sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20,
         "memory/model_mb": model_mb,
-        "time/train_s": loop.train_s,
+        "time/train_s": loop.train_s - (s.validator.elapsed_s if s.validator else 0.0),  # training alone
         "time/startup_s": loop.startup_s,
         "train/tokens": float(s.tokens_total),
         "perf/train_tokens_per_second": (
@@ -565,6 +633,8 @@ def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: fl
         ),
         "train/final_loss": s.losses[-1],
     }
+    if s.cfg.method == "lora":
+        metrics["adapter/size_mb"] = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20
     if s.predicted_mb is not None:
         metrics["memory/predicted_peak_mb"] = s.predicted_mb  # the planner's figure, to compare with the peak
     return metrics

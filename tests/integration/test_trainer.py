@@ -180,3 +180,57 @@ def test_exact_match_on_plain_text_is_a_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(UserError, match="exact_match=true but data='python-docs' .* is plain text"):
         run(tiny_model_dir, "python-docs", tmp_path, exact_match="true", max_steps=1)
+
+
+def test_eval_every_logs_a_validation_curve_and_its_convergence(tiny_model_dir, tiny_data_file, tmp_path):
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, max_steps=5, eval_every=2, val_samples=3)
+    # every 2 steps and always the last: a history the MLflow UI plots against the step
+    curve = [(step, m) for step, m in tracker.steps if "val/loss" in m]
+    assert [step for step, _ in curve] == [2, 4, 5]
+    assert all(set(m) == {"val/loss", "val/perplexity"} for _, m in curve)
+    assert all(m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"])) for _, m in curve)
+    # the declared test: the window starts at the last point at or before step 2.5 (step 2)
+    start, end = curve[0][1]["val/loss"], curve[-1][1]["val/loss"]
+    assert tracker.summary["val/window_improvement"] == pytest.approx((start - end) / start)
+    expected = "converged" if (start - end) / start < 0.01 else "improving"
+    assert tracker.tags["converged"] == expected
+    assert tracker.summary["val/converged"] == float(expected == "converged")
+    assert tracker.summary["time/validation_s"] > 0
+    # step metrics (train/...) are unchanged: the validation points come as separate log calls
+    assert [s for s, m in tracker.steps if "train/loss" in m] == [1, 2, 3, 4, 5]
+
+
+def test_without_eval_every_there_is_no_curve_and_no_verdict(tiny_model_dir, tiny_data_file, tmp_path):
+    _, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, max_steps=2)
+    assert not any("val/loss" in m for _, m in tracker.steps)
+    assert "converged" not in tracker.tags and "val/converged" not in tracker.summary
+
+
+def test_validation_does_not_change_training(tiny_model_dir, tiny_data_file, tmp_path):
+    a, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "a", max_steps=4, dropout=0.1)
+    b, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "b", max_steps=4, dropout=0.1, eval_every=1)
+    assert a.losses == b.losses
+    assert a.metrics["eval/loss"] == pytest.approx(b.metrics["eval/loss"], rel=1e-6)
+
+
+def test_full_fine_tuning_trains_every_weight_and_logs_no_adapter(tiny_model_dir, tiny_data_file, tmp_path):
+    result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, method="full", output_dir=None, max_steps=2)
+    source = resolve_model(str(tiny_model_dir))
+    base = load_base_model(source, quantization="fp32", double_quant=True, device=torch.device("cpu"))
+    n = sum(p.numel() for p in base.parameters())
+    assert tracker.summary["params/trainable"] == tracker.summary["params/total"] == n
+    assert tracker.summary["params/trainable_fraction"] == 1.0
+    assert "adapter" not in tracker.artifacts and "adapter/size_mb" not in tracker.summary
+    assert "memory/predicted_peak_mb" not in tracker.summary  # the planner models LoRA only
+    assert tracker.params["method"] == "full" and tracker.tags["method"] == "full"
+    assert tracker.params["target_modules_resolved"] == "*"
+    assert math.isfinite(tracker.summary["eval/loss"]) and all(math.isfinite(x) for x in result.losses)
+    lora, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "lora", max_steps=2)
+    assert tracker.tags["config_hash"] != lora.tags["config_hash"]
+
+
+def test_the_base_provenance_is_recorded(tiny_model_dir, tiny_data_file, tmp_path):
+    _, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, max_steps=1)
+    assert tracker.tags["base_gguf_type"] == ""  # an original checkpoint, saved by the fixture
+    assert tracker.tags["base_checkpoint_dtype"] in ("float32", "bfloat16")
+    assert "as published" in tracker.tags["base_provenance"]

