@@ -22,6 +22,7 @@ def main(argv: list[str]) -> None:
     import mlflow
 
     from lora_efficiency.report import build_report, fetch_loss_curves, fetch_scope, predict_peak_memory, write_report
+    from lora_efficiency.report.lr import pilots_in_scope
     from lora_efficiency.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, check_tracking_store, start_run
 
     check_tracking_store()
@@ -34,8 +35,10 @@ def main(argv: list[str]) -> None:
     report = build_report(
         scope,
         defaults=read_defaults("train"),
+        margin=cfg.margin,
+        alpha=cfg.alpha,
         budgets_mb=[float(b) for b in cfg.budgets_mb.split(",")] if cfg.budgets_mb else None,
-        loss_curves=fetch_loss_curves(client, scope.runs),
+        loss_curves=fetch_loss_curves(client, scope.runs + pilots_in_scope(scope)),  # pilots': report/lr.py
         memory_points=memory_points,
         memory_notes=memory_notes,
     )

@@ -34,11 +34,13 @@ def main(argv: list[str]) -> None:
     prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
     print(
         f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
-        f"{len(sweep.children)} runs; data {prepared.manifest['dataset']} ({prepared.path})",
+        f"{len(sweep.children)} runs"
+        + (f" + {sweep.pilots} learning-rate pilots" if sweep.pilots else "")
+        + f"; data {prepared.manifest['dataset']} ({prepared.path})",
         flush=True,
     )
     with start_run(run_name=f"sweep-{sweep.name}", entry_point="sweep", system_metrics=False) as tracker:
-        tracker.log_params({**vars(cfg), "children_total": len(sweep.children), "seeds": sweep.seeds})
+        tracker.log_params({**vars(cfg), "children_total": len(sweep.children) + sweep.pilots, "seeds": sweep.seeds})
         tracker.set_tags(
             {
                 "sweep_name": sweep.name,

@@ -315,7 +315,11 @@ def study_problems(v: dict[str, Any]) -> list[str]:
         "a profile in configs/profiles/: "
         + ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml"))),
     )
-    check("sweeps", lambda x: all(is_path(s.strip(), "file") for s in x.split(",")), "a comma list of sweep files")
+    check(
+        "sweeps",
+        lambda x: not x or all(is_path(s.strip(), "file") for s in x.split(",")),
+        "empty (the profile's sweeps) or a comma list of sweep files",
+    )
     check(
         "baselines",
         lambda x: all(q.strip() in QUANTIZATIONS for q in x.split(",")),
@@ -338,6 +342,8 @@ class ReportConfig:
     sweep_run_id: str
     output: str
     budgets_mb: str
+    margin: float
+    alpha: float
 
 
 def report_problems(v: dict[str, Any]) -> list[str]:
@@ -354,6 +360,8 @@ def report_problems(v: dict[str, Any]) -> list[str]:
         lambda x: all(re.fullmatch(r"\d+(\.\d+)?", b.strip()) and float(b) > 0 for b in x.split(",")) if x else True,
         "empty (round budgets over the measured peaks) or a comma list of MB > 0, such as 4000,8000",
     )
+    check("margin", lambda x: x > 1, "a perplexity ratio > 1, the equivalence margin (1.02: within ±2%)")
+    check("alpha", lambda x: 0 < x < 0.5, "a level between 0 and 0.5 (exclusive), such as 0.05")
     return p
 
 

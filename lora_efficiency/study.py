@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lora_efficiency.children import flags, owner_tags
-from lora_efficiency.config import StudyConfig, TrainConfig
+from lora_efficiency.config import StudyConfig, TrainConfig, is_path
 from lora_efficiency.errors import UserError
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
-from lora_efficiency.sweep import Sweep, load_sweep, prepare_once, run_sweep
+from lora_efficiency.sweep import Sweep, load_profile, load_sweep, prepare_once, run_sweep
 
 
 def _say(line: str) -> None:
@@ -46,16 +46,29 @@ class Study:
         return self.prepared.manifest["fingerprint"]
 
 
+def profile_sweeps(profile: str) -> str:
+    """The sweep files a profile's study runs (its `sweeps`: a comma list), when `main` is given none."""
+    listed = load_profile(profile).get("sweeps")
+    if not isinstance(listed, str) or not all(is_path(p.strip(), "file") for p in listed.split(",")):
+        raise UserError(
+            f"profile={profile!r} names no sweep files (sweeps={listed!r}): give main's sweeps=, or a comma list of "
+            "sweep files as the profile's `sweeps`"
+        )
+    return listed
+
+
 def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
     """Expand and check every sweep file (every child of every sweep, before anything runs), check that they share
     one data set, and prepare it."""
     overrides = {"data": cfg.data} if cfg.data else {}
-    sweeps = [load_sweep(path.strip(), profile=cfg.profile, overrides=overrides) for path in cfg.sweeps.split(",")]
-    prepared = prepare_once(sweeps, where=f"sweeps={cfg.sweeps!r}", what="a study")
-    total = sum(len(s.children) for s in sweeps)
+    paths = cfg.sweeps or profile_sweeps(cfg.profile)
+    sweeps = [load_sweep(path.strip(), profile=cfg.profile, overrides=overrides) for path in paths.split(",")]
+    prepared = prepare_once(sweeps, where=f"sweeps={paths!r}", what="a study")
+    total, pilots = sum(len(s.children) for s in sweeps), sum(s.pilots for s in sweeps)
     log(
-        f"[study {cfg.profile}] {len(sweeps)} sweeps, {total} runs (repeats across sweeps run once); "
-        f"data {prepared.manifest['dataset']}"
+        f"[study {cfg.profile}] {len(sweeps)} sweeps, {total} runs"
+        + (f" + {pilots} learning-rate pilots" if pilots else "")
+        + f" (repeats across sweeps run once); data {prepared.manifest['dataset']}"
     )
     return Study(cfg, sweeps, prepared)
 

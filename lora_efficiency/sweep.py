@@ -4,6 +4,9 @@ A sweep file names a base (overrides of configs/default.yaml's `train` section),
 explicit list of configurations) and the seeds. Each (configuration, seed) is one child run of the sweep's
 parent run, keyed by `sweep_key` = hash(settings, data fingerprint, seed): a key that already has a FINISHED
 run in the experiment is skipped, so a sweep started again after a crash runs only what is missing.
+
+With an `lr_grid` (lora_efficiency.lr_tuning) a sweep runs in two phases: first one pilot child per learning rate
+of each configuration, then every seed of each configuration at the learning rate its pilots chose.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +28,27 @@ from lora_efficiency.children import train_command as _train_command  # noqa: F4
 from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
 from lora_efficiency.configuration import planner_inputs, sweep_key
 from lora_efficiency.errors import ConfigError, UserError
+from lora_efficiency.lr_tuning import (
+    LR_KEYS,
+    Choice,
+    LrGrid,
+    NoLearningRate,
+    PilotResult,
+    check_grid_fits,
+    choose_lr,
+    fmt_lr,
+    group_id,
+    lr_settings,
+    main_tags,
+    pilot_config,
+    pilot_key,
+    pilot_tags,
+)
 
 if TYPE_CHECKING:
     from lora_efficiency.prepare import Prepared
 
-SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds"}
+SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds", *LR_KEYS}
 
 
 @dataclass
@@ -38,6 +57,11 @@ class Child:
     config: TrainConfig
     overrides: dict[str, Any]  # what differs from the sweep's base: the configuration's label
 
+    @property
+    def label(self) -> str:
+        """The configuration (without the seed): `rank=8`, or `base`."""
+        return ",".join(f"{k}={v}" for k, v in self.overrides.items()) or "base"
+
 
 @dataclass
 class Sweep:
@@ -45,10 +69,23 @@ class Sweep:
     path: str
     children: list[Child]
     seeds: list[int] = field(default_factory=list)
+    lr_grid: LrGrid | None = None  # None: every configuration trains at its own `lr`, no pilots
 
     @property
     def configurations(self) -> int:
         return len(self.children) // max(len(self.seeds), 1)
+
+    def first_seed_children(self) -> list[Child]:
+        """One child per configuration: the one of the first seed (where its pilots train)."""
+        first = self.seeds[0] if self.seeds else None
+        return [c for c in self.children if first is None or c.config.seed == first]
+
+    @property
+    def pilots(self) -> int:
+        """Pilot runs of the learning-rate grid: one per configuration and learning rate."""
+        if self.lr_grid is None:
+            return 0
+        return sum(len(self.lr_grid.for_method(c.config.method) or ()) for c in self.first_seed_children())
 
 
 def _read_yaml(path: Path, what: str) -> dict:
@@ -62,7 +99,8 @@ def _read_yaml(path: Path, what: str) -> dict:
 
 
 def load_profile(profile: str) -> dict:
-    """A profile (configs/profiles/<name>.yaml): training-budget overrides (`train`) and `seeds`."""
+    """A profile (configs/profiles/<name>.yaml): training-budget overrides (`train`), `seeds`, and the learning-rate
+    grid (`lr_grid`, `pilot_steps`: lora_efficiency.lr_tuning); each wins over the sweep file's."""
     if not profile:
         return {}
     path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
@@ -88,6 +126,7 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
     if problems:
         raise ConfigError(problems)
     prof = load_profile(profile)
+    grid = lr_settings(spec, prof)  # checked before the configurations: a bad grid is one line
     base = {**read_defaults("train"), **(spec.get("base") or {}), **(prof.get("train") or {}), **(overrides or {})}
     seeds = prof.get("seeds", spec.get("seeds", [base["seed"]]))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
@@ -111,9 +150,13 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
                 problems += [f"[{label}] {p}" for p in exc.problems]
                 continue
             children.append(Child(f"{label},seed={seed}", config, variant))
+    if grid is not None and not problems:
+        problems = check_grid_fits(
+            grid, [(c.label, c.config, c.overrides) for c in children if c.config.seed == seeds[0]]
+        )
     if problems:
         raise ConfigError(sorted(set(problems)))
-    return Sweep(spec.get("name", path.stem), str(path), children, seeds)
+    return Sweep(spec.get("name", path.stem), str(path), children, seeds, grid)
 
 
 def check_one_data(sweeps: list[Sweep], *, where: str, what: str = "a sweep") -> None:
@@ -176,15 +219,21 @@ class SweepResult:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     runs: dict[str, str] = field(default_factory=dict)  # sweep_key -> run id of its FINISHED run
+    pilots: int = 0  # of total: learning-rate pilots (lora_efficiency.lr_tuning)
+    pilots_failed: int = 0  # pilots that failed or diverged: not in `failed` (left out of the choice, no more)
+    failed_pilot_runs: dict[str, str] = field(default_factory=dict)  # sweep_key -> run id (or "") of a failed pilot
 
     def tags(self) -> dict[str, str]:
         """The counts a sweep's parent run is tagged with (by `sweep` and by every sweep of the study)."""
-        return {
+        tags = {
             "children_total": str(self.total),
             "children_finished": str(self.finished),
             "children_skipped": str(self.skipped),
             "children_failed": str(self.failed),
         }
+        if self.pilots:
+            tags |= {"children_pilots": str(self.pilots), "children_pilots_failed": str(self.pilots_failed)}
+        return tags
 
 
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
@@ -253,6 +302,9 @@ def run_sweep(
     as `cpus_per_trial`/`gpus_per_trial` and `max_concurrent` (0: no cap) allow, on a local Ray instance
     (`ray_address` empty) or the cluster at `ray_address`; lora_efficiency.ray_backend says what travels.
     On a terminal (local backend): a bar for the sweep and one per child for its steps; elsewhere, plain lines.
+
+    With a learning-rate grid (sweep.lr_grid) the backend is called twice: every pilot first (lora_efficiency.lr_tuning
+    chooses each configuration's learning rate from them), then every main run at its configuration's choice.
     """
     import mlflow
 
@@ -262,24 +314,119 @@ def run_sweep(
     stale = mark_stale_runs(client, experiment_id)
     if stale:
         shown.say(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
-    done = finished_keys(client, experiment_id)
-    todo = [c for c in sweep.children if sweep_key(c.config, data_fingerprint) not in done]
-    predicted = predicted_peaks(Sweep(sweep.name, sweep.path, todo, sweep.seeds), data_path) if todo else {}
     place = _Placement(parent_run_id, experiment_id, backend, _children_env(bars=shown.bar is not None))
-    jobs = []
-    for child in sweep.children:
-        key = sweep_key(child.config, data_fingerprint)
-        if key in done:
-            shown.skipped(child.name, key, done[key])
-            continue
-        _warn_if_too_big(child, predicted.get(child.name), shown.say, sweep.name)
-        data = child.config.data if backend == "ray" and ray_address else data_path  # a cluster resolves its own
-        jobs.append(_job(sweep.name, child, key, data, place))
-    runs = _backend(backend, ray_address, max_concurrent, cpus_per_trial, gpus_per_trial, shown.say)
-    for job, outcome in runs(jobs):
-        _record(client, job, outcome, shown)
+    phase = _Phase(
+        sweep=sweep,
+        client=client,
+        fingerprint=data_fingerprint,
+        data_path=data_path,
+        data=sweep.children[0].config.data if backend == "ray" and ray_address else data_path,  # a cluster: its own
+        place=place,
+        shown=shown,
+        done=finished_keys(client, experiment_id),
+        runs=_backend(backend, ray_address, max_concurrent, cpus_per_trial, gpus_per_trial, shown.say),
+    )
+    choices = _run_pilots(phase) if sweep.lr_grid is not None else {}
+    _run_main(phase, choices)
     shown.close()
     return shown.result
+
+
+@dataclass
+class _Phase:
+    """What both phases of one sweep (the pilots, then the main runs) share."""
+
+    sweep: Sweep
+    client: Any
+    fingerprint: str
+    data_path: str  # the prepared folder here (the memory planner reads it)
+    data: str  # what the children train on: data_path, or the data reference a cluster's node resolves
+    place: _Placement
+    shown: _Progress
+    done: dict[str, str]  # sweep_key -> FINISHED run id, when the sweep started
+    runs: Callable[[list[Job]], Iterable[tuple[Job, Outcome]]]
+
+    def submit(self, todo: list[tuple[Child, str, dict[str, str]]], *, pilot: bool = False) -> dict[str, str | None]:
+        """Run (child, sweep_key, tags) whose key is not FINISHED yet, each announced first if predicted not to fit;
+        returns each run's key -> None (FINISHED) or its error; keys already FINISHED are counted as skipped."""
+        for child, key, _ in todo:
+            if key in self.done:
+                self.shown.skipped(child.name, key, self.done[key])
+        todo = [t for t in todo if t[1] not in self.done]
+        children = [child for child, _, _ in todo]
+        seeds = self.sweep.seeds
+        predicted = (
+            predicted_peaks(Sweep(self.sweep.name, self.sweep.path, children, seeds), self.data_path) if todo else {}
+        )
+        jobs = []
+        for child, key, tags in todo:
+            _warn_if_too_big(child, predicted.get(child.name), self.shown.say, self.sweep.name)
+            jobs.append(_job(self.sweep.name, child, key, self.data, self.place, tags))
+        return {
+            job.key: _record(self.client, job, outcome, self.shown, pilot=pilot) for job, outcome in self.runs(jobs)
+        }
+
+
+def _run_pilots(phase: _Phase) -> dict[str, Choice | NoLearningRate]:
+    """Phase 1: one pilot per learning rate of each configuration (its first seed), then the choice per configuration
+    (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot failed."""
+    grid, fingerprint = phase.sweep.lr_grid, phase.fingerprint
+    planned: dict[str, tuple[str, list[tuple[float, str]]]] = {}  # lr_group -> (label, [(lr, pilot key)])
+    todo = []
+    for child in phase.sweep.first_seed_children():
+        group = group_id(child.config, fingerprint)
+        if group in planned:  # the same configuration twice in the file: tuned once
+            continue
+        planned[group] = (child.label, [])
+        for lr in grid.for_method(child.config.method):
+            config = pilot_config(child.config, lr, grid.steps(child.config))
+            key = pilot_key(config, fingerprint)
+            planned[group][1].append((lr, key))
+            pilot = Child(f"{child.label},lr={fmt_lr(lr)},pilot", config, child.overrides)
+            todo.append((pilot, key, pilot_tags(group, child.label)))
+    errors = phase.submit(todo, pilot=True)
+    return {group: _choose(phase, label, pilots, errors) for group, (label, pilots) in planned.items()}
+
+
+def _choose(
+    phase: _Phase, label: str, pilots: list[tuple[float, str]], errors: dict[str, str | None]
+) -> Choice | NoLearningRate:
+    """One configuration's learning rate from its pilots' runs (those of this sweep, or FINISHED before it)."""
+    results = []
+    for lr, key in pilots:
+        run_id = phase.shown.result.runs.get(key) or phase.shown.result.failed_pilot_runs.get(key, "")
+        run = phase.client.get_run(run_id) if run_id else None
+        status = run.info.status if run is not None and errors.get(key) is None else "FAILED"
+        metrics = dict(run.data.metrics) if run is not None else {}
+        results.append(PilotResult(lr, run_id, status, metrics, errors.get(key) or ""))
+    name = phase.sweep.name
+    try:
+        choice = choose_lr(results, label=label)
+    except NoLearningRate as exc:
+        phase.shown.say(f"[{name}] {exc}")
+        return exc
+    left_out = f"; left out: {'; '.join(choice.excluded)}" if choice.excluded else ""
+    phase.shown.say(
+        f"[{name}] [{label}] lr={fmt_lr(choice.lr)} chosen from {','.join(map(fmt_lr, choice.grid))} by "
+        f"{choice.metric}={choice.value:.4f}{left_out}"
+    )
+    return choice
+
+
+def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> None:
+    """Phase 2: every (configuration, seed) at its configuration's learning rate; a configuration without one
+    (every pilot failed) fails its main runs without starting them."""
+    todo = []
+    for child in phase.sweep.children:
+        group = group_id(child.config, phase.fingerprint)
+        choice = choices.get(group)
+        if isinstance(choice, NoLearningRate):
+            phase.shown.not_run(child.name, str(choice))
+            continue
+        config = replace(child.config, lr=choice.lr) if choice is not None else child.config
+        main = Child(child.name, config, child.overrides)
+        todo.append((main, sweep_key(config, phase.fingerprint), main_tags(group, child.label, choice)))
+    phase.submit(todo)
 
 
 class _Progress:
@@ -287,10 +434,10 @@ class _Progress:
     the ETA, and the SweepResult."""
 
     def __init__(self, sweep: Sweep, *, bars: bool, log: Callable[[str], None]):
-        self.name, total = sweep.name, len(sweep.children)
+        self.name, total = sweep.name, len(sweep.children) + sweep.pilots
         self.bar = progress.bar(total=total, desc=f"sweep {sweep.name}", unit="run", position=0) if bars else None
         self.say = self.bar.write if self.bar is not None else log
-        self.result, self.eta = SweepResult(total), Eta(total)
+        self.result, self.eta = SweepResult(total, pilots=sweep.pilots), Eta(total)
 
     def skipped(self, child_name: str, key: str, run_id: str) -> None:
         self.result.skipped += 1
@@ -300,15 +447,25 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def ended(self, job: Job, outcome: Outcome, error: str | None) -> None:
+    def ended(self, job: Job, outcome: Outcome, error: str | None, *, pilot: bool = False) -> None:
         """`error` None: the child FINISHED."""
         self.eta.update(outcome.seconds)
         if error is None:
             self.say(f"{self.eta.line(self.name)}: {job.name} FINISHED in {outcome.seconds:.0f} s")
         else:
-            self.say(f"{self.eta.line(self.name)}: {job.name} FAILED: {error}")
+            left_out = " (left out of the learning-rate choice)" if pilot else ""
+            self.say(f"{self.eta.line(self.name)}: {job.name} FAILED{left_out}: {error}")
         if self.bar is not None:
             self.bar.set_postfix_str(self.eta.eta(), refresh=False)
+            self.bar.update(1)
+
+    def not_run(self, child_name: str, error: str) -> None:
+        """A child that fails without starting (its configuration has no learning rate)."""
+        self.result.failed += 1
+        self.result.failures.append(f"{child_name}: {error}")
+        self.eta.update(None)
+        self.say(f"{self.eta.line(self.name)}: {child_name} FAILED (not started): {error}")
+        if self.bar is not None:
             self.bar.update(1)
 
     def close(self) -> None:
@@ -351,8 +508,9 @@ def _warn_if_too_big(child: Child, need_mb: float | None, say: Callable[[str], N
         )
 
 
-def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement) -> Job:
+def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement, extra: dict[str, str]) -> Job:
     tags = {
+        **extra,
         "mlflow.parentRunId": place.parent_run_id,
         "sweep_name": sweep_name,
         "sweep_key": key,
@@ -388,23 +546,30 @@ def _backend(
     )
 
 
-def _record(client, job: Job, outcome: Outcome, shown: _Progress) -> None:
-    """Count a child that ended; a failed one's run gets its error tag and is marked FAILED if still RUNNING."""
+def _record(client, job: Job, outcome: Outcome, shown: _Progress, *, pilot: bool = False) -> str | None:
+    """Count a child that ended; a failed one's run gets its error tag and is marked FAILED if still RUNNING.
+    A failed pilot is counted apart (pilots_failed): it is left out of the choice, and fails the sweep only when
+    its configuration is left without a learning rate. Returns None (FINISHED) or the child's error."""
     status = client.get_run(outcome.run_id).info.status if outcome.run_id else "NONE"
     result = shown.result
     if outcome.returncode == 0 and status == "FINISHED":
         result.finished += 1
         result.runs[job.key] = outcome.run_id
         shown.ended(job, outcome, None)
-        return
+        return None
     error = _child_error(outcome)
     if outcome.run_id:
         client.set_tag(outcome.run_id, "error", error[:5000] or f"exit status {outcome.returncode}")
         if client.get_run(outcome.run_id).info.status == "RUNNING":
             client.set_terminated(outcome.run_id, "FAILED")
-    result.failed += 1
-    result.failures.append(f"{job.name}: {error}")
-    shown.ended(job, outcome, error)
+    if pilot:
+        result.pilots_failed += 1
+        result.failed_pilot_runs[job.key] = outcome.run_id
+    else:
+        result.failed += 1
+        result.failures.append(f"{job.name}: {error}")
+    shown.ended(job, outcome, error, pilot=pilot)
+    return error or f"exit status {outcome.returncode}"
 
 
 def _child_error(outcome: Outcome) -> str:

@@ -1,5 +1,6 @@
 """The study's report: runs read back through the MLflow API, grouped by configuration, aggregated over seeds,
-compared with the seed-to-seed noise, drawn, and written as report.md and a self-contained report.html.
+compared paired by seed (perplexity as log-scale ratios) with Holm-corrected tests of difference and of
+equivalence within a declared margin, drawn, and written as report.md and a self-contained report.html.
 
     mlflow run . -e report --env-manager local -P experiment=study-quick
 
@@ -23,6 +24,7 @@ from lora_efficiency.report.findings import (
     check_anchors,
     find_comparisons,
     group_configurations,
+    plan_tests,
     recommend,
 )
 from lora_efficiency.report.metrics import EXACT_MATCH, METRICS, PEAK_MB, PERPLEXITY, QUALITY, MetricSpec
@@ -36,7 +38,7 @@ from lora_efficiency.report.runs import (
     predict_peak_memory,
     run_data,
 )
-from lora_efficiency.report.stats import Difference, Stat, cell, difference, pareto_front
+from lora_efficiency.report.stats import Effect, Family, Judgement, Stat, cell, effect, holm, pareto_front, welch
 
 __all__ = [
     "EXACT_MATCH",
@@ -47,8 +49,10 @@ __all__ = [
     "AnchorCheck",
     "Comparison",
     "Configuration",
-    "Difference",
+    "Effect",
+    "Family",
     "Finding",
+    "Judgement",
     "MemoryPoint",
     "MetricSpec",
     "Recommendation",
@@ -65,15 +69,18 @@ __all__ = [
     "check_anchors",
     "comparison_rows",
     "configuration_rows",
-    "difference",
     "draw_charts",
+    "effect",
     "fetch_loss_curves",
     "fetch_scope",
     "find_comparisons",
     "group_configurations",
+    "holm",
     "pareto_front",
+    "plan_tests",
     "predict_peak_memory",
     "recommend",
     "run_data",
+    "welch",
     "write_report",
 ]

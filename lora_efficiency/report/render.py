@@ -13,9 +13,10 @@ from pathlib import Path
 
 from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
+from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
 from lora_efficiency.report.runs import RunData, Scope
-from lora_efficiency.report.stats import Stat, cell
+from lora_efficiency.report.stats import PAIRED, Stat, cell, margin_text
 
 Block = tuple  # (kind, *content): ("h1".."h3", text), ("p", text), ("ul", items), ("table", header, rows),
 # ("img", path, title)
@@ -31,16 +32,30 @@ TABLE_METRICS = (
     "time/train_s",
 )
 
-METHOD = (
-    "Method: each metric is the mean over seeds with its 95% interval (Student's t, n - 1 degrees of freedom), "
-    "written mean [low, high]. A difference is 'larger than noise' when the 95% interval of the difference "
-    "of means (Welch, unequal variances) excludes zero, i.e. Welch's t-test at the 5% level; otherwise "
-    "'within noise'. 'Within noise' is not 'equal': it rules out only differences larger than its "
-    "interval, and with 2 seeds (t = 12.7) those intervals are wide. One seed, or seeds that all measured "
-    "the same value, give no noise estimate: 'cannot tell'. Differences are relative to the reference "
-    "configuration (exact match: in percentage points). Only seed-to-seed noise is counted, not the "
-    "sampling noise of the evaluation examples."
-)
+
+def methods(report: Report) -> str:
+    """The Methods paragraph: how every number and verdict of the report is made."""
+    family = report.family
+    margin = margin_text(family.margin)
+    return (
+        "Methods: each metric is the mean over seeds with its 95% interval (Student's t, n - 1 degrees of "
+        "freedom), written mean [low, high]. Configurations are compared paired by seed (the same seed saw the "
+        "same batches): the difference is taken seed by seed over the seeds both have and gets a t interval with "
+        "n - 1 degrees of freedom; fewer than 2 pairs: 'cannot tell'. Perplexity, memory, speed and time are "
+        "compared on the log scale: the effect is the ratio exp(mean difference of ln value) (for perplexity, "
+        "of eval loss) with the interval exp(interval of the difference); exact match in percentage points. "
+        "Tests that cannot be paired say so: adapters against the base model alone (one evaluation, a constant: "
+        "one-sample t) and configurations without a seed in common (Welch). "
+        f"Equivalence is declared for perplexity only, with the margin {family.margin:g} (ratio within "
+        f"{margin}, |difference of eval loss| < ln {family.margin:g}), tested by TOST (two one-sided t-tests). "
+        f"Every test the report states is corrected with Holm-Bonferroni at alpha = {family.alpha:g}: "
+        f"{family.difference_tests} tests of 'no difference' in one family, {family.equivalence_tests} "
+        "equivalence tests in another. Verdicts: 'better' / 'worse' (a difference beyond noise after Holm), "
+        f"'equivalent within {margin}' (TOST after Holm), else 'cannot tell'; a difference not detected is not "
+        f"'equal'. Intervals are {1 - family.alpha:.0%} intervals of each comparison, not adjusted; the p-values "
+        "shown are Holm-adjusted. Only seed-to-seed noise is counted, not the sampling noise of the evaluation "
+        "examples."
+    )
 
 
 def configuration_rows(report: Report) -> tuple[list[str], list[list[str]]]:
@@ -80,11 +95,43 @@ def comparison_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def test_rows(report: Report, comp: Comparison) -> tuple[list[str], list[list[str]]]:
+    """The perplexity tests of one comparison: each configuration against the reference, the pairs used, the
+    ratio with its interval, the Holm-adjusted p-values and the verdict."""
+    alpha = report.family.alpha
+    header = [
+        comp.name,
+        "against",
+        "pairs (n)",
+        f"perplexity ratio [{1 - alpha:.0%} interval]",
+        "Holm p (difference)",
+        "Holm p (equivalence)",
+        "verdict",
+    ]
+    rows = []
+    for f in report.findings:
+        if f.comparison != comp.name:
+            continue
+        j = f.judgements[PERPLEXITY]
+        e = j.effect
+        pairs = str(e.n) if e.design == PAIRED else f"{e.n} ({e.design})" if e.design else f"{e.n} ({e.reason})"
+        rows.append(
+            [f.a, f.b, pairs, j.size().removeprefix("ratio ") if e.diff is not None else "not measured"]
+            + [_p_cell(j.p_difference), _p_cell(j.p_equivalence), j.verdict]
+        )
+    return header, rows
+
+
+def _p_cell(p: float | None) -> str:
+    return "-" if p is None else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
     """The report as blocks, rendered to Markdown and to HTML by the same code."""
     return [
         *_scope_blocks(report),
         *_configuration_blocks(report),
+        *lr_section(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),
@@ -110,7 +157,8 @@ def _scope_blocks(report: Report) -> list[Block]:
             + ", ".join(f"{n} with {k} seed{'s' * (k > 1)}" for k, n in sorted(seeds.items()))
             + f"), {len(s.failed)} failed, {len(s.baselines)} baselines. Device: {', '.join(devices)}.",
         ),
-        ("p", METHOD),
+        *[("p", line) for line in report.provenance],
+        ("p", methods(report)),
     ]
     sweeps = [_sweep_line(r) for r in sorted(s.sweeps, key=lambda r: r.start_ms)]
     if sweeps or report.notes:
@@ -154,6 +202,7 @@ def _finding_blocks(report: Report) -> list[Block]:
         blocks += [
             ("h3", f"{comp.name} ({comp.fixed or 'all else equal'}; reference {comp.value(comp.reference)})"),
             ("table", *comparison_rows(comp)),
+            ("table", *test_rows(report, comp)),
             ("ul", found + same_modules(comp)),
         ]
     return blocks
@@ -163,22 +212,26 @@ def _recommendation_blocks(report: Report) -> list[Block]:
     return _section(
         "Recommendations by memory budget",
         "The lowest mean perplexity among the configurations whose every seed peaked under the budget, and the "
-        "ones that fit and are within noise of it.",
+        f"ones that fit and are equivalent to it in perplexity (within {margin_text(report.family.margin)}, "
+        "TOST after Holm).",
         ("ul", recommendation_lines(report.recommendations)),
     )
 
 
 def _anchor_blocks(report: Report) -> list[Block]:
     rows = [
-        [a.source, a.claim, a.test, a.verdict]
+        [a.source, a.claim, a.test, a.setup, a.verdict]
         + [f"{a.verdicts[m]}: {a.evidence[m]}" for m in (PERPLEXITY, EXACT_MATCH)]
         for a in report.anchors
     ]
     return _section(
         "Published anchors",
-        "Each published result (summarised, not quoted) is tested on this study's runs; agrees / disagrees / "
-        "cannot tell is decided by the numbers, per quality metric.",
-        ("table", ["source", "published", "tested here as", "verdict", "perplexity", "exact match"], rows),
+        "Each published result (summarised, not quoted) is tested on this study's runs, per quality metric: "
+        "'agrees' only when the numbers show it (equivalence within the margin for a 'no difference' claim, the "
+        "claimed direction beyond noise otherwise), 'disagrees' only beyond noise against the claim, else "
+        "'cannot tell'; a difference that was not detected never agrees. Their setup is not ours: the "
+        "'setups' column says how.",
+        ("table", ["source", "published", "tested here as", "setups", "verdict", "perplexity", "exact match"], rows),
     )
 
 

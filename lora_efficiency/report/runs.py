@@ -40,8 +40,24 @@ class RunData:
 
     @property
     def settings(self) -> dict[str, str]:
-        """The params that make a configuration (configuration.REPORT_SETTINGS), "" where the run has none."""
-        return {p: self.params.get(p, "") for p in REPORT_SETTINGS}
+        """The params that make a configuration (configuration.REPORT_SETTINGS), "" where the run has none. A run
+        whose learning rate was tuned (tag lr_tuned=true) has `lr` = "tuned over <grid>": configurations that differ
+        in one axis are compared each at its own best rate (the chosen rates are in the report's Learning rates
+        section), which is the point of tuning."""
+        settings = {p: self.params.get(p, "") for p in REPORT_SETTINGS}
+        if self.tags.get("lr_tuned") == "true":
+            settings["lr"] = f"tuned over {self.tags.get('lr_chosen_from', '?')}"
+        return settings
+
+    @property
+    def base_gguf_type(self) -> str:
+        """The GGUF type the base's 16-bit weights were dequantized from ("Q4_1"); "" when not from a GGUF."""
+        return self.tags.get("base_gguf_type", "")
+
+    @property
+    def base_checkpoint_dtype(self) -> str:
+        """The dtype of the base's checkpoint, as the run recorded it; "" when not recorded."""
+        return self.tags.get("base_checkpoint_dtype", "")
 
     @property
     def storage(self) -> str:
@@ -73,6 +89,7 @@ class Scope:
     baselines: list[RunData]
     sweeps: list[RunData]  # sweep parent runs in scope, with their children_* counts
     notes: list[str] = field(default_factory=list)
+    pilots: list[RunData] = field(default_factory=list)  # every learning-rate pilot of the experiment: report/lr.py
 
 
 def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
@@ -96,7 +113,8 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
     Raises:
         UserError: no such experiment or run, or no FINISHED training run to report.
     """
-    everything = _all_runs(client, _experiment_id(client, experiment))
+    every_run = _all_runs(client, _experiment_id(client, experiment))
+    everything = [r for r in every_run if r.tags.get("sweep_role") != "pilot"]  # pilots are no configuration
     root = _root(everything, experiment, sweep_run_id)
     tree = everything if root is None else _descendants(everything, root)
     training = [r for r in tree if "sweep_key" in r.tags]
@@ -118,7 +136,10 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
         raise _nothing_to_report(experiment, root, failed)
     baselines, baseline_notes = _baselines(everything, finished)
     sweeps = [r for r in tree if r.tags.get("entry_point") == "sweep"]
-    return Scope(experiment, root, finished, failed, baselines, sweeps, notes + unfinished_notes + baseline_notes)
+    pilots = [r for r in every_run if r.tags.get("sweep_role") == "pilot"]
+    return Scope(
+        experiment, root, finished, failed, baselines, sweeps, notes + unfinished_notes + baseline_notes, pilots
+    )
 
 
 def _experiment_id(client, experiment: str) -> str:

@@ -1,27 +1,58 @@
-"""The report's statistics, pure (no MLflow, no runs): a metric over seeds, the difference of two against the
-noise, how a mean and its interval are written, and the Pareto front of points.
+"""The report's statistics, pure (no MLflow, no runs): a metric over seeds, the effect of one configuration
+against another, the equivalence test against a declared margin, the Holm correction of a report's tests, how a
+mean and its interval are written, and the Pareto front of points.
 
 A configuration's metric over n seeds: mean, sample standard deviation and the 95 % interval of the mean from
-Student's t with n - 1 degrees of freedom (with 2 seeds t = 12.71, so intervals are wide). Two configurations
-differ by more than the noise when the 95 % interval of the difference of their means (Welch, unequal variances)
-excludes zero, which is Welch's t-test at the 5 % level. The base model alone is evaluated once and
-deterministically, so it is compared as a constant. Only seed-to-seed noise is counted: exact match over 30
-examples also has sampling noise that the seeds do not show.
+Student's t with n - 1 degrees of freedom (with 2 seeds t = 12.71, so intervals are wide).
+
+Two configurations are compared **paired by seed**: runs with the same seed saw the same batches, so the
+difference is taken seed by seed (d_i = a_i - b_i over the seeds both have) and its mean gets a t interval with
+n - 1 degrees of freedom; fewer than 2 seeds in common give no interval. Ratio metrics (perplexity, memory,
+speed, time) are compared on the **log scale**: for perplexity d_i is the difference of eval loss
+(ln perplexity), the effect is the ratio exp(mean d) and its interval exp(interval of mean d), which is a valid
+interval for the ratio (not the difference's interval divided by a mean). Fractions (exact match) are compared
+as differences in points. Where runs cannot be paired the test is unpaired and says so: against the base model
+alone (one deterministic evaluation, a constant: one-sample t) and, for configurations without a seed in common,
+Welch's t (unequal variances).
+
+Each comparison carries two p-values: the two-sided t-test of no difference and, where a margin is declared
+(perplexity: a ratio such as 1.02, log margin delta = ln 1.02), the equivalence test TOST (two one-sided t-tests
+of d <= -delta and d >= delta; its p is the larger of the two, and it rejects at alpha exactly when the
+(1 - 2 alpha) interval of d lies inside (-delta, +delta)). The p-values of a report form two families, one per
+kind of test, each corrected with Holm-Bonferroni (Family). The verdicts mean what they say: "better" / "worse"
+(no difference rejected after Holm), "equivalent within +-X%" (TOST rejected after Holm), else "cannot tell";
+"not detected" is never read as "equal". Only seed-to-seed noise is counted: exact match over 30 examples also
+has sampling noise that the seeds do not show.
+
+Student's t distribution comes from scipy.stats.t (scipy is a dependency of the project's environment).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 
 from lora_efficiency.report.metrics import METRICS
 
+PAIRED = "paired by seed"
+CONSTANT = "unpaired: against a constant (one deterministic evaluation, no seeds)"
+WELCH = "unpaired (Welch): no seed in common"
+BETTER, WORSE, EQUIVALENT, CANNOT_TELL = "better", "worse", "equivalent", "cannot tell"
 
-def t_quantile(df: float) -> float:
-    """Two-sided 95 % quantile of Student's t."""
+
+def t_quantile(df: float, q: float = 0.975) -> float:
+    """The q quantile of Student's t with df degrees of freedom (0.975: the two-sided 95 % quantile)."""
     from scipy.stats import t
 
-    return float(t.ppf(0.975, df))
+    return float(t.ppf(q, df))
+
+
+def t_sf(x: float, df: float) -> float:
+    """P(T > x) for Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.sf(x, df))
 
 
 @dataclass(frozen=True)
@@ -78,70 +109,281 @@ def cell(stat: Stat | None, metric: str) -> str:
     return f"{spec.show(stat.mean)} [{spec.show(stat.low)}, {spec.show(stat.high)}]"
 
 
+def log_scale(metric: str) -> bool:
+    """Ratio metrics (positive amounts: perplexity, memory, speed, time) are compared on the log scale; fractions
+    (exact match) as differences in points."""
+    return not METRICS[metric].fraction
+
+
 @dataclass(frozen=True)
-class Difference:
-    """mean(a) - mean(b) of one metric, its Welch 95 % interval, and whether that excludes zero."""
+class Effect:
+    """a - b of one metric on its analysis scale (the log for ratio metrics), before any correction.
+
+    design is PAIRED, CONSTANT or WELCH, "" when nothing could be tested (reason says why); n is the number of
+    pairs (paired), of a's runs (against a constant) or of both's runs (Welch). delta is the equivalence margin on
+    the analysis scale (ln of the perplexity margin), None where no margin is declared (no equivalence test).
+    """
 
     metric: str
+    design: str
+    n: int
     diff: float | None
-    low: float | None
-    high: float | None
-    reference_mean: float | None
-    verdict: str  # "larger than noise", "within noise", "no difference", "cannot tell (...)" or "not measured"
+    se: float | None = None
+    df: float | None = None
+    delta: float | None = None
+    reason: str = ""
 
     @property
-    def decided(self) -> bool:
-        return self.verdict in ("larger than noise", "within noise", "no difference")
+    def tested(self) -> bool:
+        return self.se is not None
+
+    def interval(self, level: float) -> tuple[float, float] | None:
+        """The `level` interval of the difference (0.95: diff +- t(0.975, df) se); None when not tested."""
+        if not self.tested:
+            return None
+        half = t_quantile(self.df, 1 - (1 - level) / 2) * self.se
+        return self.diff - half, self.diff + half
 
     @property
-    def within_noise(self) -> bool:
-        return self.verdict in ("within noise", "no difference")
+    def p_difference(self) -> float | None:
+        """Two-sided p of 'no difference'."""
+        return None if not self.tested else 2 * t_sf(abs(self.diff) / self.se, self.df)
 
-    def text(self) -> str:
-        """perplexity -0.8% (interval -3.1% to +1.5%), within noise."""
-        spec = METRICS[self.metric]
-        if self.diff is None:
-            return f"{spec.label} not measured"
-        if spec.fraction:
-            size = f"{self.diff * 100:+.1f} points"
-            interval = None if self.low is None else f"{self.low * 100:+.1f} to {self.high * 100:+.1f}"
-        else:
-            scale = 100 / abs(self.reference_mean) if self.reference_mean else float("nan")
-            size = f"{self.diff * scale:+.1f}%"
-            interval = None if self.low is None else f"{self.low * scale:+.1f}% to {self.high * scale:+.1f}%"
-        interval = f" (interval {interval})" if interval else ""
-        return f"{spec.label} {size}{interval}, {self.verdict}"
+    @property
+    def p_equivalence(self) -> float | None:
+        """TOST: the larger p of the one-sided tests of diff <= -delta and diff >= +delta; None without a margin."""
+        if not self.tested or self.delta is None:
+            return None
+        return max(t_sf((self.diff + self.delta) / self.se, self.df), t_sf((self.delta - self.diff) / self.se, self.df))
 
 
-def difference(a: Stat | None, b: Stat | None, *, metric: str, b_exact: bool = False) -> Difference:
-    """a - b, with Welch's 95 % interval and the verdict against the seed-to-seed noise.
+def effect(a: dict[int, float], b: dict[int, float] | float, *, metric: str, delta: float | None = None) -> Effect:
+    """a - b of one metric, paired by seed where the seeds allow.
 
     Args:
-        a: the metric over the seeds of one configuration, or None when not measured.
-        b: the same for the configuration it is compared with.
-        metric: the metric's name, a key of METRICS.
-        b_exact: b is a constant (the base model, evaluated once and deterministically), not a mean.
+        a: the metric of one configuration, by seed.
+        b: the same for the configuration it is compared with; a float: a constant (the base model alone,
+            evaluated once and deterministically), compared by a one-sample t-test.
+        metric: the metric's name, a key of METRICS (its scale).
+        delta: the equivalence margin on the analysis scale; None: no equivalence test.
 
     Returns:
-        The difference; its verdict says whether the interval excludes zero, or why that cannot be told.
+        The effect, paired over the seeds both have when there are 2 or more; unpaired (Welch) when they have no
+        seed in common and 2 runs each; else untested, with the reason.
     """
-    if a is None or b is None:
-        return Difference(metric, None, None, None, None, "not measured")
-    diff = a.mean - b.mean
-    if a.n < 2 or (b.n < 2 and not b_exact):
-        return Difference(metric, diff, None, None, b.mean, "cannot tell (one seed)")
-    var_a = a.std**2 / a.n
-    var_b = 0.0 if b_exact else b.std**2 / b.n
-    se = math.sqrt(var_a + var_b)
-    if se == 0:  # every seed measured the same (1 of 30 answers right, twice): the noise is not measured
-        verdict = "no difference" if diff == 0 else "cannot tell (the seeds agree exactly: no noise estimate)"
-        return Difference(metric, diff, None, None, b.mean, verdict)
-    parts = [var_a**2 / (a.n - 1)] + ([] if b_exact else [var_b**2 / (b.n - 1)])
-    df = (var_a + var_b) ** 2 / sum(parts)  # Welch-Satterthwaite
-    half = t_quantile(df) * se
-    low, high = diff - half, diff + half
-    verdict = "larger than noise" if low > 0 or high < 0 else "within noise"
-    return Difference(metric, diff, low, high, b.mean, verdict)
+    constant = isinstance(b, float | int)
+    if not a or (not constant and not b):
+        return Effect(metric, "", 0, None, reason="not measured")
+    values = [*a.values(), *([b] if constant else b.values())]
+    if log_scale(metric) and min(values) <= 0:
+        return Effect(metric, "", 0, None, reason="a value <= 0 has no log")
+    f = math.log if log_scale(metric) else float
+    if constant:
+        return _one_sample([f(v) - f(b) for v in a.values()], metric, CONSTANT, delta)
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        return _one_sample([f(a[s]) - f(b[s]) for s in common], metric, PAIRED, delta)
+    if not common and len(a) >= 2 and len(b) >= 2:
+        return welch([f(v) for v in a.values()], [f(v) for v in b.values()], metric=metric, delta=delta)
+    diff = _mean([f(v) for v in a.values()]) - _mean([f(v) for v in b.values()])
+    reason = "one seed" if min(len(a), len(b)) < 2 else "fewer than 2 seeds in common"
+    return Effect(metric, "", len(common), diff, delta=delta, reason=reason)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _variance(xs: list[float]) -> float:
+    m = _mean(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
+def _no_noise(var: float, xs: list[float]) -> bool:
+    """A variance that is zero but for float rounding (0.1 - 0.3 and 0.2 - 0.4 differ in the 17th digit): the
+    seeds show no noise, so no test can be made."""
+    return math.sqrt(var) <= 1e-9 * max(abs(x) for x in xs)
+
+
+def _one_sample(ds: list[float], metric: str, design: str, delta: float | None) -> Effect:
+    """The mean of ds with its t standard error (n - 1 degrees of freedom): paired differences or differences from
+    a constant."""
+    n, diff = len(ds), _mean(ds)
+    if n < 2:
+        return Effect(metric, "", n, diff, delta=delta, reason="one seed")
+    var = _variance(ds)
+    if _no_noise(var, ds):  # every seed moved by the same amount (1 of 30 answers right, twice): no noise estimate
+        return Effect(metric, "", n, diff, delta=delta, reason="the seeds agree exactly: no noise estimate")
+    return Effect(metric, design, n, diff, math.sqrt(var / n), n - 1, delta)
+
+
+def welch(a: list[float], b: list[float], *, metric: str, delta: float | None = None) -> Effect:
+    """mean(a) - mean(b) of independent samples (already on the analysis scale), Welch's standard error and the
+    Welch-Satterthwaite degrees of freedom: the test for runs that cannot be paired."""
+    diff = _mean(a) - _mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return Effect(metric, "", len(a) + len(b), diff, delta=delta, reason="one seed")
+    var_a, var_b = _variance(a) / len(a), _variance(b) / len(b)
+    if _no_noise(var_a + var_b, a + b):
+        return Effect(
+            metric, "", len(a) + len(b), diff, delta=delta, reason="the seeds agree exactly: no noise estimate"
+        )
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    return Effect(metric, WELCH, len(a) + len(b), diff, math.sqrt(var_a + var_b), df, delta)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given: the i-th smallest of m is multiplied by m - i + 1,
+    then made non-decreasing in that order and capped at 1. A test rejects at alpha when its adjusted p < alpha."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def margin_text(margin: float) -> str:
+    """1.02 -> '±2%'."""
+    return f"±{(margin - 1) * 100:.3g}%"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """An effect judged within its report: the p-values adjusted by Holm over the report's family, the verdict.
+
+    `verdict` is "better" / "worse" (a differs from b beyond noise after Holm, in that direction), "equivalent
+    within ±X%" (TOST after Holm), "cannot tell" otherwise, or "not measured". A difference that is real but
+    smaller than the margin is both: its verdict is "equivalent" and `beyond_noise` stays True.
+    """
+
+    effect: Effect
+    alpha: float
+    margin: float | None  # the declared perplexity ratio where an equivalence test ran, else None
+    p_difference: float | None  # Holm-adjusted
+    p_equivalence: float | None  # Holm-adjusted
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.p_difference is not None and self.p_difference < self.alpha
+
+    @property
+    def equivalent(self) -> bool:
+        return self.p_equivalence is not None and self.p_equivalence < self.alpha
+
+    @property
+    def improves(self) -> bool:
+        """a is better than b at the point estimate (lower perplexity, higher exact match...)."""
+        d = self.effect.diff or 0.0
+        return d > 0 if METRICS[self.effect.metric].higher_is_better else d < 0
+
+    @property
+    def verdict(self) -> str:
+        if self.effect.diff is None:
+            return "not measured"
+        if self.equivalent:
+            return f"{EQUIVALENT} within {margin_text(self.margin)}"
+        if self.beyond_noise:
+            return BETTER if self.improves else WORSE
+        return CANNOT_TELL
+
+    @property
+    def ratio(self) -> tuple[float, float | None, float | None] | None:
+        """exp(diff) and exp of the (1 - alpha) interval of diff: the ratio a / b (geometric means) and its
+        interval; None for a metric compared in points."""
+        if not log_scale(self.effect.metric) or self.effect.diff is None:
+            return None
+        interval = self.effect.interval(1 - self.alpha)
+        low, high = (math.exp(interval[0]), math.exp(interval[1])) if interval else (None, None)
+        return math.exp(self.effect.diff), low, high
+
+    def reversed(self) -> Judgement:
+        """The same test read as b - a: the same p-values, the difference negated."""
+        diff = None if self.effect.diff is None else -self.effect.diff
+        return replace(self, effect=replace(self.effect, diff=diff))
+
+    def size(self) -> str:
+        """'ratio 0.994 [0.989, 0.999]' (log-scale metrics) or '+20.0 points [+5.0, +35.0]' (fractions)."""
+        e = self.effect
+        if self.ratio is not None:
+            r, low, high = self.ratio
+            return f"ratio {r:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+        interval = e.interval(1 - self.alpha)
+        return f"{e.diff * 100 + 0.0:+.1f} points" + (
+            "" if interval is None else f" [{interval[0] * 100:+.1f}, {interval[1] * 100:+.1f}]"
+        )
+
+    def text(self) -> str:
+        """'perplexity ratio 0.994 [0.989, 0.999] (3 pairs by seed; Holm p = 0.012, equivalence Holm p = 0.003):
+        equivalent within ±2%'."""
+        e, label = self.effect, METRICS[self.effect.metric].label
+        if e.diff is None:
+            return f"{label} not measured"
+        if not e.tested:
+            return f"{label} {self.size()}: {CANNOT_TELL} ({e.reason})"
+        how = {PAIRED: f"{e.n} pairs by seed", CONSTANT: f"{e.n} seeds against one evaluation, unpaired"}.get(
+            e.design, f"{e.n} runs, unpaired Welch: no seed in common"
+        )
+        ps = f"Holm {_p(self.p_difference)}"
+        ps += f", equivalence Holm {_p(self.p_equivalence)}" if self.p_equivalence is not None else ""
+        both = f" ({'better' if self.improves else 'worse'} beyond noise, by less than the margin)"
+        return f"{label} {self.size()} ({how}; {ps}): {self.verdict}" + (
+            both if self.equivalent and self.beyond_noise else ""
+        )
+
+
+class Family:
+    """The tests one report states, corrected together: the tests of 'no difference' form one family and the
+    equivalence tests (TOST) another; Holm-Bonferroni runs over each. Add every effect, close, then read the
+    judgements by key; a key never added is an error (every verdict the report states is in its family)."""
+
+    def __init__(self, *, alpha: float, margin: float):
+        self.alpha, self.margin = alpha, margin
+        self._effects: dict[Hashable, Effect] = {}
+        self._judged: dict[Hashable, Judgement] | None = None
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._effects
+
+    def add(self, key: Hashable, eff: Effect) -> None:
+        """One test of the family (the first effect under a key counts: one comparison is one test)."""
+        if self._judged is not None:
+            raise RuntimeError("the family is closed: its corrections are computed")
+        self._effects.setdefault(key, eff)
+
+    def close(self) -> None:
+        """Holm over each family."""
+        diff = {k: e.p_difference for k, e in self._effects.items() if e.p_difference is not None}
+        equiv = {k: e.p_equivalence for k, e in self._effects.items() if e.p_equivalence is not None}
+        adjusted_diff = dict(zip(diff, holm(list(diff.values())), strict=True))
+        adjusted_equiv = dict(zip(equiv, holm(list(equiv.values())), strict=True))
+        self._judged = {
+            k: Judgement(
+                e,
+                self.alpha,
+                self.margin if e.delta is not None else None,
+                adjusted_diff.get(k),
+                adjusted_equiv.get(k),
+            )
+            for k, e in self._effects.items()
+        }
+
+    def __getitem__(self, key: Hashable) -> Judgement:
+        if self._judged is None:
+            self.close()
+        return self._judged[key]
+
+    @property
+    def difference_tests(self) -> int:
+        return sum(e.p_difference is not None for e in self._effects.values())
+
+    @property
+    def equivalence_tests(self) -> int:
+        return sum(e.p_equivalence is not None for e in self._effects.values())
 
 
 def pareto_front(points: list[tuple[float, float]], *, higher_is_better: bool) -> list[int]:

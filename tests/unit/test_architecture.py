@@ -11,6 +11,7 @@ PACKAGES = ("lora_efficiency", "entrypoints")
 # utilities) may import it, so the trainer can be read, tested and reused without the study around it.
 ORCHESTRATION = (
     "lora_efficiency.sweep",
+    "lora_efficiency.lr_tuning",
     "lora_efficiency.study",
     "lora_efficiency.children",
     "lora_efficiency.ray_backend",

@@ -1,5 +1,6 @@
-"""The report's arithmetic on toy runs: intervals, differences against the noise, Pareto front, comparisons,
-budgets, anchors. Expected values are worked out by hand in the comments (t quantiles from tables)."""
+"""The report's arithmetic on toy runs: intervals, paired differences and their ratios, equivalence against the
+margin, Holm's correction, Pareto front, comparisons, budgets, anchors, full fine-tuning, the base's provenance.
+Expected values are worked out by hand in the tests or their comments (t quantiles from tables)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,27 @@ import pytest
 from lora_efficiency.config import read_defaults
 from lora_efficiency.report import (
     PERPLEXITY,
+    Effect,
+    Family,
     RunData,
     Stat,
     budget_ladder,
     build_report,
     cell,
-    check_anchors,
-    difference,
+    effect,
     find_comparisons,
     group_configurations,
+    holm,
     pareto_front,
     recommend,
+    welch,
 )
+from lora_efficiency.report.stats import CONSTANT, PAIRED, WELCH
 from tests.report_store import EXACT_MATCH, PEAK_MB, train_params
 from tests.report_store import PERPLEXITY as KNOWN
 
-T_2, T_4 = 4.302653, 2.776445  # Student's t, 97.5 % quantile, 2 and 4 degrees of freedom
+T_2 = 4.302653  # Student's t, 97.5 % quantile, 2 degrees of freedom
+EXACT_MATCH_METRIC = "eval/exact_match"
 DEFAULTS = read_defaults("train")
 
 
@@ -62,35 +68,110 @@ def test_mean_sd_and_student_t_interval():
     assert cell(Stat((0.2, 0.2)), "eval/exact_match") == "20.0"  # every seed the same: no interval to show
 
 
-def test_welch_difference_inside_and_outside_the_noise():
-    r8, r16, r4 = Stat((3.5, 3.6, 3.7)), Stat((3.52, 3.62, 3.72)), Stat((4.0, 4.1, 4.2))
-    inside = difference(r8, r16, metric=PERPLEXITY)
-    half = T_4 * math.sqrt(0.01 / 3 + 0.01 / 3)  # equal variances, n = 3 + 3: Welch's df is 4; 0.2267
-    assert inside.diff == pytest.approx(-0.02)
-    assert (inside.low, inside.high) == (pytest.approx(-0.02 - half, abs=1e-5), pytest.approx(-0.02 + half, abs=1e-5))
-    assert inside.verdict == "within noise"
-    assert inside.text() == "perplexity -0.6% (interval -6.8% to +5.7%), within noise"
-    outside = difference(r4, r16, metric=PERPLEXITY)
-    assert outside.verdict == "larger than noise" and outside.low > 0
-    assert outside.text().startswith("perplexity +13.3% (interval +7.0% to +19.5%)")
+def judge(eff, *others):
+    """The judgement of `eff` in a family of itself and `others` (Holm over all of them)."""
+    family = Family(alpha=0.05, margin=1.02)
+    for i, e in enumerate((eff, *others)):
+        family.add(i, e)
+    family.close()
+    return family[0]
+
+
+def test_paired_difference_its_ratio_and_the_ratio_interval_by_hand():
+    r8, r16 = {0: 3.5, 1: 3.6, 2: 3.7}, {0: 3.52, 1: 3.62, 2: 3.72}  # tests/report_store.py
+    j = judge(effect(r8, r16, metric=PERPLEXITY, delta=math.log(1.02)))
+    ds = [math.log(3.5 / 3.52), math.log(3.6 / 3.62), math.log(3.7 / 3.72)]  # differences of eval loss
+    mean = sum(ds) / 3  # -0.005543
+    sd = math.sqrt(sum((d - mean) ** 2 for d in ds) / 2)  # 0.000153
+    half = T_2 * sd / math.sqrt(3)
+    assert j.effect.design == PAIRED and j.effect.n == 3 and j.effect.df == 2
+    assert j.effect.diff == pytest.approx(mean) and j.effect.interval(0.95) == (
+        pytest.approx(mean - half, abs=1e-9),
+        pytest.approx(mean + half, abs=1e-9),
+    )
+    # the ratio's interval is exp of the difference's interval, not the difference divided by a mean
+    ratio, low, high = j.ratio
+    assert (ratio, low, high) == (
+        pytest.approx(math.exp(mean)),
+        pytest.approx(math.exp(mean - half), abs=1e-9),
+        pytest.approx(math.exp(mean + half), abs=1e-9),
+    )
+    assert j.text().startswith(
+        "perplexity ratio 0.994 [0.994, 0.995] (3 pairs by seed; Holm p < 0.001, equivalence Holm p"
+    )
+    # TOST at 5 %: the 90 % interval (t = 2.919986 for 2 degrees of freedom) lies inside +-ln(1.02)
+    half90 = 2.919986 * sd / math.sqrt(3)
+    assert -math.log(1.02) < mean - half90 and mean + half90 < math.log(1.02)
+    assert j.equivalent and j.verdict == "equivalent within ±2%"
+    # consistent across seeds, so also beyond noise: a real difference, smaller than the margin
+    assert j.beyond_noise and j.improves and "(better beyond noise, by less than the margin)" in j.text()
+
+
+def test_equivalent_only_with_a_tight_interval_inside_the_margin():
+    base = {0: 3.50, 1: 3.60, 2: 3.70, 3: 3.80}
+    tight = {s: v * f for (s, v), f in zip(base.items(), (1.003, 0.998, 1.001, 1.0), strict=True)}
+    assert judge(effect(tight, base, metric=PERPLEXITY, delta=math.log(1.02))).verdict == "equivalent within ±2%"
+    # the same mean difference (about 0) but seeds that scatter by +-3 %: nothing is shown
+    wide = {s: v * f for (s, v), f in zip(base.items(), (1.03, 0.97, 1.02, 0.985), strict=True)}
+    j = judge(effect(wide, base, metric=PERPLEXITY, delta=math.log(1.02)))
+    assert not j.beyond_noise and not j.equivalent and j.verdict == "cannot tell"
+    # no margin (exact match): never equivalent, whatever the interval
+    em = judge(effect({0: 0.30, 1: 0.31, 2: 0.30}, {0: 0.30, 1: 0.30, 2: 0.31}, metric=EXACT_MATCH_METRIC))
+    assert em.p_equivalence is None and em.verdict == "cannot tell"
+
+
+def test_holm_turns_a_borderline_verdict_into_cannot_tell():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3 x 0.01, max(2 x 0.03, 0.04)...
+    assert holm([0.2, 0.01]) == pytest.approx([0.2, 0.02])
+    # t = 6 with 2 degrees of freedom: p = 2 P(T > 6) = 0.0267 < 0.05 alone
+    borderline = Effect(PERPLEXITY, PAIRED, 3, 0.06, 0.01, 2)
+    alone = judge(borderline)
+    assert alone.p_difference == pytest.approx(0.026671, abs=1e-5) and alone.verdict == "worse"
+    # one more test in the report's family (p = 0.5): 2 x 0.0267 = 0.053 > 0.05
+    other = Effect(PERPLEXITY, PAIRED, 3, 0.00816, 0.01, 2)
+    corrected = judge(borderline, other)
+    assert corrected.p_difference == pytest.approx(2 * 0.026671, abs=1e-4) and corrected.verdict == "cannot tell"
+
+
+def test_pairing_by_seed_removes_a_seed_effect_both_configurations_share():
+    # the seed moves perplexity by 30 %; b is about 3 % worse than a at every seed
+    a = {0: 3.00, 1: 3.50, 2: 4.00}
+    b = {0: 3.09, 1: 3.62, 2: 4.12}
+    paired = judge(effect(a, b, metric=PERPLEXITY, delta=math.log(1.02)))
+    assert paired.effect.design == PAIRED and paired.verdict == "better"  # lower perplexity beyond noise
+    logs = [math.log(v) for v in a.values()], [math.log(v) for v in b.values()]
+    unpaired = judge(welch(*logs, metric=PERPLEXITY, delta=math.log(1.02)))
+    assert unpaired.effect.design == WELCH and unpaired.verdict == "cannot tell"
+    assert unpaired.effect.diff == pytest.approx(paired.effect.diff)  # the same estimate, not the same noise
+    # without a seed in common the runs cannot be paired: Welch, and the text says so
+    disjoint = effect(a, {s + 3: v for s, v in b.items()}, metric=PERPLEXITY)
+    assert disjoint.design == WELCH and "unpaired Welch" in judge(disjoint).text()
 
 
 def test_differences_that_cannot_be_decided():
-    assert difference(Stat((3.5,)), Stat((3.6, 3.7)), metric=PERPLEXITY).verdict == "cannot tell (one seed)"
-    assert difference(None, Stat((3.6, 3.7)), metric=PERPLEXITY).text() == "perplexity not measured"
+    one = judge(effect({0: 3.5}, {0: 3.6, 1: 3.7}, metric=PERPLEXITY))
+    assert one.verdict == "cannot tell" and one.text().endswith("cannot tell (one seed)")
+    assert judge(effect({}, {0: 3.6, 1: 3.7}, metric=PERPLEXITY)).text() == "perplexity not measured"
+    # one seed in common: one pair gives no interval
+    few = judge(effect({0: 3.5, 1: 3.6}, {1: 3.6, 2: 3.7}, metric=PERPLEXITY))
+    assert few.verdict == "cannot tell" and "fewer than 2 seeds in common" in few.text()
     # 1 of 30 answers right with both seeds against 0 of 30: the seeds show no noise, so nothing is decided
-    same = difference(Stat((1 / 30, 1 / 30)), Stat((0.0, 0.0)), metric="eval/exact_match")
-    assert same.verdict.startswith("cannot tell") and not same.decided
-    assert difference(Stat((0.1, 0.1)), Stat((0.1, 0.1)), metric="eval/exact_match").verdict == "no difference"
-    points = difference(Stat((0.3, 0.4, 0.5)), Stat((0.1, 0.2, 0.3)), metric="eval/exact_match")
-    assert points.text().startswith("exact match +20.0 points (interval ")
+    same = judge(effect({0: 1 / 30, 1: 1 / 30}, {0: 0.0, 1: 0.0}, metric=EXACT_MATCH_METRIC))
+    assert same.verdict == "cannot tell" and "no noise estimate" in same.text()
+    # float rounding (0.1 - 0.3 is not 0.2 - 0.4) is no noise either
+    rounding = effect({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.3, 1: 0.4, 2: 0.5}, metric=EXACT_MATCH_METRIC)
+    assert not rounding.tested
+    points = judge(effect({0: 0.3, 1: 0.4, 2: 0.5}, {0: 0.1, 1: 0.25, 2: 0.3}, metric=EXACT_MATCH_METRIC))
+    assert points.text().startswith("exact match +18.3 points [")
 
 
-def test_a_constant_reference_uses_one_sample_t():
-    d = difference(Stat((4.0, 4.1, 4.2)), Stat((4.0,)), metric=PERPLEXITY, b_exact=True)
-    half = T_2 * 0.1 / math.sqrt(3)
-    assert (d.low, d.high) == (pytest.approx(0.1 - half, abs=1e-5), pytest.approx(0.1 + half, abs=1e-5))
-    assert d.verdict == "within noise"
+def test_a_constant_reference_uses_one_sample_t_on_the_log_scale():
+    d = effect({0: 4.0, 1: 4.1, 2: 4.2}, 4.0, metric=PERPLEXITY)
+    xs = [math.log(v / 4.0) for v in (4.0, 4.1, 4.2)]
+    mean = sum(xs) / 3
+    half = T_2 * math.sqrt(sum((x - mean) ** 2 for x in xs) / 2) / math.sqrt(3)
+    assert d.design == CONSTANT and d.interval(0.95) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert judge(d).verdict == "cannot tell" and "against one evaluation, unpaired" in judge(d).text()
 
 
 def test_pareto_front():
@@ -121,10 +202,11 @@ def test_configurations_group_by_config_hash_and_compare_along_each_axis():
 def test_findings_front_budgets_and_anchors_from_known_values():
     report = build_report(scope_of(known_runs()), defaults=DEFAULTS, budgets_mb=[995, 1012, 1020, 2000])
     findings = {(f.a, f.b): f for f in report.findings}
-    assert findings[("r8", "r16")].differences[PERPLEXITY].verdict == "within noise"
-    assert findings[("r4", "r16")].differences[PERPLEXITY].verdict == "larger than noise"
+    # r8 is 0.02 below r16 at every seed: paired, that is a consistent -0.55 %, inside the +-2 % margin
+    assert findings[("r8", "r16")].judgements[PERPLEXITY].verdict == "equivalent within ±2%"
+    assert findings[("r4", "r16")].judgements[PERPLEXITY].verdict == "worse"
     assert "trainable parameters x0.50" in findings[("r8", "r16")].text
-    assert findings[("nf4", "bf16")].differences["eval/exact_match"].verdict == "not measured"
+    assert findings[("nf4", "bf16")].judgements["eval/exact_match"].verdict == "not measured"
     assert [c.label for c in report.fronts[PERPLEXITY]] == [
         "r4 attention nf4",
         "r8 attention nf4",
@@ -138,19 +220,37 @@ def test_findings_front_budgets_and_anchors_from_known_values():
         (1020, "r8 attention nf4", 2),
         (2000, "r16 attention bf16", 4),
     ]
-    assert [c.label for c in report.recommendations[-1].within_noise] == ["r8 attention nf4", "r16 attention nf4"]
+    # r8 and r16 were "within noise" of bf16, which is not equivalence: their seeds scatter by +-3 %
+    assert report.recommendations[-1].equivalent == []
     rank, modules, nf4 = report.anchors
-    assert rank.verdicts[PERPLEXITY] == "disagrees" and "r4" in rank.evidence[PERPLEXITY]  # r4 worse than r8
+    assert rank.verdicts[PERPLEXITY] == "disagrees" and "r4" in rank.evidence[PERPLEXITY]  # r4 13 % worse than r8
+    assert rank.verdicts["eval/exact_match"] == "cannot tell"  # no margin is declared for exact match
     assert modules.verdict == "cannot tell"  # no module comparison in these runs
-    assert nf4.verdicts[PERPLEXITY] == "agrees" and nf4.verdicts["eval/exact_match"] == "cannot tell"
+    # nf4 vs bf16 differ by 1.4 % with an interval of -4 % to +7 %: not detected is not "agrees"
+    assert nf4.verdicts[PERPLEXITY] == "cannot tell" and nf4.verdicts["eval/exact_match"] == "cannot tell"
+    assert "theirs: GPT-3 175B" in rank.setup and "ours: HuggingFaceTB/SmolLM2-135M-Instruct, 3 steps" in rank.setup
+    # the family: every finding, anchor and recommendation test once (r8 vs r16 and r16 vs r8 are one test).
+    # Perplexity: r4-r16, r8-r16, nf4-bf16 (findings), r4-r8 (anchor), r4-bf16, r8-bf16 (budget 2,000 MB): 6 tests
+    # of each kind; peak memory of the 3 findings: 3 more differences; exact match: none (seeds without noise)
+    assert report.family.equivalence_tests == 6 and report.family.difference_tests == 9
 
 
-def test_rank_anchor_agrees_when_every_rank_is_within_noise_and_cannot_tell_with_one_seed():
-    runs = [run(f"r{r}", s, rank=r, **{PERPLEXITY: v}) for r in (4, 8) for s, v in enumerate((3.5, 3.7))]
-    (rank, *_) = check_anchors(find_comparisons(group_configurations(runs), defaults=DEFAULTS))
-    assert rank.verdicts[PERPLEXITY] == "agrees"
+def scaled(values: dict[int, float], factors: tuple[float, ...]) -> dict[int, float]:
+    return {s: v * f for (s, v), f in zip(values.items(), factors, strict=True)}
+
+
+def test_rank_anchor_agrees_only_on_equivalence_never_on_a_difference_not_detected():
+    r4 = {0: 3.50, 1: 3.60, 2: 3.70, 3: 3.80}
+    for r8, verdict in (
+        (scaled(r4, (1.003, 0.998, 1.001, 1.0)), "agrees"),  # tight, inside +-2 %
+        (scaled(r4, (1.03, 0.97, 1.02, 0.985)), "cannot tell"),  # within noise, but the noise is +-3 %
+    ):
+        runs = [run("r4", s, rank=4, **{PERPLEXITY: v}) for s, v in r4.items()]
+        runs += [run("r8", s, rank=8, **{PERPLEXITY: v}) for s, v in r8.items()]
+        (rank, *_) = build_report(scope_of(runs), defaults=DEFAULTS).anchors
+        assert rank.verdicts[PERPLEXITY] == verdict, rank.evidence[PERPLEXITY]
     one_seed = [run(f"r{r}", 0, rank=r, **{PERPLEXITY: 3.5 + r}) for r in (4, 8)]
-    (rank, *_) = check_anchors(find_comparisons(group_configurations(one_seed), defaults=DEFAULTS))
+    (rank, *_) = build_report(scope_of(one_seed), defaults=DEFAULTS).anchors
     assert rank.verdicts[PERPLEXITY] == "cannot tell"
 
 
@@ -158,13 +258,83 @@ def test_modules_anchor_compares_the_widest_module_set_with_its_subsets():
     def modules_run(modules, resolved, seed, value):
         return run(modules, seed, modules=modules, resolved=resolved, **{PERPLEXITY: value})
 
-    runs = [modules_run("all_linear", "q,k,v,o,gate,up,down", s, v) for s, v in enumerate((3.0, 3.02, 3.04))]
+    widest = {0: 3.0, 1: 3.02, 2: 3.04}
+    runs = [modules_run("all_linear", "q,k,v,o,gate,up,down", s, v) for s, v in widest.items()]
     runs += [modules_run("attention", "q,k,v,o", s, v) for s, v in enumerate((3.5, 3.52, 3.54))]
-    (_, modules, _) = check_anchors(find_comparisons(group_configurations(runs), defaults=DEFAULTS))
+    (_, modules, _) = build_report(scope_of(runs), defaults=DEFAULTS).anchors
     assert modules.verdicts[PERPLEXITY] == "agrees"
-    runs += [modules_run("q_v", "q,v", s, v) for s, v in enumerate((2.9, 3.1, 3.3))]  # as good as all_linear
-    (_, modules, _) = check_anchors(find_comparisons(group_configurations(runs), defaults=DEFAULTS))
+    # a subset as good on average but scattered: not beaten, not shown equivalent either
+    scattered = runs + [modules_run("q_v", "q,v", s, v) for s, v in enumerate((2.9, 3.1, 3.3))]
+    (_, modules, _) = build_report(scope_of(scattered), defaults=DEFAULTS).anchors
+    assert modules.verdicts[PERPLEXITY] == "cannot tell"
+    # a subset equivalent to the widest set: against the claim
+    matched = runs + [modules_run("q_v", "q,v", s, v) for s, v in scaled(widest, (1.002, 0.999, 1.001)).items()]
+    (_, modules, _) = build_report(scope_of(matched), defaults=DEFAULTS).anchors
     assert modules.verdicts[PERPLEXITY] == "disagrees" and "q_v" in modules.evidence[PERPLEXITY]
+
+
+def test_qlora_anchor_is_not_comparable_on_a_base_dequantized_from_a_gguf():
+    runs = known_runs()
+    nf4 = next(a for a in build_report(scope_of(runs), defaults=DEFAULTS).anchors if "NF4" in a.claim)
+    assert nf4.verdicts[PERPLEXITY] == "cannot tell"
+    for r in runs:
+        r.tags |= {"base_gguf_type": "Q4_1", "base_checkpoint_dtype": "bfloat16"}
+    report = build_report(scope_of(runs), defaults=DEFAULTS)
+    nf4 = report.anchors[2]
+    assert nf4.verdict == "not comparable on this base"
+    assert set(nf4.verdicts.values()) == {"not comparable on this base"}
+    assert "dequantized from a Q4_1 GGUF: bf16 already sits on a 4-bit grid" in nf4.evidence[PERPLEXITY]
+    assert "nf4 vs bf16: perplexity ratio" in nf4.evidence[PERPLEXITY]  # the numbers are still shown
+    (line,) = report.provenance
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in line and "Q4_1 GGUF, checkpoint dtype bfloat16" in line
+
+
+def test_full_fine_tuning_is_labelled_so_and_is_the_reference_of_lora():
+    def full(seed, value):
+        r = run("full", seed, quantization="bf16", **{PERPLEXITY: value})
+        r.params |= {"method": "full", "lr": "2e-05"}
+        r.tags["config_hash"] = "full-ft"
+        return r
+
+    runs = [run("r16", s, quantization="bf16", **{PERPLEXITY: v}) for s, v in enumerate((3.60, 3.62, 3.64))]
+    runs += [run("r8", s, rank=8, quantization="bf16", **{PERPLEXITY: v}) for s, v in enumerate((3.7, 3.6, 3.5))]
+    runs += [full(s, v) for s, v in enumerate((3.40, 3.42, 3.44))]
+    report = build_report(scope_of(runs), defaults=DEFAULTS)
+    assert {c.label for c in report.configurations} == {
+        "full FT lr=2e-05",
+        "r16 attention bf16 lr=0.0002",
+        "r8 attention bf16 lr=0.0002",
+    }
+    comps = {c.name: c for c in report.comparisons}
+    assert set(comps) == {"rank", "full FT"}
+    assert comps["full FT"].reference.label == "full FT lr=2e-05" and len(comps["full FT"].configurations) == 3
+    finding = next(f for f in report.findings if f.comparison == "full FT" and f.a.startswith("r16"))
+    assert finding.b == "full FT lr=2e-05" and finding.judgements[PERPLEXITY].verdict == "worse"
+    assert finding.judgements[PERPLEXITY].ratio[0] == pytest.approx(
+        math.exp(sum(math.log(v / (v - 0.2)) for v in (3.60, 3.62, 3.64)) / 3)
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--margin", "0.98"], "margin=0.98 is invalid: a perplexity ratio > 1"),
+        (["--margin", "1"], "margin=1.0 is invalid: a perplexity ratio > 1"),
+        (["--margin", "wide"], "margin='wide' is invalid: a number"),
+        (["--alpha", "0.5"], "alpha=0.5 is invalid: a level between 0 and 0.5"),
+        (["--alpha", "0"], "alpha=0.0 is invalid: a level between 0 and 0.5"),
+    ],
+)
+def test_a_bad_margin_or_alpha_is_a_one_line_error(argv, message, capsys, monkeypatch, tmp_path):
+    from entrypoints.report import main
+    from lora_efficiency.cli import run_cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any store is opened
 
 
 def test_budget_ladder_is_round_steps_over_the_peaks():

@@ -1,0 +1,215 @@
+"""The learning rate per configuration: a sweep's `lr_grid`, its pilot runs, and the choice among them.
+
+With one learning rate for every configuration, the configuration that moves further per step (more adapted
+matrices, a larger alpha/r) can look better for that reason alone; LoRA's best learning rate is about 10x full
+fine-tuning's ("LoRA Without Regret", Schulman et al. 2025). A sweep file or a profile may therefore declare
+
+    lr_grid: [1.0e-4, 2.0e-4, 5.0e-4]             # one grid for every configuration
+    lr_grid: {lora: [1.0e-4, 5.0e-4], full: [1.0e-5, 5.0e-5]}   # or a grid per training method (`method`)
+    pilot_steps: 50                               # how long a pilot trains (default: the configuration's max_steps)
+
+A profile's value wins over the sweep file's, key by key (as its `seeds` and `train` do). For each configuration
+(the sweep's settings without the seed) the sweep first runs one pilot per learning rate of the grid, at the first
+seed, for pilot_steps steps with eval_every=pilot_steps; the lowest final `val/loss` wins (`eval/loss` when a
+pilot logged no val/loss); failed or diverged pilots are left out. Then every seed trains at that rate.
+
+Only this module decides: the grid (parse_lr_grid), the pilots (pilot_config, pilot_key, group_id), the choice
+(choose_lr) and the tags runs carry (pilot_tags, main_tags). lora_efficiency.sweep runs the pilots and the main
+runs as two phases; lora_efficiency.report.lr reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lora_efficiency.config import METHODS, TrainConfig
+from lora_efficiency.configuration import sweep_key
+from lora_efficiency.errors import ConfigError, UserError, invalid
+
+LR_KEYS = ("lr_grid", "pilot_steps")
+ANY_METHOD = "*"  # the grid of a plain list: every method
+# Tags of the runs of a tuned sweep (and of main runs without a grid: sweep_role, lr_group, lr_tuned=false).
+ROLE, GROUP, GROUP_LABEL = "sweep_role", "lr_group", "lr_group_label"
+TUNED, CHOSEN_FROM, SELECTED_BY = "lr_tuned", "lr_chosen_from", "lr_selected_by"
+PILOT, MAIN = "pilot", "main"
+METRICS = ("val/loss", "eval/loss")  # preferred first: the pilot's validation loss, else its final evaluation
+GRID_ALLOWED = "a non-empty list of learning rates in (0, 1), or a mapping {lora: [...], full: [...]} of such lists"
+
+
+def fmt_lr(lr: float) -> str:
+    """A learning rate as tags and names write it: 0.0002, 1e-05."""
+    return f"{lr:g}"
+
+
+@dataclass(frozen=True)
+class LrGrid:
+    """The learning rates to try per training method, and how long a pilot trains (None: as long as its main runs)."""
+
+    grids: Mapping[str, tuple[float, ...]]
+    pilot_steps: int | None = None
+
+    def for_method(self, method: str) -> tuple[float, ...] | None:
+        return self.grids.get(method, self.grids.get(ANY_METHOD))
+
+    def steps(self, config: TrainConfig) -> int:
+        return self.pilot_steps or config.max_steps
+
+
+def _learning_rate(value: Any) -> float | None:
+    """A grid value as a float in (0, 1), else None. YAML reads `1e-4` (no dot) as text: it is accepted too."""
+    if isinstance(value, bool):
+        return None
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        return None
+    return lr if 0 < lr < 1 else None
+
+
+def _one_grid(value: Any, field: str) -> tuple[tuple[float, ...], list[str]]:
+    if not isinstance(value, list) or not value:
+        return (), [invalid(field, value, GRID_ALLOWED)]
+    lrs = [_learning_rate(v) for v in value]
+    bad = [v for v, lr in zip(value, lrs, strict=True) if lr is None]
+    if bad:
+        return (), [invalid(field, value, f"{GRID_ALLOWED} ({', '.join(map(repr, bad))} is not)")]
+    return tuple(dict.fromkeys(lrs)), []  # in order, repeats once
+
+
+def parse_lr_grid(grid: Any, pilot_steps: Any = None) -> LrGrid | None:
+    """The grid of a sweep file or profile (None when it declares none), checked.
+
+    Raises:
+        ConfigError: one problem per bad field, naming the field, the value and what is allowed.
+    """
+    problems: list[str] = []
+    if pilot_steps is not None and (
+        isinstance(pilot_steps, bool) or not isinstance(pilot_steps, int) or pilot_steps < 1
+    ):
+        problems.append(invalid("pilot_steps", pilot_steps, "an integer >= 1 (the steps each pilot trains)"))
+    grids: dict[str, tuple[float, ...]] = {}
+    if isinstance(grid, dict):
+        if not grid:
+            problems.append(invalid("lr_grid", grid, GRID_ALLOWED))
+        for method, values in grid.items():
+            if method not in METHODS:
+                problems.append(invalid(f"lr_grid.{method}", values, f"a method is one of {', '.join(METHODS)}"))
+                continue
+            grids[method], found = _one_grid(values, f"lr_grid.{method}")
+            problems += found
+    elif grid is not None:
+        grids[ANY_METHOD], problems_grid = _one_grid(grid, "lr_grid")
+        problems += problems_grid
+    if problems:
+        raise ConfigError(problems)
+    return LrGrid(grids, pilot_steps) if grid is not None else None
+
+
+def lr_settings(spec: Mapping[str, Any], profile: Mapping[str, Any]) -> LrGrid | None:
+    """The grid of a sweep: each of lr_grid and pilot_steps from the profile if it has it, else the sweep file."""
+    grid = profile.get("lr_grid", spec.get("lr_grid"))
+    steps = profile.get("pilot_steps", spec.get("pilot_steps"))
+    return parse_lr_grid(grid, steps)
+
+
+def check_grid_fits(grid: LrGrid, configs: Sequence[tuple[str, TrainConfig, Mapping[str, Any]]]) -> list[str]:
+    """Problems of a grid with a sweep's configurations (label, settings, what the sweep varies): a method without
+    a grid, lr as an axis (the grid chooses it)."""
+    problems = []
+    for label, config, variant in configs:
+        if "lr" in variant:
+            problems.append(f"[{label}] lr is set by the configuration and lr_grid chooses it: give one of the two")
+        if grid.for_method(config.method) is None:
+            problems.append(
+                f"[{label}] lr_grid={dict(grid.grids)!r} has no grid for method={config.method!r}: add one, or give "
+                "lr_grid as a plain list"
+            )
+    return problems
+
+
+def group_id(config: TrainConfig, data_fingerprint: str) -> str:
+    """The configuration without learning rate and seed: what its pilots and its main runs share (tag lr_group)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("lr", "seed")}
+    return sweep_key(settings, data_fingerprint)
+
+
+def pilot_config(config: TrainConfig, lr: float, steps: int) -> TrainConfig:
+    """One pilot of `config`: `steps` steps at `lr`, the validation loss at its last step, no generated answers
+    (exact match plays no part in the choice)."""
+    return dataclasses.replace(config, lr=lr, max_steps=steps, eval_every=steps, generate_samples=0)
+
+
+def pilot_key(config: TrainConfig, data_fingerprint: str) -> str:
+    """A pilot's sweep_key: never a main run's, even when the pilot trains exactly like one."""
+    return sweep_key({**dataclasses.asdict(config), ROLE: PILOT}, data_fingerprint)
+
+
+@dataclass(frozen=True)
+class PilotResult:
+    """One pilot as it ended: FINISHED with its final metrics, or failed with its error."""
+
+    lr: float
+    run_id: str
+    status: str
+    metrics: Mapping[str, float]
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The learning rate a configuration's main runs train at, what chose it, and the pilots left out."""
+
+    lr: float
+    metric: str  # val/loss or eval/loss
+    value: float
+    grid: tuple[float, ...]
+    excluded: tuple[str, ...] = ()
+
+
+class NoLearningRate(UserError):
+    """Every pilot of a configuration failed or diverged: its main runs cannot start."""
+
+
+def choose_lr(pilots: Sequence[PilotResult], *, label: str = "") -> Choice:
+    """The pilot with the lowest final val/loss (eval/loss when a FINISHED pilot logged no val/loss, the same
+    metric for all); a failed pilot, or one whose loss is NaN or infinite, is left out. A tie goes to the smaller
+    learning rate.
+
+    Raises:
+        NoLearningRate: no pilot is left.
+    """
+    finished = [p for p in pilots if p.status == "FINISHED"]
+    metric = METRICS[0] if all(METRICS[0] in p.metrics for p in finished) else METRICS[1]
+    usable, excluded = [], []
+    for p in pilots:
+        value = p.metrics.get(metric, math.nan) if p.status == "FINISHED" else math.nan
+        if math.isfinite(value):
+            usable.append((value, p.lr))
+        elif p.status != "FINISHED":
+            excluded.append(f"lr={fmt_lr(p.lr)}: {p.status} ({p.error or 'no error recorded'})"[:300])
+        else:
+            excluded.append(f"lr={fmt_lr(p.lr)}: diverged ({metric}={value})")
+    grid = tuple(p.lr for p in pilots)
+    if not usable:
+        raise NoLearningRate(
+            f"[{label}] no learning rate could be chosen: all {len(pilots)} pilots of lr_grid "
+            f"{','.join(map(fmt_lr, grid))} failed or diverged ({'; '.join(excluded)})"
+        )
+    value, lr = min(usable)
+    return Choice(lr, metric, value, grid, tuple(excluded))
+
+
+def pilot_tags(group: str, label: str) -> dict[str, str]:
+    return {ROLE: PILOT, GROUP: group, GROUP_LABEL: label}
+
+
+def main_tags(group: str, label: str, choice: Choice | None) -> dict[str, str]:
+    """A main run's tags: its configuration's group and, when tuned, the grid and the metric that chose its lr."""
+    tags = {ROLE: MAIN, GROUP: group, GROUP_LABEL: label, TUNED: "false"}
+    if choice is not None:
+        tags |= {TUNED: "true", CHOSEN_FROM: ",".join(map(fmt_lr, choice.grid)), SELECTED_BY: choice.metric}
+    return tags

@@ -1,0 +1,297 @@
+"""The learning rate per configuration: the grid (by method, checked), the pilots' keys and groups, the choice, the
+sweep file's keys and bad input, and the report's "Learning rates" section on toy runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from entrypoints import sweep as sweep_entry
+from lora_efficiency.cli import run_cli
+from lora_efficiency.config import TrainConfig, build_config, read_defaults
+from lora_efficiency.configuration import sweep_key
+from lora_efficiency.errors import ConfigError
+from lora_efficiency.lr_tuning import (
+    ANY_METHOD,
+    LrGrid,
+    NoLearningRate,
+    PilotResult,
+    choose_lr,
+    group_id,
+    lr_settings,
+    main_tags,
+    parse_lr_grid,
+    pilot_config,
+    pilot_key,
+    pilot_tags,
+)
+from lora_efficiency.report.lr import lr_section, pilots_in_scope
+from lora_efficiency.report.runs import RunData, Scope
+from lora_efficiency.sweep import load_sweep
+
+
+def config(**over) -> TrainConfig:
+    return build_config(TrainConfig, {**read_defaults("train"), **over})
+
+
+def pilot(lr: float, status: str = "FINISHED", **metrics: float) -> PilotResult:
+    metrics = {k.replace("_", "/"): v for k, v in metrics.items()}
+    return PilotResult(lr, f"run-{lr}", status, metrics, "" if status == "FINISHED" else "boom")
+
+
+# --- the choice ---------------------------------------------------------------------------------------------------
+
+
+def test_the_lowest_final_val_loss_wins():
+    choice = choose_lr([pilot(1e-4, val_loss=2.0), pilot(3e-4, val_loss=1.7), pilot(1e-3, val_loss=1.9)])
+    assert (choice.lr, choice.metric, choice.value) == (3e-4, "val/loss", 1.7)
+    assert choice.grid == (1e-4, 3e-4, 1e-3) and choice.excluded == ()
+
+
+def test_val_loss_is_preferred_to_eval_loss():
+    choice = choose_lr([pilot(1e-4, val_loss=2.0, eval_loss=1.0), pilot(3e-4, val_loss=1.9, eval_loss=3.0)])
+    assert (choice.lr, choice.metric) == (3e-4, "val/loss")
+
+
+def test_eval_loss_when_a_pilot_logged_no_val_loss():
+    choice = choose_lr([pilot(1e-4, eval_loss=2.0), pilot(3e-4, val_loss=1.0, eval_loss=2.5)])
+    assert (choice.lr, choice.metric, choice.value) == (1e-4, "eval/loss", 2.0)  # one metric for every pilot
+
+
+def test_failed_and_diverged_pilots_are_left_out():
+    pilots = [
+        pilot(1e-4, val_loss=2.0),
+        pilot(3e-4, val_loss=math.nan),
+        pilot(1e-3, val_loss=math.inf),
+        pilot(3e-3, "FAILED"),
+    ]
+    choice = choose_lr(pilots)
+    assert choice.lr == 1e-4
+    assert len(choice.excluded) == 3
+    assert "lr=0.0003: diverged (val/loss=nan)" in choice.excluded
+    assert any("lr=0.003: FAILED (boom)" in e for e in choice.excluded)
+
+
+def test_a_tie_goes_to_the_smaller_learning_rate():
+    assert choose_lr([pilot(3e-4, val_loss=1.5), pilot(1e-4, val_loss=1.5)]).lr == 1e-4
+
+
+def test_every_pilot_failed_is_an_error_naming_the_configuration():
+    with pytest.raises(NoLearningRate) as err:
+        choose_lr([pilot(1e-4, "FAILED"), pilot(3e-4, val_loss=math.nan)], label="rank=8")
+    message = str(err.value)
+    assert message.startswith("[rank=8] no learning rate could be chosen: all 2 pilots of lr_grid 0.0001,0.0003")
+    assert "diverged" in message and "boom" in message and "\n" not in message
+
+
+# --- the grid -----------------------------------------------------------------------------------------------------
+
+
+def test_a_list_is_every_method_s_grid_and_a_mapping_is_per_method():
+    plain = parse_lr_grid([1.0e-4, "2e-4", 1.0e-4])  # YAML reads 2e-4 (no dot) as text; repeats once
+    assert plain.grids == {ANY_METHOD: (1e-4, 2e-4)}
+    assert plain.for_method("lora") == plain.for_method("full") == (1e-4, 2e-4)
+    by_method = parse_lr_grid({"lora": [1e-4, 1e-3], "full": [1e-5]}, 20)
+    assert by_method.for_method("lora") == (1e-4, 1e-3) and by_method.for_method("full") == (1e-5,)
+    assert by_method.steps(config(max_steps=100)) == 20
+    assert parse_lr_grid({"lora": [1e-4]}).for_method("full") is None
+    assert parse_lr_grid(None, 5) is None  # pilot_steps alone: no tuning
+    assert LrGrid({ANY_METHOD: (1e-4,)}).steps(config(max_steps=100)) == 100  # default: as long as the main runs
+
+
+@pytest.mark.parametrize(
+    "grid, steps, message",
+    [
+        ([], None, "lr_grid=[] is invalid: a non-empty list of learning rates in (0, 1)"),
+        ({}, None, "lr_grid={} is invalid: a non-empty list"),
+        ([1e-4, 0], None, "lr_grid=[0.0001, 0] is invalid: a non-empty list of learning rates in (0, 1), or a "),
+        ([-1e-4], None, "(-0.0001 is not)"),
+        (["fast"], None, "lr_grid=['fast'] is invalid"),
+        ([True], None, "(True is not)"),
+        ([2.0], None, "(2.0 is not)"),
+        (1e-4, None, "lr_grid=0.0001 is invalid"),
+        ({"lora": []}, None, "lr_grid.lora=[] is invalid"),
+        ({"qlora": [1e-4]}, None, "lr_grid.qlora=[0.0001] is invalid: a method is one of lora, full"),
+        ([1e-4], 0, "pilot_steps=0 is invalid: an integer >= 1"),
+        ([1e-4], 2.5, "pilot_steps=2.5 is invalid: an integer >= 1"),
+        ([1e-4], "10", "pilot_steps='10' is invalid"),
+    ],
+)
+def test_bad_grids_name_the_field_the_value_and_what_is_allowed(grid, steps, message):
+    with pytest.raises(ConfigError) as err:
+        parse_lr_grid(grid, steps)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_profile_wins_over_the_sweep_file_key_by_key():
+    grid = lr_settings({"lr_grid": [1e-4], "pilot_steps": 5}, {"lr_grid": [2e-4, 4e-4]})
+    assert grid.grids == {ANY_METHOD: (2e-4, 4e-4)} and grid.pilot_steps == 5
+    assert lr_settings({"lr_grid": [1e-4]}, {"pilot_steps": 7}).pilot_steps == 7
+    assert lr_settings({}, {}) is None
+
+
+# --- pilots and groups --------------------------------------------------------------------------------------------
+
+
+def test_a_pilot_trains_short_at_its_rate_and_never_shares_a_main_run_s_key():
+    main = config(max_steps=40, generate_samples=10)
+    p = pilot_config(main, 1e-3, 10)
+    assert (p.lr, p.max_steps, p.eval_every, p.generate_samples) == (1e-3, 10, 10, 0)
+    assert pilot_key(p, "fp") != sweep_key(p, "fp")
+    same = pilot_config(main, main.lr, main.max_steps)  # a pilot exactly like the main run of the first seed
+    assert pilot_key(same, "fp") != sweep_key(dataclasses.replace(main, generate_samples=0), "fp")
+
+
+def test_the_lr_group_leaves_out_the_rate_and_the_seed_only():
+    base = config()
+    assert group_id(base, "fp") == group_id(dataclasses.replace(base, lr=1e-3, seed=5), "fp")
+    assert group_id(base, "fp") != group_id(dataclasses.replace(base, rank=8), "fp")
+    assert group_id(base, "fp") != group_id(base, "other data")
+
+
+def test_tags_of_pilots_and_main_runs():
+    assert pilot_tags("g", "rank=8") == {"sweep_role": "pilot", "lr_group": "g", "lr_group_label": "rank=8"}
+    untuned = main_tags("g", "rank=8", None)
+    assert untuned == {"sweep_role": "main", "lr_group": "g", "lr_group_label": "rank=8", "lr_tuned": "false"}
+    tuned = main_tags("g", "rank=8", choose_lr([pilot(1e-4, eval_loss=2.0), pilot(1e-3, eval_loss=1.0)]))
+    assert tuned["lr_tuned"] == "true" and tuned["lr_chosen_from"] == "0.0001,0.001"
+    assert tuned["lr_selected_by"] == "eval/loss"
+
+
+# --- sweep files --------------------------------------------------------------------------------------------------
+
+
+def sweep_file(tmp_path, **spec) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "axes": {"rank": [4, 8]}, "seeds": [0, 1], **spec}))
+    return str(path)
+
+
+def test_a_sweep_file_with_a_grid_counts_its_pilots(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, lr_grid=[1e-4, 3e-4, 1e-3], pilot_steps=5))
+    assert sweep.lr_grid.pilot_steps == 5 and sweep.pilots == 3 * 2  # 3 rates x 2 configurations
+    assert [c.name for c in sweep.first_seed_children()] == ["rank=4,seed=0", "rank=8,seed=0"]
+    assert load_sweep(sweep_file(tmp_path)).pilots == 0
+    by_method = sweep_file(tmp_path, lr_grid={"lora": [1e-4]}, base={"method": "full", "quantization": "bf16"})
+    with pytest.raises(ConfigError, match=r"has no grid for method='full'"):
+        load_sweep(by_method)
+    with pytest.raises(ConfigError, match=r"lr is set by the configuration and lr_grid chooses it"):
+        load_sweep(sweep_file(tmp_path, lr_grid=[1e-4], axes={"lr": [1e-4, 2e-4]}))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"lr_grid": []}, "lr_grid=[] is invalid: a non-empty list of learning rates in (0, 1)"),
+        ({"lr_grid": [1e-4, -1]}, "lr_grid=[0.0001, -1] is invalid"),
+        ({"lr_grid": ["x"]}, "lr_grid=['x'] is invalid"),
+        ({"lr_grid": [1e-4], "pilot_steps": 0}, "pilot_steps=0 is invalid: an integer >= 1"),
+    ],
+)
+def test_bad_grids_in_a_sweep_file_exit_2_before_any_run(spec, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sweep_entry.main, ["--config", sweep_file(tmp_path, **spec)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "mlflow.db").exists()  # no store opened: no run, let alone a RUNNING one
+
+
+# --- the report's section -----------------------------------------------------------------------------------------
+
+
+def run_data(run_id: str, *, lr: float, steps: int = 40, status: str = "FINISHED", tags=None, **metrics) -> RunData:
+    params = {"lr": str(lr), "max_steps": str(steps)}
+    metrics = {k.replace("_", "/"): v for k, v in metrics.items()}
+    return RunData(run_id, run_id, status, 0, params, metrics, dict(tags or {}))
+
+
+def report_of(runs, pilots, curves=None):
+    return SimpleNamespace(scope=Scope("toy", None, runs, [], [], [], [], pilots), loss_curves=curves or {})
+
+
+def test_the_section_says_plainly_when_one_learning_rate_served_every_configuration():
+    blocks = lr_section(report_of([run_data("a", lr=2e-4), run_data("b", lr=2e-4, tags={"lr_tuned": "false"})], []))
+    assert blocks[0] == ("h2", "Learning rates")
+    (kind, text) = blocks[1]
+    assert (
+        kind == "p" and "all configurations trained at one learning rate (0.0002); a configuration that moves" in text
+    )
+    assert "(what this can confound: the modules and rank comparisons)" in text
+
+
+def test_the_section_tables_each_group_s_pilots_and_marks_the_chosen_rate():
+    main_tags_ = {
+        "lr_tuned": "true",
+        "lr_group": "g1",
+        "lr_group_label": "rank=8",
+        "lr_chosen_from": "0.0001,0.001,0.01",
+        "lr_selected_by": "val/loss",
+    }
+    mains = [run_data(f"m{s}", lr=1e-3, tags=main_tags_) for s in range(2)]
+    pilot = {"sweep_role": "pilot", "lr_group": "g1", "lr_group_label": "rank=8"}
+    pilots = [
+        run_data("p1", lr=1e-4, steps=10, tags=pilot, val_loss=2.5),
+        run_data("p2", lr=1e-3, steps=10, tags=pilot, val_loss=2.1),
+        run_data("p3", lr=1e-2, steps=10, status="FAILED", tags={**pilot, "error": "training diverged at step 3"}),
+        run_data("x", lr=1e-3, tags={"sweep_role": "pilot", "lr_group": "other"}),  # another scope: root None = all
+    ]
+    curves = {"p2": [(i, 3.0 - i * 0.1) for i in range(1, 11)]}
+    blocks = lr_section(report_of(mains, pilots, curves))
+    table = next(b for b in blocks if b[0] == "table")
+    rows = {(r[0], r[1]): r for r in table[2]}
+    assert rows["rank=8", "0.001"][3] == "2.1000" and rows["rank=8", "0.001"][5] == "chosen (lowest val/loss)"
+    assert rows["rank=8", "0.001"][4].startswith("2.900 (step 1) -> ") and rows["rank=8", "0.001"][4].endswith(
+        "(step 10)"
+    )
+    assert rows["rank=8", "0.0001"][5] == "" and rows["rank=8", "0.01"][2].startswith("FAILED: training diverged")
+    notes = next(b for b in blocks if b[0] == "ul")[1]
+    assert any("pilots of 10 steps chose the rate of main runs of 40 steps" in n for n in notes)
+    assert not any(b[0] == "p" and "one learning rate" in b[1] for b in blocks)  # every run was tuned
+
+
+def test_pilots_of_the_scope_are_its_sweeps_children_and_its_groups():
+    root = run_data("root", lr=1e-4)
+    sweep = run_data("sweep", lr=1e-4)
+    main = run_data("m", lr=1e-4, tags={"lr_group": "g"})
+    mine = run_data("p1", lr=1e-4, tags={"sweep_role": "pilot", "mlflow.parentRunId": "sweep"})
+    reused = run_data("p2", lr=1e-4, tags={"sweep_role": "pilot", "mlflow.parentRunId": "old", "lr_group": "g"})
+    other = run_data("p3", lr=1e-4, tags={"sweep_role": "pilot", "mlflow.parentRunId": "old", "lr_group": "h"})
+    scope = Scope("toy", root, [main], [], [], [sweep], [], [mine, reused, other])
+    assert [p.run_id for p in pilots_in_scope(scope)] == ["p1", "p2"]
+
+
+def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tuning_reference():
+    from lora_efficiency.study import profile_sweeps
+    from lora_efficiency.sweep import load_sweep
+
+    assert profile_sweeps("standard") == "configs/sweeps/standard.yaml"
+    sweep = load_sweep(profile_sweeps("standard"), profile="standard")
+    configs = [c.config for c in sweep.children]
+    assert sorted({c.seed for c in configs}) == [0, 1, 2]
+    assert {(c.method, c.target_modules, c.quantization) for c in configs} == {
+        ("full", "attention", "bf16"),  # target_modules is not used by full fine-tuning
+        ("lora", "all_linear", "bf16"),
+        ("lora", "attention", "bf16"),
+        ("lora", "all_linear", "nf4"),
+    }
+    assert all(c.eval_every and c.max_steps % c.eval_every == 0 and c.eval_every <= c.max_steps / 2 for c in configs)
+    assert sweep.pilots == 4 * 3  # one pilot per configuration and learning rate
+    assert sweep.lr_grid.for_method("full") != sweep.lr_grid.for_method("lora")
+
+
+def test_every_profile_names_its_sweeps():
+    from lora_efficiency.study import profile_sweeps
+
+    for profile in ("quick", "full"):
+        assert profile_sweeps(profile).split(",") == [
+            "configs/sweeps/rank.yaml",
+            "configs/sweeps/modules.yaml",
+            "configs/sweeps/quantization.yaml",
+        ]
