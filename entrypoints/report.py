@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
         loss_curves=fetch_loss_curves(client, scope.runs + pilots_in_scope(scope)),  # pilots': report/lr.py
         memory_points=memory_points,
         memory_notes=memory_notes,
+        val_curves=fetch_loss_curves(client, scope.runs, "val/loss"),
     )
     folder = Path(cfg.output or Path("reports") / experiment)
     paths = write_report(report, folder)

@@ -38,7 +38,8 @@ def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()
     resolve_device(cfg.device)  # a device torch cannot see fails here, before a run exists
     source = resolve_model(cfg.model)  # converts the bundled model once (~20 s) before a run exists
-    name = f"r{cfg.rank}-{cfg.target_modules}-{cfg.quantization}-s{cfg.seed}"
+    adapter = f"r{cfg.rank}-{cfg.target_modules}" if cfg.method == "lora" else "full"
+    name = f"{adapter}-{cfg.quantization}-s{cfg.seed}"
     if distributed.world_size() > 1:
         name += f"-x{distributed.world_size()}"
     main_rank = distributed.is_main()

@@ -23,6 +23,7 @@ CHART_TITLES = {
     "modules": "Target modules: quality, trainable parameters, memory",
     "quantization": "Storage of the base: quality, memory, speed",
     "loss_curves": "Training loss curves",
+    "val_curves": "Validation loss curves",
     "speed_memory": "Training speed against peak memory",
     "memory_estimate": "Predicted against measured peak memory",
 }
@@ -108,6 +109,11 @@ def draw_charts(report: Report, folder: Path) -> dict[str, Path]:
         charts["quantization"] = _save(chart, folder / "4_quantization.png")
     if report.loss_curves:
         charts["loss_curves"] = _save(chart_loss_curves(report), folder / "5_loss_curves.png")
+    if any(report.val_curves.values()):
+        chart = chart_loss_curves(
+            report, report.val_curves, name="val_curves", ylabel="validation loss (val/loss, nats per target token)"
+        )
+        charts["val_curves"] = _save(chart, folder / "8_validation_curves.png")
     charts["speed_memory"] = _save(chart_speed_memory(report.configurations, number), folder / "6_speed_memory.png")
     if report.memory_points:
         charts["memory_estimate"] = _save(chart_memory_estimate(report.memory_points), folder / "7_memory_estimate.png")
@@ -234,9 +240,12 @@ def chart_bars(comp: Comparison, metrics: tuple[str, ...], title: str):
     return fig
 
 
-def chart_loss_curves(report: Report):
-    """train/loss per step, the mean over seeds, one panel per comparison (a configuration may be in several)."""
+def chart_loss_curves(report: Report, curves: dict | None = None, *, name: str = "loss_curves", ylabel: str = ""):
+    """train/loss per step (or `curves`: another metric's history, such as val/loss), the mean over seeds, one panel
+    per comparison (a configuration may be in several)."""
     from matplotlib.ticker import MaxNLocator
+
+    curves = report.loss_curves if curves is None else curves
 
     panels = [(f"{c.name} ({c.fixed})", [(c.value(x), x) for x in c.configurations]) for c in report.comparisons]
     placed = {x.key for c in report.comparisons for x in c.configurations}
@@ -244,13 +253,13 @@ def chart_loss_curves(report: Report):
     if others or not panels:
         everyone = [(x.label, x) for x in report.configurations]
         panels.append(("other configurations" if panels else "every configuration", others or everyone))
-    title = f"{CHART_TITLES['loss_curves']}: mean over seeds, band from the lowest to the highest seed"
+    title = f"{CHART_TITLES[name]}: mean over seeds, band from the lowest to the highest seed"
     fig, axes = _figure(len(panels), title, width=5.2)
     for ax, (panel_title, members) in zip(axes, panels, strict=True):
         for name, config in members:
             by_step: dict[int, list[float]] = defaultdict(list)
             for r in config.runs:
-                for step, value in report.loss_curves.get(r.run_id, []):
+                for step, value in curves.get(r.run_id, []):
                     by_step[step].append(value)
             if not by_step:
                 continue
@@ -262,7 +271,7 @@ def chart_loss_curves(report: Report):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (nats per target token)")
+        ax.set_ylabel(ylabel or "training loss (nats per target token)")
         ax.legend(fontsize=8)
     return fig
 

@@ -14,7 +14,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
@@ -601,6 +601,7 @@ class Report:
     notes: list[str]
     family: Family  # every test the report states, Holm-corrected
     provenance: list[str]  # where the base's weights came from, when the runs record it
+    val_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # val/loss per step of each run
 
 
 def plan_tests(
@@ -641,6 +642,7 @@ def build_report(
     loss_curves: dict[str, list[tuple[int, float]]] | None = None,
     memory_points: list[MemoryPoint] | None = None,
     memory_notes: list[str] | None = None,
+    val_curves: dict[str, list[tuple[int, float]]] | None = None,
 ) -> Report:
     """Aggregate, compare and decide.
 
@@ -651,6 +653,7 @@ def build_report(
         alpha: the level of every test, after Holm's correction over the report's tests.
         budgets_mb: the memory budgets to recommend for; None: a round ladder over the measured peaks.
         loss_curves: train/loss per step of each run id (fetch_loss_curves), for the loss chart.
+        val_curves: val/loss per step of each run id (fetch_loss_curves(..., "val/loss")), for the validation chart.
         memory_points: predicted against measured peak memory (predict_peak_memory), for the memory chart.
         memory_notes: the runs predict_peak_memory left out, and why.
 
@@ -680,4 +683,5 @@ def build_report(
         + (memory_notes or []),
         family=family,
         provenance=base_provenance(scope.runs),
+        val_curves=val_curves or {},
     )

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from lora_efficiency.report.charts import CHART_TITLES, draw_charts
+from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
@@ -132,6 +133,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
         *_scope_blocks(report),
         *_configuration_blocks(report),
         *lr_section(report),
+        *convergence_section(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),

@@ -268,11 +268,9 @@ def _baselines(everything: list[RunData], finished: list[RunData]) -> tuple[list
     return list(baselines.values()), notes
 
 
-def fetch_loss_curves(client, runs: list[RunData]) -> dict[str, list[tuple[int, float]]]:
-    """train/loss per step of every run, from its metric history."""
-    return {
-        r.run_id: sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, "train/loss")) for r in runs
-    }
+def fetch_loss_curves(client, runs: list[RunData], metric: str = "train/loss") -> dict[str, list[tuple[int, float]]]:
+    """`metric` (train/loss, or val/loss) per step of every run, from its metric history."""
+    return {r.run_id: sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric)) for r in runs}
 
 
 @dataclass(frozen=True)

@@ -347,3 +347,33 @@ def scope_of(runs):
     from lora_efficiency.report import Scope
 
     return Scope("toy", None, runs, [], [], [])
+
+
+def test_convergence_section_says_which_configurations_were_still_improving():
+    from lora_efficiency.report.convergence import CONVERGED, IMPROVING, UNKNOWN, convergence_section, status
+
+    runs = known_runs()
+    for r in runs:  # r4 converged on every seed, r8 one seed still improving, r16 and bf16 without a curve
+        if r.name.startswith("r4-"):
+            r.tags["converged"], r.metrics["val/window_improvement"], r.metrics["val/loss"] = "converged", 0.004, 1.5
+        if r.name.startswith("r8-"):
+            r.tags["converged"] = "improving" if r.seed == 1 else "converged"
+            r.metrics["val/window_improvement"] = 0.05 if r.seed == 1 else 0.002
+    report = build_report(scope_of(runs), defaults=DEFAULTS)
+    by_label = {c.label: status(c) for c in report.configurations}
+    assert sorted(s for s, _ in by_label.values()) == sorted([CONVERGED, IMPROVING, UNKNOWN, UNKNOWN])
+    assert (IMPROVING, "1 of 3 seeds improving") in by_label.values()
+    assert (CONVERGED, "3 of 3 seeds converged") in by_label.values()
+    blocks = convergence_section(report)
+    (_, header, rows) = next(b for b in blocks if b[0] == "table")
+    row = next(r for r in rows if r[-1].startswith(IMPROVING))
+    # the mean fall over the window and the seeds' range, in percent: (0.2 + 5.0 + 0.2) / 3 = 1.80
+    assert row[3] == "1.80% (seeds 0.20% to 5.00%)"
+    assert "3 of 4 configurations had not converged" in blocks[-1][1]
+
+
+def test_without_validation_curves_the_report_says_convergence_cannot_be_told():
+    from lora_efficiency.report.convergence import convergence_section
+
+    blocks = convergence_section(build_report(scope_of(known_runs()), defaults=DEFAULTS))
+    assert "No run logged a validation curve" in blocks[-1][1]
