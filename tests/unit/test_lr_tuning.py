@@ -288,10 +288,11 @@ def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tunin
 
 def test_every_profile_names_its_sweeps():
     from lora_efficiency.study import profile_sweeps
+    from lora_efficiency.sweep import load_sweep
 
-    for profile in ("quick", "full"):
-        assert profile_sweeps(profile).split(",") == [
-            "configs/sweeps/rank.yaml",
-            "configs/sweeps/modules.yaml",
-            "configs/sweeps/quantization.yaml",
-        ]
+    three = ["configs/sweeps/rank.yaml", "configs/sweeps/modules.yaml", "configs/sweeps/quantization.yaml"]
+    assert profile_sweeps("quick").split(",") == three
+    assert profile_sweeps("full").split(",") == ["configs/sweeps/standard.yaml", *three]
+    for name in ("standard", "rank", "modules", "quantization"):  # every sweep of the full profile loads
+        sweep = load_sweep(f"configs/sweeps/{name}.yaml", profile="full")
+        assert sweep.lr_grid is not None and all(c.config.eval_every == 50 for c in sweep.children)
