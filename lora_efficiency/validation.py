@@ -3,7 +3,10 @@ steps (and at the last step) and logs it as the metric history val/loss, val/per
 
 Converged (declared before any data, configs/default.yaml `converge_tol`): over the last CONVERGENCE_WINDOW of
 the training steps, the validation loss fell by less than converge_tol of its value at the window's start.
-    improvement = (L(start of window) - L(last step)) / L(start of window);  converged <=> improvement < tol
+    improvement = (L(start of window) - L(last step)) / L(start of window)
+    converged <=> -tol <= improvement < tol;  improving <=> improvement >= tol;  worsened <=> improvement < -tol
+A run whose validation loss ROSE by more than tol over the window (too high a learning rate, or overfitting) is
+"worsened", not "converged": it stopped improving, but not at its best.
 The window's start is the last validation point at or before step (1 - CONVERGENCE_WINDOW) x max_steps. A curve
 with no point there (eval_every > max_steps / 2, or a run resumed after it) is "unknown", never "converged".
 The cosine schedule has decayed to half its peak at the window's start, so "converged" means: the second half of
@@ -23,7 +26,7 @@ CONVERGENCE_WINDOW = 0.5  # the share of the training steps the test looks at: t
 
 @dataclass(frozen=True)
 class Convergence:
-    status: str  # "converged", "improving" or "unknown"
+    status: str  # "converged", "improving", "worsened" or "unknown"
     improvement: float  # relative fall of val/loss over the window (NaN when unknown)
 
     def metrics(self) -> dict[str, float]:
@@ -40,7 +43,12 @@ def convergence(curve: list[tuple[int, float]], *, max_steps: int, tol: float) -
         return Convergence("unknown", math.nan)
     start_loss, end_loss = before[-1][1], curve[-1][1]
     improvement = (start_loss - end_loss) / start_loss
-    return Convergence("converged" if improvement < tol else "improving", improvement)
+    return Convergence(classify(improvement, tol), improvement)
+
+
+def classify(improvement: float, tol: float) -> str:
+    """The declared test's verdict on a window's relative improvement."""
+    return "improving" if improvement >= tol else "worsened" if improvement < -tol else "converged"
 
 
 @dataclass

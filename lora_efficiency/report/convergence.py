@@ -1,32 +1,45 @@
 """The report's section "Convergence": for every configuration, whether its runs had stopped improving.
 
-Each train run with a validation curve (eval_every > 0) carries the declared test's outcome as the tag `converged`
-(converged, improving or unknown; lora_efficiency.validation says how it is decided) and the metric
-val/window_improvement. A configuration is "converged" only when every seed is; "still improving" when any seed
-is; runs without a curve are "unknown". Comparisons of configurations that are still improving compare how fast
-each learns in the budget, not what each can reach: the section says so when that is the case.
+Each train run with a validation curve (eval_every > 0) logs the declared test's inputs (val/window_improvement,
+converge_tol) and its outcome as the tag `converged` (lora_efficiency.validation says how it is decided; the report
+decides again from the inputs, so runs logged under an earlier rule are judged by today's). A configuration is
+"got worse" when any seed's validation loss rose by more than converge_tol over the window (the rate was too high
+for the run, or it overfit), else "still improving" when any seed is, "converged" only when every seed is; runs
+without a curve are "unknown". Comparisons of configurations that are still improving compare how fast each
+learns in the budget, not what each can reach: the section says so when that is the case.
 """
 
 from __future__ import annotations
 
 from lora_efficiency.report.findings import Configuration, Report
-from lora_efficiency.validation import CONVERGENCE_WINDOW
+from lora_efficiency.validation import CONVERGENCE_WINDOW, classify
 
 TITLE = "Convergence"
-CONVERGED, IMPROVING, UNKNOWN = "converged", "still improving", "unknown"
+CONVERGED, IMPROVING, WORSENED, UNKNOWN = "converged", "still improving", "got worse", "unknown"
 
 
 def status(config: Configuration) -> tuple[str, str]:
     """(the configuration's status, the count behind it: '2 of 3 seeds improving')."""
-    tags = [r.tags.get("converged", "") for r in config.runs]
+    tags = [_run_status(r) for r in config.runs]
     n = len(tags)
-    improving, converged = tags.count("improving"), tags.count("converged")
+    improving, converged, worsened = tags.count("improving"), tags.count("converged"), tags.count("worsened")
+    if worsened:  # first: a rising validation loss is what a reader must see
+        return WORSENED, f"{worsened} of {n} seeds rose by more than converge_tol over the window"
     if improving:
         return IMPROVING, f"{improving} of {n} seeds improving"
     if converged == n:
         return CONVERGED, f"{n} of {n} seeds converged"
     missing = n - converged
     return UNKNOWN, f"{missing} of {n} seeds without a validation curve long enough to tell"
+
+
+def _run_status(run) -> str:
+    """A run's verdict, decided again from what it logged (val/window_improvement, converge_tol) by the declared
+    rule, so runs logged under an earlier version of the rule are judged by today's; else its `converged` tag."""
+    try:
+        return classify(run.metrics["val/window_improvement"], float(run.params["converge_tol"]))
+    except (KeyError, ValueError):
+        return run.tags.get("converged", "")
 
 
 def _tol(config: Configuration) -> str:
@@ -80,6 +93,15 @@ def convergence_section(report: Report) -> list[tuple]:
     not_done = [s for s in statuses if s != CONVERGED]
     if not_done:
         blocks.append(("p", _consequence(len(not_done), len(statuses), statuses)))
+    if worse := statuses.count(WORSENED):
+        blocks.append(
+            (
+                "p",
+                f"{worse} configuration(s) got worse over the second half of training: the validation loss rose, so "
+                "the learning rate was too high for the run (or the run overfit). Their numbers say what that rate "
+                "did, not what the configuration can reach.",
+            )
+        )
     return blocks
 
 

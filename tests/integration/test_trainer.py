@@ -192,7 +192,8 @@ def test_eval_every_logs_a_validation_curve_and_its_convergence(tiny_model_dir, 
     # the declared test: the window starts at the last point at or before step 2.5 (step 2)
     start, end = curve[0][1]["val/loss"], curve[-1][1]["val/loss"]
     assert tracker.summary["val/window_improvement"] == pytest.approx((start - end) / start)
-    expected = "converged" if (start - end) / start < 0.01 else "improving"
+    fall = (start - end) / start
+    expected = "improving" if fall >= 0.01 else "worsened" if fall < -0.01 else "converged"
     assert tracker.tags["converged"] == expected
     assert tracker.summary["val/converged"] == float(expected == "converged")
     assert tracker.summary["time/validation_s"] > 0

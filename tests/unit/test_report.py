@@ -377,3 +377,17 @@ def test_without_validation_curves_the_report_says_convergence_cannot_be_told():
 
     blocks = convergence_section(build_report(scope_of(known_runs()), defaults=DEFAULTS))
     assert "No run logged a validation curve" in blocks[-1][1]
+
+
+def test_a_configuration_whose_validation_loss_rose_got_worse_whatever_its_tag_says():
+    from lora_efficiency.report.convergence import WORSENED, convergence_section, status
+
+    runs = known_runs()
+    for r in runs:
+        if r.name.startswith("r4-"):  # logged by an earlier rule that called a rising loss "converged"
+            r.tags["converged"], r.params["converge_tol"] = "converged", "0.01"
+            r.metrics["val/window_improvement"] = -0.3 if r.seed == 1 else 0.005
+    report = build_report(scope_of(runs), defaults=DEFAULTS)
+    r4 = next(c for c in report.configurations if c.settings["rank"] == "4")
+    assert status(r4) == (WORSENED, "1 of 3 seeds rose by more than converge_tol over the window")
+    assert "got worse over the second half" in convergence_section(report)[-1][1]

@@ -19,7 +19,8 @@ from lora_efficiency.validation import convergence
         ([(60, 2.0), (100, 1.9)], "unknown", math.nan),  # no point before the window: never "converged"
         ([(50, 2.0), (90, 1.9)], "unknown", math.nan),  # the curve stops before the last step
         ([(50, 2.0), (100, math.nan)], "unknown", math.nan),
-        ([(50, 2.0), (100, 2.1)], "converged", -0.05),  # got worse: not improving any more
+        ([(50, 2.0), (100, 2.1)], "worsened", -0.05),  # rose by more than tol: stopped, but not at its best
+        ([(50, 2.0), (100, 2.01)], "converged", -0.005),  # within tol either way
     ],
 )
 def test_convergence_on_known_curves(curve, status, improvement):
