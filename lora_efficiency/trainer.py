@@ -291,10 +291,10 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             **planner_inputs(dataclasses.asdict(cfg)),
         )
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
-    trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in trained.parameters())
     if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
         trainable_params, total_params = trained.get_nb_trainable_parameters()
+    else:  # every weight trains
+        trainable_params = total_params = sum(p.numel() for p in trained.parameters())
     optimizer, scheduler = make_optimizer(
         [p for p in trained.parameters() if p.requires_grad],
         lr=cfg.lr,
