@@ -57,6 +57,7 @@ class TrainConfig:
     packing: bool
     train_on_prompt: bool
     gradient_checkpointing: bool
+    attention: str
     eval_samples: int
     eval_batch_size: int
     generate_samples: int
@@ -94,6 +95,7 @@ def is_path(value: str | Path, kind: str) -> bool:
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+ATTENTIONS = ("auto", "per_example", "sdpa")  # attention.py; auto: per_example where the architecture allows it
 METHODS = ("lora", "full")  # full: every weight of the base trains (the reference LoRA is measured against)
 FULL_FT_STORAGES = ("bf16", "fp16", "fp32")
 
@@ -122,6 +124,7 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
     check("num_processes", lambda x: x >= 1, "an integer >= 1 (1: this process; N: N DDP processes, one per GPU)")
     check("method", lambda x: x in METHODS, f"one of {', '.join(METHODS)}")
+    check("attention", lambda x: x in ATTENTIONS, f"one of {', '.join(ATTENTIONS)}")
     check("val_samples", lambda x: x >= 1, "an integer >= 1")
     check("converge_tol", lambda x: 0 < x < 1, "a number in (0, 1): the relative improvement that still counts")
     check("eval_every", lambda x: x >= 0, "an integer >= 0 (0: no validation curve)")

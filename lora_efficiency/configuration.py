@@ -52,7 +52,15 @@ EVAL_SETTINGS = ("eval_samples", "eval_batch_size", "generate_samples", "max_new
 MONITOR_SETTINGS = ("eval_every", "val_samples", "converge_tol")
 # Model and data as named, and how and where a run ran: enter identities by content or not at all.
 NAME_SETTINGS = ("model", "data")
-RUN_SETTINGS = ("seed", "device", "trust_remote_code", "checkpoint_every", "resume_from", "num_processes")
+RUN_SETTINGS = (
+    "seed",
+    "device",
+    "attention",
+    "trust_remote_code",
+    "checkpoint_every",
+    "resume_from",
+    "num_processes",
+)
 TRAIN_SETTINGS = ADAPTER_SETTINGS + EVAL_SETTINGS + MONITOR_SETTINGS + NAME_SETTINGS + RUN_SETTINGS
 
 # Found when a run starts (logged as params beside the settings).
@@ -70,10 +78,12 @@ PLANNER_SETTINGS = (
     "dropout",
 )
 
-# Out of config_hash: seeds must group; names, device and checkpointing do not change the adapter.
+# Out of config_hash: seeds must group; names, device, checkpointing and how attention is computed (the same
+# arithmetic, per example or masked over the row) do not change the adapter.
 _NOT_IN_CONFIG_HASH = (
     "seed",
     "device",
+    "attention",
     "device_resolved",
     "data",
     "model",
@@ -82,7 +92,7 @@ _NOT_IN_CONFIG_HASH = (
     *MONITOR_SETTINGS,
 )
 # Out of sweep_key: the data enters by fingerprint; device, checkpointing and monitoring do not change the child.
-_NOT_IN_SWEEP_KEY = ("device", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
+_NOT_IN_SWEEP_KEY = ("device", "attention", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
 # Settings added after runs were stored: they enter an identity only when not at their default, so the hashes
 # and keys of earlier runs (all of them LoRA) stay valid.
 _ONLY_WHEN_SET = {"method": "lora"}

@@ -218,8 +218,10 @@ def load_base_model(
     double_quant: bool,
     device: torch.device,
     trust_remote_code: bool = False,
+    attention: str = "sdpa",
 ):
-    """Load the frozen base model with its weights stored as `quantization`; the QLoRA branch is here."""
+    """Load the frozen base model with its weights stored as `quantization`; the QLoRA branch is here.
+    attention: config.ATTENTIONS (attention.py); generation keeps transformers' sdpa."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(device)
@@ -250,7 +252,26 @@ def load_base_model(
     # embedding alone is 28.3 M params, +57 MB) although frozen weights need no fp32 copy; the trainable LoRA
     # weights are kept in fp32 by peft (autocast_adapter_dtype) and the forward runs under autocast.
     model.config.use_cache = False
+    set_attention(model, attention)
     return model
+
+
+def set_attention(model, attention: str) -> str:
+    """Switch `model` to per-example attention where `attention` asks for it and its architecture allows it;
+    returns the implementation in use. per_example on another architecture is a UserError naming both."""
+    from lora_efficiency import attention as A
+
+    if attention == "sdpa" or (attention == "auto" and not A.supports_per_example(model.config)):
+        return model.config._attn_implementation
+    if not A.supports_per_example(model.config):
+        raise UserError(
+            f"attention='per_example': model type {model.config.model_type!r} is not one of "
+            f"{', '.join(sorted(A.PER_EXAMPLE_MODEL_TYPES))}; use attention=sdpa or auto"
+        )
+    if model.config._attn_implementation != "sdpa":  # eager, flash, flex: chosen by the user or the model, kept
+        return model.config._attn_implementation
+    model.set_attn_implementation(A.register())
+    return A.NAME
 
 
 # Target-module presets as roles; each role lists the leaf names it takes in the model families we know.

@@ -350,6 +350,7 @@ def build_model(
         double_quant=cfg.double_quant,
         device=device,
         trust_remote_code=cfg.trust_remote_code,
+        attention=cfg.attention,
     )
     modules = ["*"] if full else resolve_target_modules(base, cfg.target_modules)
     if cfg.gradient_checkpointing:
@@ -417,6 +418,7 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
         {
             **s.resolved,
             "compute_dtype": str(s.amp_dtype).removeprefix("torch.") if s.amp_dtype else "float32",
+            "attention_implementation": s.base.config._attn_implementation,
             "global_batch_size": cfg.batch_size * cfg.grad_accum * s.group.size,
             "num_processes": s.group.size,
             "train_rows": len(s.rows),

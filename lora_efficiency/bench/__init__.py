@@ -1,21 +1,26 @@
-"""The benchmark: this project's trainer against the reference a user would write (HF `Trainer` + PEFT).
+"""The benchmark: this project's trainer against two references written with HF `Trainer` + PEFT.
 
 make bench
 python -m entrypoints.bench --modes bf16,nf4,int8 --steps 8 --warmup_steps 2 --repeats 3     # = make bench
 
-Both sides train the same model, data, LoRA config (r=16, alpha 32, dropout 0.05 on q,k,v,o), learning-rate
+Every side trains the same model, data, LoRA config (r=16, alpha 32, dropout 0.05 on q,k,v,o), learning-rate
 schedule and number of optimizer steps (recipe.py). Every measurement runs in its own process (`python -m
 lora_efficiency.bench WORKER SPEC OUT`, started by orchestration.run_benchmark), so each peak memory belongs to
-one run:
+one run; the sides of a mode are interleaved repeat by repeat (orchestration.SIDES):
 
-- setup (workers.py): bf16 and fp32 matmul rates of the device, facts about the data, model FLOPs per real token
-  (figures.py);
-- reference (reference.py): `Trainer` + PEFT with `DataCollatorForLanguageModeling` padding each micro-batch to
-  its longest example, loaded and wrapped as the PEFT/QLoRA guides show;
+- setup (workers.py): bf16 and fp32 matmul rates of the device, facts about the data, FLOPs per weight and per
+  attention pair (figures.py);
+- reference (reference.py): the naive one (random micro-batches padded by `DataCollatorForLanguageModeling`, loss
+  on every token, `prepare_model_for_kbit_training` with checkpointing on k-bit bases) and the strong one
+  (completion-only labels, `group_by_length`, checkpointing as the project: off);
 - project (workers.py): `lora_efficiency.trainer.train`, with MLflow tracking and memory sampling on (as every run
-  has them), and again with both off, for their overhead. It goes through the trainer's hooks: a step callback
-  (StepStats) times the steps and counts their tokens, a tracker wrapper times the logging call, and a memory
-  sampler factory that never wakes up turns sampling off.
+  has them), again with both off (their overhead, paired repeat by repeat), and off with `attention=sdpa` (the
+  per-example attention lever). It goes through the trainer's hooks: a step callback (StepStats) times the steps
+  and counts their tokens, a tracker wrapper times the logging call, and a memory sampler factory that never
+  wakes up turns sampling off.
+
+MFU: the FLOPs each side performs per real token (figures.performed_flops_per_token: its padding, where its
+head runs, its attention pairs, its recompute) x its real tokens/s / the measured bf16 matmul rate.
 
 Batch budget: both sides train on the same examples per optimizer step, one forward and backward per step. The
 project packs them into batch_size rows of seq_len tokens (4 x 512 hold ~24 examples of the bundled set); the

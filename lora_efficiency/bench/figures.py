@@ -29,7 +29,34 @@ def training_flops_per_token(config, *, rank: int, target_modules: str, context:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
     parts = {"frozen_linear": 4.0 * frozen, "lora": 6.0 * lora, "head": 4.0 * head, "attention": attention}
-    return {**parts, "total": sum(parts.values()), "frozen_params": float(frozen), "lora_params": float(lora)}
+    return {
+        **parts,
+        "total": sum(parts.values()),
+        "frozen_params": float(frozen),
+        "lora_params": float(lora),
+        "head_params": float(head),
+        "attention_per_pair": attention / context,  # 12 x L x H x Q
+    }
+
+
+def performed_flops_per_token(parts: dict[str, float], performed: dict[str, float]) -> float:
+    """FLOPs one side actually computes per real token, from what it counted (`performed`, per real token:
+    positions computed, padding included; positions the head runs on and its FLOPs a head weight; attention
+    query-key pairs) and the per-weight counts of training_flops_per_token (`parts`):
+
+        positions x (4 x frozen linear + 6 x LoRA weights)       [6 and 8 with gradient checkpointing]
+      + head positions x head_factor x head weights              [4; the project recomputes it: 6]
+      + attention pairs x 12 x layers x heads x head_dim         [16 with gradient checkpointing]
+
+    Gradient checkpointing recomputes each decoder layer's forward in backward (+2 a weight, +4 a pair)."""
+    recompute = bool(performed.get("gradient_checkpointing"))
+    linear = (6 if recompute else 4) * parts["frozen_params"] + (8 if recompute else 6) * parts["lora_params"]
+    per_pair = parts["attention_per_pair"] * (16 / 12 if recompute else 1)
+    return (
+        performed["positions_per_token"] * linear
+        + performed["head_positions_per_token"] * performed["head_factor"] * parts["head_params"]
+        + performed["attention_pairs_per_token"] * per_pair
+    )
 
 
 def matmul_rates(device, *, repeats: int = 10) -> dict[str, float]:

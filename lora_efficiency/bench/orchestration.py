@@ -15,17 +15,22 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-from lora_efficiency.bench.figures import machine, versions
+from lora_efficiency.bench.figures import machine, performed_flops_per_token, versions
 from lora_efficiency.bench.recipe import ALPHA, DROPOUT, LR, RANK, TARGET_MODULES, WARMUP_RATIO
 from lora_efficiency.bench.startup import measure_startup
 from lora_efficiency.bench.workers import worker_env
 from lora_efficiency.subprocesses import die_with_parent
 
 # The sides of a mode, each run once per repeat: (name, worker kind, extra spec, tracked in MLflow).
+# reference: HF Trainer + PEFT as the guides write it; reference_strong: as a careful user writes it
+# (reference.py); project_sdpa: the project with transformers' masked sdpa instead of per-example attention
+# (attention.py), untracked like project_untracked, so the two measure that lever alone.
 SIDES = (
-    ("reference", "reference", {}, False),
+    ("reference", "reference", {"strong": False}, False),
+    ("reference_strong", "reference", {"strong": True}, False),
     ("project", "project", {"tracking": True}, True),
     ("project_untracked", "project", {"tracking": False}, False),
+    ("project_sdpa", "project", {"tracking": False, "attention": "sdpa"}, False),
 )
 
 
@@ -84,12 +89,14 @@ class _Runs:
     def profiles(self, mode: str, profile_steps: int) -> dict[str, str]:
         """torch.profiler tables of `profile_steps` steps after the warm-up, reference and project (tracked)."""
         profiles = {}
-        for name, tracked in (("reference", False), ("project", True)):
+        for name, kind, extra, tracked in (
+            ("reference_strong", "reference", {"strong": True}, False),
+            ("project", "project", {}, True),
+        ):
             label = f"{mode}-{name}-profile"
             steps = self.spec["warmup_steps"] + profile_steps
-            profiles[name] = self.run(name, label, tracked, mode=mode, steps=steps, profile=True, tracking=True)[
-                "profile"
-            ]
+            run = self.run(kind, label, tracked, **extra, mode=mode, steps=steps, profile=True, tracking=True)
+            profiles[name] = run["profile"]
             self.log(f"{self.elapsed()} {label}: {profile_steps} steps profiled")
         return profiles
 
@@ -142,8 +149,9 @@ def run_benchmark(
     t0 = time.perf_counter()
     setup = _setup(base, ref_batch_size, work=work, log=log)
     shared = {k: setup[k] for k in ("reference_batch_size", "reference_grad_accum")}
+    facts = {k: setup[k] for k in ("example_pairs", "per_example_supported")}
     # data: the prepared folder, as a sweep passes it to its children
-    spec = {**base, "data": setup["data_path"], "steps": steps, "warmup_steps": warmup_steps, **shared}
+    spec = {**base, "data": setup["data_path"], "steps": steps, "warmup_steps": warmup_steps, **shared, **facts}
     spec["profile"] = False
     runs = _Runs(work, spec, log)
     results = {}
@@ -209,28 +217,45 @@ def _setup(base: dict, ref_batch_size: int, *, work: Path, log: Callable[[str], 
 
 
 def mode_results(runs: dict[str, list[dict]], setup: dict) -> dict:
-    """One mode's figures: each side's medians, project / reference ratios, the overhead of tracking and memory
-    sampling, and MFU at the measured bf16 and fp32 matmul rates."""
-    ref, proj = side_summary(runs["reference"]), side_summary(runs["project"])
+    """One mode's figures: each side's medians; the project against both references (tokens/s, step time, peak
+    memory); the overhead of tracking and memory sampling (paired by repeat, with a 95% t-interval); the
+    per-example attention lever (project_untracked against project_sdpa); and each side's MFU: the FLOPs it
+    performs (figures.performed_flops_per_token) x its real tokens/s / the measured bf16 matmul rate."""
+    from scipy import stats
+
+    sides = {name: side_summary(runs[name]) for name, *_ in SIDES}
+    ref, strong, proj = sides["reference"], sides["reference_strong"], sides["project"]
     # Tracking on and off see the same batches in the same order (same seed): compare them repeat by repeat.
     overheads = [
         sum(on["step_times_s"]) / sum(off["step_times_s"]) - 1
         for on, off in zip(runs["project"], runs["project_untracked"], strict=True)
     ]
-    flops = setup["flops_per_token"]["total"]
-    rates = setup["matmul"]
+    interval = None
+    if len(overheads) > 1:
+        mean, sem = statistics.mean(overheads), statistics.stdev(overheads) / len(overheads) ** 0.5
+        half = stats.t.ppf(0.975, len(overheads) - 1) * sem
+        interval = [mean - half, mean + half]
+    parts, rate = setup["flops_per_token"], setup["matmul"]["bf16_flops"]
+    mfu = {}
+    for name, side in sides.items():
+        flops = statistics.median(performed_flops_per_token(parts, r["performed"]) for r in runs[name])
+        side["performed_flops_per_token"] = flops
+        mfu[name] = flops * side["tokens_per_second"] / rate
     return {
-        "reference": ref,
-        "project": proj,
-        "project_untracked": side_summary(runs["project_untracked"]),
+        **sides,
         "reference_gradient_checkpointing": runs["reference"][0]["gradient_checkpointing"],
+        "reference_strong_gradient_checkpointing": runs["reference_strong"][0]["gradient_checkpointing"],
         "tokens_per_second_ratio": proj["tokens_per_second"] / ref["tokens_per_second"],
+        "tokens_per_second_ratio_strong": proj["tokens_per_second"] / strong["tokens_per_second"],
         "step_time_ratio": proj["step_time_s"] / ref["step_time_s"],
         "peak_memory_ratio": proj["peak_memory_mb"] / ref["peak_memory_mb"],
+        "peak_memory_ratio_strong": proj["peak_memory_mb"] / strong["peak_memory_mb"],
+        "per_example_attention_speedup": (
+            sides["project_untracked"]["tokens_per_second"] / sides["project_sdpa"]["tokens_per_second"]
+        ),
         "tracking_overhead": statistics.median(overheads),
+        "tracking_overhead_interval": interval,
         "logging_ms_per_step": 1000 * statistics.median(r["logging_s_per_step"] for r in runs["project"]),
-        "mfu": flops * proj["tokens_per_second"] / rates["bf16_flops"],
-        "mfu_fp32": flops * proj["tokens_per_second"] / rates["fp32_flops"],
-        "reference_mfu": flops * ref["tokens_per_second"] / rates["bf16_flops"],
-        "reference_mfu_fp32": flops * ref["tokens_per_second"] / rates["fp32_flops"],
+        "mfu": mfu["project"],
+        "mfu_by_side": mfu,
     }

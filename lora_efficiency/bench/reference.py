@@ -1,6 +1,17 @@
-"""The reference side of the benchmark: HF `Trainer` + PEFT as a user writes it, `DataCollatorForLanguageModeling`
-padding each micro-batch to its longest example, the model loaded and wrapped as the PEFT/QLoRA guides show. It
-trains on the project's tokenized examples, so both sides see the same tokens; run as the `reference` worker."""
+"""The reference sides of the benchmark: HF `Trainer` + PEFT, run as the `reference` worker on the project's
+tokenized examples, so every side sees the same tokens.
+
+- naive (spec strong=False): as the quick-start guides write it: `DataCollatorForLanguageModeling` padding random
+  micro-batches to their longest example, the loss on every token (prompt included), and on k-bit bases
+  `prepare_model_for_kbit_training` with its defaults (gradient checkpointing on).
+- strong (spec strong=True): what a careful user writes with the same libraries: completion-only labels (the
+  project's labels, -100 on the prompt, padded with -100 by `DataCollatorForSeq2Seq`), micro-batches grouped by
+  length (`train_sampling_strategy="group_by_length"`, transformers' LengthGroupedSampler), and gradient
+  checkpointing as the project's run has it (off) on every base.
+
+Both count what they compute for the performed-FLOPs MFU: positions (padding included), the positions the output
+head runs on (all of them: a causal LM's forward computes every position's logits) and attention pairs (each
+padded micro-batch computes width x width scores a row)."""
 
 from __future__ import annotations
 
@@ -22,33 +33,42 @@ def reference_worker(spec: dict) -> dict:
     """HF Trainer + PEFT as a user writes it, on the same tokenized examples as the project."""
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     device = torch.device(spec["device"])
     source, tokenizer, prepared = prepared_data(spec)
     # The project's tokenization (chat template, truncated to seq_len): the same tokens on both sides.
-    dataset = Dataset.from_dict({"input_ids": prepared.train.input_ids})
-    model = _peft_model(source.path, device, spec["mode"])
-    collator = _CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    strong = bool(spec.get("strong"))
+    if strong:
+        dataset = Dataset.from_dict({"input_ids": prepared.train.input_ids, "labels": prepared.train.labels})
+        inner = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
+    else:
+        dataset = Dataset.from_dict({"input_ids": prepared.train.input_ids})
+        inner = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    model = _peft_model(source.path, device, spec["mode"], gradient_checkpointing=not strong)
+    collator = _CountingCollator(inner)
     window = StepWindow.for_spec(device, spec)
     clock = _clock_callback(device, window)
     args = _training_arguments(spec, device)
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock]).train()
     warm, seen = spec["warmup_steps"], clock.tokens_seen
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
     return {
         "step_times_s": window.measured(warm),
         "step_tokens": [b - a for a, b in zip(seen[warm - 1 : -1], seen[warm:], strict=True)],
         "peak_memory_mb": clock.sampler.summary()["memory/peak_mb"],
         "padding_fraction": 1 - collator.real / max(collator.positions, 1),
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "performed": {**collator.performed(head_factor=4), "gradient_checkpointing": checkpointing},
+        "gradient_checkpointing": checkpointing,
         "profile": window.profile,
     }
 
 
-def _peft_model(path: str, device, mode: str):
-    """The base stored as `mode` (bitsandbytes for nf4/fp4/int8), wrapped in PEFT's LoRA as the guides do."""
+def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool):
+    """The base stored as `mode` (bitsandbytes for nf4/fp4/int8), wrapped in PEFT's LoRA as the guides do;
+    gradient_checkpointing: what prepare_model_for_kbit_training turns on for k-bit bases."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -68,7 +88,7 @@ def _peft_model(path: str, device, mode: str):
     if "quantization_config" in kwargs:
         # The QLoRA recipe of the PEFT docs. With its defaults it upcasts the non-quantized weights (embedding,
         # norms) to fp32 and turns on gradient checkpointing: less activation memory, a slower backward.
-        model = prepare_model_for_kbit_training(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     lora = LoraConfig(
         r=RANK,
         lora_alpha=ALPHA,
@@ -90,6 +110,7 @@ def _training_arguments(spec: dict, device):
 
     dtype, mode = compute_dtype(device), spec["mode"]
     return TrainingArguments(
+        train_sampling_strategy="group_by_length" if spec.get("strong") else "random",
         output_dir=spec["output_dir"],
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["reference_batch_size"],
@@ -138,13 +159,25 @@ def _clock_callback(device, window: StepWindow):
 
 
 class _CountingCollator:
-    """Counts the positions and real tokens of every batch it pads, for the padding fraction."""
+    """Counts the positions, real tokens and attention pairs of every batch it pads (padding fraction, FLOPs)."""
 
     def __init__(self, inner):
-        self.inner, self.positions, self.real = inner, 0, 0
+        self.inner, self.positions, self.real, self.pairs = inner, 0, 0, 0
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        self.positions += batch["attention_mask"].numel()
+        rows, width = batch["attention_mask"].shape
+        self.positions += rows * width
         self.real += int(batch["attention_mask"].sum())
+        self.pairs += rows * width * width
         return batch
+
+    def performed(self, *, head_factor: int) -> dict[str, float]:
+        """Per real token: positions computed, positions the head runs on (x head_factor FLOPs a weight), pairs."""
+        real = max(self.real, 1)
+        return {
+            "positions_per_token": self.positions / real,
+            "head_positions_per_token": self.positions / real,
+            "head_factor": head_factor,
+            "attention_pairs_per_token": self.pairs / real,
+        }

@@ -50,6 +50,7 @@ def setup_worker(spec: dict) -> dict:
     import torch
     from transformers import AutoConfig
 
+    from lora_efficiency import attention
     from lora_efficiency import data as D
 
     device = torch.device(spec["device"])
@@ -61,9 +62,14 @@ def setup_worker(spec: dict) -> dict:
     micro = max(1, round(examples_per_step))  # the reference's micro-batch: the step's examples, or fewer
     micro = min(spec["ref_batch_size"], micro) if spec["ref_batch_size"] else micro
     context = sum(n * n for n in lengths) / sum(lengths)
-    flops = training_flops_per_token(
-        AutoConfig.from_pretrained(source.path), rank=RANK, target_modules=TARGET_MODULES, context=context
+    # Per-example attention's query-key pairs per real token: each example's, and the padding tail's, squared
+    # (a padded row's tail restarts its positions at 0: it is one more "example").
+    pairs = sum(
+        sum(n * n for n in attention.example_lengths(torch.tensor([p + list(range(spec["seq_len"] - len(p)))]))[0])
+        for p in rows.position_ids
     )
+    model_config = AutoConfig.from_pretrained(source.path)
+    flops = training_flops_per_token(model_config, rank=RANK, target_modules=TARGET_MODULES, context=context)
     return {
         "matmul": rates,
         "model_id": source.model_id,
@@ -77,6 +83,8 @@ def setup_worker(spec: dict) -> dict:
         "reference_batch_size": micro,
         "reference_grad_accum": max(1, round(examples_per_step / micro)),
         "context_tokens": context,
+        "example_pairs": pairs / sum(lengths),
+        "per_example_supported": attention.supports_per_example(model_config),
         "flops_per_token": flops,
     }
 
@@ -174,13 +182,32 @@ def project_worker(spec: dict) -> dict:
         result = run(tracker=clock, memory_sampler=functools.partial(MemorySampler, interval_s=1e6))
     warm = spec["warmup_steps"]
     tokens = [s.tokens for s in steps[warm:]]
+    padding = 1 - sum(tokens) / (spec["batch_size"] * spec["seq_len"] * len(tokens))
     return {
         "step_times_s": window.measured(warm),
         "step_tokens": tokens,
         "peak_memory_mb": result.metrics["memory/peak_mb"],
-        "padding_fraction": 1 - sum(tokens) / (spec["batch_size"] * spec["seq_len"] * len(tokens)),
+        "padding_fraction": padding,
+        "performed": _project_performed(spec, steps[warm:], padding),
         "logging_s_per_step": statistics.median(clock.log_s[warm:]),
         "profile": window.profile,
+    }
+
+
+def _project_performed(spec: dict, steps: list, padding: float) -> dict[str, float]:
+    """What the project computes per real token (figures.performed_flops_per_token): every position of its packed
+    rows; the head on the loss targets only, recomputed in backward (loss.py checkpoints it: 6 FLOPs a weight);
+    attention over each example (per-example attention: the data's pairs per token, spec["example_pairs"]) or
+    over each whole row (transformers' sdpa with a block mask: seq_len pairs a position)."""
+    real = sum(s.tokens for s in steps)
+    positions = 1 / (1 - padding)
+    per_example = spec["per_example_supported"] and spec.get("attention", "auto") != "sdpa"
+    return {
+        "positions_per_token": positions,
+        "head_positions_per_token": sum(s.targets for s in steps) / real,
+        "head_factor": 6,
+        "attention_pairs_per_token": spec["example_pairs"] if per_example else positions * spec["seq_len"],
+        "gradient_checkpointing": False,
     }
 
 
@@ -193,6 +220,7 @@ def _project_settings(spec: dict, device) -> dict:
         alpha=ALPHA,
         dropout=DROPOUT,
         target_modules=TARGET_MODULES,
+        attention=spec.get("attention", "auto"),
         quantization=spec["mode"],
         max_steps=spec["steps"],
         batch_size=spec["batch_size"],

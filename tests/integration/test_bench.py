@@ -28,15 +28,29 @@ def test_bench_writes_json_and_markdown(tiny_model_dir, tiny_data_file, tmp_path
 
     results = json.loads(results_file.read_text())
     bf16 = results["modes"]["bf16"]
-    for key in ("tokens_per_second_ratio", "peak_memory_ratio", "mfu", "mfu_fp32", "reference_mfu"):
+    keys = ("tokens_per_second_ratio", "tokens_per_second_ratio_strong", "peak_memory_ratio_strong", "mfu")
+    for key in (*keys, "per_example_attention_speedup"):
         assert math.isfinite(bf16[key]) and bf16[key] > 0, (key, bf16[key])
+    assert set(bf16["mfu_by_side"]) == {"reference", "reference_strong", "project", "project_untracked", "project_sdpa"}
     # on minus off: the two runs' noise can make it negative on 0.1 s steps, never non-finite
     assert math.isfinite(bf16["tracking_overhead"]) and bf16["tracking_overhead"] > -1
-    for side in ("reference", "project", "project_untracked"):
-        for key in ("tokens_per_second", "step_time_s", "tokens_per_step", "peak_memory_mb"):
+    for side in bf16["mfu_by_side"]:
+        for key in (
+            "tokens_per_second",
+            "step_time_s",
+            "tokens_per_step",
+            "peak_memory_mb",
+            "performed_flops_per_token",
+        ):
             assert math.isfinite(bf16[side][key]) and bf16[side][key] > 0, (side, key)
+    # length-grouped batches pad less than random ones; the project's per-example attention computes fewer
+    # FLOPs a token than the same trainer with masked sdpa over whole rows
+    assert bf16["reference_strong"]["padding_fraction"] < bf16["reference"]["padding_fraction"]
+    assert bf16["project_untracked"]["performed_flops_per_token"] < bf16["project_sdpa"]["performed_flops_per_token"]
+    assert not bf16["reference_strong_gradient_checkpointing"]
     # the same examples a step on both sides: real tokens a step within a factor of 2
-    assert 0.5 < bf16["project"]["tokens_per_step"] / bf16["reference"]["tokens_per_step"] < 2
+    for side in ("reference", "reference_strong"):
+        assert 0.5 < bf16["project"]["tokens_per_step"] / bf16[side]["tokens_per_step"] < 2
     assert results["matmul"]["bf16_flops"] > 0 and results["matmul"]["fp32_flops"] > 0
     assert results["startup"]["launches_s"][0] > 0
 

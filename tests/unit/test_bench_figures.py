@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import LlamaConfig
 
 from lora_efficiency.bench import import_times, training_flops_per_token, write_markdown
+from lora_efficiency.bench.figures import performed_flops_per_token
 
 
 def test_flops_per_token_counts_frozen_lora_head_and_attention():
@@ -55,3 +56,17 @@ def test_import_times_attributes_own_time_to_packages():
     out = import_times(stderr)
     assert abs(out["total_s"] - 0.0031) < 1e-9  # the top-level lines' cumulative times
     assert out["packages_s"] == {"torch": 0.0026, "mlflow": 0.0003, "lora_efficiency": 0.0002}
+
+
+def test_performed_flops_count_what_each_side_computes():
+    parts = {"frozen_params": 100.0, "lora_params": 10.0, "head_params": 1000.0, "attention_per_pair": 7.0}
+    packed = {
+        "positions_per_token": 1.1,  # 10% of a packed row is padding
+        "head_positions_per_token": 0.5,  # the head on the loss targets only, recomputed
+        "head_factor": 6,
+        "attention_pairs_per_token": 90.0,
+    }
+    assert performed_flops_per_token(parts, packed) == 1.1 * (400 + 60) + 0.5 * 6 * 1000 + 90 * 7
+    # gradient checkpointing recomputes the layers' forward: 6 a frozen weight, 8 a LoRA weight, 16/12 a pair
+    padded = {**packed, "head_positions_per_token": 1.1, "head_factor": 4, "gradient_checkpointing": True}
+    assert performed_flops_per_token(parts, padded) == 1.1 * (600 + 80) + 1.1 * 4 * 1000 + 90 * 7 * 16 / 12
