@@ -377,7 +377,11 @@ def make_optimizer(
     """AdamW with a linear warm-up over warmup_ratio x max_steps, then cosine decay to 0 at max_steps."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fused: one kernel for every parameter's update; on the CPU, 0.08 s a step for 133 M fp32 weights against
+    # 0.27 s for the default foreach implementation (1 thread, 2026-12-02): it matters for method=full. It needs
+    # floating-point parameters on the CPU or a GPU, which the trainable ones always are here.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     warmup_steps = round(warmup_ratio * max_steps)
     return optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
 
