@@ -235,3 +235,25 @@ def test_the_base_provenance_is_recorded(tiny_model_dir, tiny_data_file, tmp_pat
     assert tracker.tags["base_gguf_type"] == ""  # an original checkpoint, saved by the fixture
     assert tracker.tags["base_checkpoint_dtype"] in ("float32", "bfloat16")
     assert "as published" in tracker.tags["base_provenance"]
+
+
+def test_a_granite_run_logs_the_models_own_eval_loss(tiny_granite_dir, tiny_data_file, tmp_path):
+    """Granite divides its logits by logits_scaling: the run's eval/loss is still model(**batch, labels=...)'s."""
+    from peft import PeftModel
+
+    from lora_efficiency.prepare import load_prepared
+
+    result, tracker = run(tiny_granite_dir, tiny_data_file, tmp_path, quantization="fp32")
+    base = load_base_model(
+        resolve_model(str(tiny_granite_dir)), quantization="fp32", double_quant=True, device=torch.device("cpu")
+    )
+    model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    held_out = load_prepared(tracker.params["data_path"]).eval
+    total, count = 0.0, 0
+    for ids, labels in zip(held_out.input_ids, held_out.labels, strict=True):
+        n = sum(label != -100 for label in labels[1:])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        total, count = total + float(loss) * n, count + n
+    assert result.metrics["eval/tokens"] == count
+    assert result.metrics["eval/loss"] == pytest.approx(total / count, abs=1e-5)
