@@ -48,6 +48,7 @@ from lora_efficiency.models import (
 )
 from lora_efficiency.planner import predict_peak_mb
 from lora_efficiency.prepare import Prepared, resolve_data
+from lora_efficiency.sources import answer_kinds
 from lora_efficiency.validation import Validator
 
 __all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "resolve_device", "train"]
@@ -593,6 +594,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         device=s.device,
         autocast_dtype=s.amp_dtype,
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
+        answer_kinds=answer_kinds(s.prepared.manifest),
     )
     metrics = {**evaluation.metrics, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
     if s.validator:
@@ -605,6 +607,8 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples,
         max_new_tokens=cfg.max_new_tokens,
+        # absent for the stored order, so runs on sets without task families keep the tag they always had
+        **({"eval_order": "balanced"} if s.prepared.eval_balanced else {}),
     )
     tracker.set_tags({"eval_settings": eval_tag})
     if evaluation.samples["prompt"]:

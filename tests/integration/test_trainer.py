@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -88,8 +89,19 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
     assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
     table = tracker.texts["eval_samples.json"]
-    assert len(table["prompt"]) == 4 and set(table) == {"prompt", "reference", "output", "correct", "task"}
+    assert len(table["prompt"]) == 4
+    assert set(table) == {"prompt", "reference", "output", "correct", "correct_by_kind", "task"}
     assert tracker.summary["eval/exact_match"] == sum(table["correct"]) / 4
+    assert tracker.summary["eval/exact_match_by_kind"] == sum(table["correct_by_kind"]) / 4
+    # the eval subset is balanced over the file's task families: the 4 answers come from 4 families
+    assert len(set(table["task"])) == 4
+    for family in set(table["task"]):
+        hits = [ok for ok, task in zip(table["correct_by_kind"], table["task"], strict=True) if task == family]
+        assert tracker.summary[f"eval/exact_match_by_kind/{family}"] == sum(hits) / len(hits)
+        assert tracker.summary[f"eval/perplexity/{family}"] == pytest.approx(
+            math.exp(tracker.summary[f"eval/loss/{family}"])
+        )
+    assert json.loads(tracker.tags["eval_settings"])["eval_order"] == "balanced"
     assert tracker.summary["inference/tokens_per_second"] > 0
     assert "inference/merged_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
     assert "eval_settings" in tracker.tags
