@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.convergence import convergence_section
+from lora_efficiency.report.families import families_section
 from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
@@ -26,6 +27,7 @@ TABLE_METRICS = (
     PERPLEXITY,
     EXACT_MATCH,
     "eval/exact_match_normalized",
+    "eval/exact_match_by_kind",
     PEAK_MB,
     "params/trainable",
     "perf/train_tokens_per_second",
@@ -132,6 +134,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
     return [
         *_scope_blocks(report),
         *_configuration_blocks(report),
+        *families_section(report),
         *lr_section(report),
         *convergence_section(report),
         *_finding_blocks(report),
