@@ -86,11 +86,15 @@ def generate_answers(
     batch_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    fixed_length: bool = False,
 ) -> tuple[list[str], dict[str, float]]:
     """Greedy answers to `prompts` (formatted with the model's template), in batches padded on the left.
 
     Returns the answers and the speed: generated tokens (up to and including each row's end of sequence)
-    per second of generate() wall time, and milliseconds per generated token of one row.
+    per second of generate() wall time, and milliseconds per decoding step (one token of every row). The
+    batch runs until its longest row ends, so that speed depends on how much answer lengths vary; with
+    fixed_length, every row generates max_new_tokens (end of sequence suppressed until then: transformers'
+    min_new_tokens), and the speed is the model's alone.
     """
     from lora_efficiency.data import format_prompt
 
@@ -109,6 +113,7 @@ def generate_answers(
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens if fixed_length else None,
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
@@ -127,6 +132,7 @@ def generate_answers(
     speed = {
         "tokens_per_second": generated / seconds if seconds else 0.0,
         "latency_ms_per_token": 1000 * seconds / decode_steps if decode_steps else 0.0,
+        "generated_tokens": float(generated),
     }
     return answers, speed
 
@@ -225,10 +231,14 @@ def exact_match_scores(
     return strict, by_kind, metrics
 
 
-# Prompts timed for inference speed when no exact-match pass ran (that pass's own timing is used otherwise):
-# one batch of 8 at the default eval_batch_size. Generation costs ~0.3 s a prompt at 48 new tokens on the
-# 2-core CPU (SmolLM2, nf4: 16 prompts took 4.8 s, 30 took 10.1 s), which the quick study pays 28 times.
+# Generation speed is timed on its own pass: SPEED_PROMPTS prompts (one batch at the default eval_batch_size), each
+# generating exactly SPEED_NEW_TOKENS tokens with the end of sequence suppressed. Timing the exact-match pass instead
+# mixed the model's speed with its answers' lengths: a batch runs until its longest answer ends while only each
+# answer's own tokens counted, so a model whose answers vary more in length looked slower.
 SPEED_PROMPTS = 8
+SPEED_NEW_TOKENS = 32
+# Older runs logged inference/tokens_per_second (and merged_, latency_) from the exact-match pass's timing: the
+# report shows it apart, labelled, where runs have it.
 
 
 @dataclass
@@ -253,8 +263,8 @@ def evaluate_model(
     measure_merged: bool,
     answer_kinds: dict[str, str],
 ) -> EvalResult:
-    """Held-out loss/perplexity, exact match over `generate_samples` examples, and inference speed (timed on
-    the exact-match pass, or on SPEED_PROMPTS prompts when there is none).
+    """Held-out loss/perplexity, exact match over `generate_samples` examples, and generation speed (a fixed-length
+    pass over the first SPEED_PROMPTS prompts, SPEED_NEW_TOKENS tokens each).
 
     measure_merged merges the adapter into the base (peft's merge_and_unload, only for unquantized bases) for
     a last speed pass: `model` must not be used afterwards. answer_kinds maps a task family to how its answers
@@ -271,10 +281,9 @@ def evaluate_model(
     )
     samples: dict[str, list] = {k: [] for k in ("prompt", "reference", "output", "correct", "correct_by_kind", "task")}
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
-    speed = None
     if exact_match and generate_samples:
         chosen = eval_examples[:generate_samples]
-        answers, speed = generate_answers(model, tokenizer, [e.prompt for e in chosen], **gen)
+        answers, _ = generate_answers(model, tokenizer, [e.prompt for e in chosen], **gen)
         kinds = [answer_kinds.get(e.task, answer_kinds.get("", STRING)) for e in chosen]
         correct, by_kind, scores = exact_match_scores(
             answers, [e.response for e in chosen], kinds=kinds, families=[e.task for e in chosen]
@@ -291,16 +300,16 @@ def evaluate_model(
         }
     # Text sets have no prompts: their passages' first words stand in, so speed is measured the same way.
     prompts = [e.prompt or " ".join(e.response.split()[:32]) for e in eval_examples[:SPEED_PROMPTS]]
+    timed = {**gen, "max_new_tokens": SPEED_NEW_TOKENS, "fixed_length": True}
     if prompts:
-        if speed is None:
-            _, speed = generate_answers(model, tokenizer, prompts, **gen)
-        metrics["inference/tokens_per_second"] = speed["tokens_per_second"]
-        metrics["inference/latency_ms_per_token"] = speed["latency_ms_per_token"]
+        _, speed = generate_answers(model, tokenizer, prompts, **timed)
+        metrics["inference/decode_tokens_per_second"] = speed["tokens_per_second"]
+        metrics["inference/decode_latency_ms_per_token"] = speed["latency_ms_per_token"]
         if measure_merged and hasattr(model, "merge_and_unload"):
             merged = model.merge_and_unload()
-            _, speed = generate_answers(merged, tokenizer, prompts, **gen)
-            metrics["inference/merged_tokens_per_second"] = speed["tokens_per_second"]
-            metrics["inference/merged_latency_ms_per_token"] = speed["latency_ms_per_token"]
+            _, speed = generate_answers(merged, tokenizer, prompts, **timed)
+            metrics["inference/merged_decode_tokens_per_second"] = speed["tokens_per_second"]
+            metrics["inference/merged_decode_latency_ms_per_token"] = speed["latency_ms_per_token"]
     return EvalResult(metrics, samples)
 
 

@@ -31,9 +31,11 @@ TABLE_METRICS = (
     PEAK_MB,
     "params/trainable",
     "perf/train_tokens_per_second",
-    "inference/tokens_per_second",
+    "inference/decode_tokens_per_second",
     "time/train_s",
 )
+# shown only where some run logged it: runs before the fixed-length speed pass
+LEGACY_TABLE_METRICS = ("inference/tokens_per_second",)
 
 
 def methods(report: Report) -> str:
@@ -71,17 +73,18 @@ def configuration_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     Returns:
         The header and the rows, as text.
     """
-    header = ["#", "configuration", "seeds"] + [METRICS[m].axis for m in TABLE_METRICS] + ["Pareto front of"]
+    runs = [r for c in report.configurations for r in c.runs] + list(report.scope.baselines)
+    shown = TABLE_METRICS + tuple(m for m in LEGACY_TABLE_METRICS if any(m in r.metrics for r in runs))
+    header = ["#", "configuration", "seeds"] + [METRICS[m].axis for m in shown] + ["Pareto front of"]
     rows = [
         [str(i), c.label, ", ".join(map(str, c.seeds))]
-        + [cell(c.stats.get(m), m) for m in TABLE_METRICS]
+        + [cell(c.stats.get(m), m) for m in shown]
         + [", ".join(METRICS[m].label for m, front in report.fronts.items() if c in front)]
         for i, c in enumerate(report.configurations, 1)
     ]
     for base in report.scope.baselines:
         values = [
-            cell(Stat((base.metrics[m],)), m).replace(" (1 seed)", "") if m in base.metrics else "-"
-            for m in TABLE_METRICS
+            cell(Stat((base.metrics[m],)), m).replace(" (1 seed)", "") if m in base.metrics else "-" for m in shown
         ]
         rows.append(["", f"baseline: no adapter, {base.storage}", "-"] + values + [""])
     return header, rows

@@ -102,8 +102,8 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
             math.exp(tracker.summary[f"eval/loss/{family}"])
         )
     assert json.loads(tracker.tags["eval_settings"])["eval_order"] == "balanced"
-    assert tracker.summary["inference/tokens_per_second"] > 0
-    assert "inference/merged_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
+    assert tracker.summary["inference/decode_tokens_per_second"] > 0
+    assert "inference/merged_decode_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
     assert "eval_settings" in tracker.tags
     # 2 layers x 4 modules x r16 x (in + out): q 64+64, k 64+32, v 64+32, o 64+64 -> 16 x 448 x 2 = 14,336
     assert tracker.summary["params/trainable"] == 14336
@@ -183,7 +183,7 @@ def test_a_module_name_the_model_lacks_fails_before_training(tiny_model_dir, tin
 
 def test_unquantized_runs_also_time_the_merged_model(tiny_model_dir, tiny_data_file, tmp_path):
     result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="bf16", max_steps=1)
-    assert tracker.summary["inference/merged_tokens_per_second"] > 0
+    assert tracker.summary["inference/merged_decode_tokens_per_second"] > 0
     assert "eval/exact_match" not in tracker.summary  # a local prompt/response file has no known references
 
 

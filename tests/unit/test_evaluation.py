@@ -193,3 +193,72 @@ def test_loss_per_family_sums_to_the_overall_loss():
         assert split[f"eval/perplexity/{family}"] == pytest.approx(math.exp(alone["eval/loss"]), rel=1e-6)
         weighted += alone["eval/loss"] * alone["eval/tokens"]
     assert weighted / split["eval/tokens"] == pytest.approx(split["eval/loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation speed: the model's, not its answers' lengths
+
+
+def _speed(model, tokenizer, prompts, *, fixed_length, repeats=3):
+    """The best of `repeats` timings (the least disturbed by other work on a shared CPU), and the answers."""
+    from lora_efficiency.evaluation import generate_answers
+
+    runs = [
+        generate_answers(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=16,
+            batch_size=8,
+            device=torch.device("cpu"),
+            autocast_dtype=None,
+            fixed_length=fixed_length,
+        )
+        for _ in range(repeats)
+    ]
+    return runs[0][0], max((speed for _, speed in runs), key=lambda s: s["tokens_per_second"])
+
+
+def _eos_first(model, tokenizer):
+    """The same model and the same work per token, but end of sequence made the greedy choice: answers end at once."""
+
+    def hook(module, args, logits):
+        logits[..., tokenizer.eos_token_id] += 1e4
+        return logits
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.fixture(scope="module")
+def speed_setup(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, tokenizer, [e.prompt for e in bundled_instruct(num_train=8, num_eval=0, seed=5)[0]]
+
+
+def test_generation_speed_does_not_depend_on_answer_length(speed_setup):
+    model, tokenizer, prompts = speed_setup
+    long_answers, long = _speed(model, tokenizer, prompts, fixed_length=True)
+    handle = _eos_first(model, tokenizer)
+    try:
+        natural, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
+        _, short = _speed(model, tokenizer, prompts, fixed_length=True)
+    finally:
+        handle.remove()
+    assert all(answer == "" for answer in natural) and all(long_answers)  # the answers' lengths really differ
+    # every row generated 16 tokens either way, and the speed is the same within timing noise
+    assert short["generated_tokens"] == long["generated_tokens"] == 8 * 16
+    assert 1 / 1.5 < short["tokens_per_second"] / long["tokens_per_second"] < 1.5
+
+
+def test_the_natural_pass_counts_only_each_answers_tokens(speed_setup):
+    """What the speed used to be: answers that end at once count one token each, whatever the batch's wall time."""
+    model, tokenizer, prompts = speed_setup
+    handle = _eos_first(model, tokenizer)
+    try:
+        _, speed = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
+    finally:
+        handle.remove()
+    assert speed["generated_tokens"] == 8  # one end-of-sequence token per row

@@ -437,3 +437,22 @@ def test_task_family_section_says_when_older_runs_cannot_show_it():
     blocks = families_section(_families_report([("r8", [older])]))
     assert [b[0] for b in blocks] == ["h2", "p"]
     assert "cannot be shown" in blocks[1][1]
+
+
+def test_the_old_answer_length_dependent_speed_is_shown_apart_only_for_runs_that_logged_it():
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.render import configuration_rows
+
+    def report(metrics):
+        run = SimpleNamespace(metrics=metrics)
+        config = SimpleNamespace(label="r8", seeds=[0], runs=[run], stats={m: Stat((v,)) for m, v in metrics.items()})
+        return SimpleNamespace(configurations=[config], scope=SimpleNamespace(baselines=[]), fronts={})
+
+    new_header, new_rows = configuration_rows(report({"inference/decode_tokens_per_second": 50.0}))
+    assert "generation speed (tokens/s)" in new_header
+    assert not any("answer-length dependent" in h for h in new_header)
+    old_header, old_rows = configuration_rows(report({"inference/tokens_per_second": 20.0}))
+    legacy = old_header.index("generation speed, answer-length dependent (older runs) (tokens/s)")
+    assert old_rows[0][legacy] == "20.0 (1 seed)"
+    assert old_rows[0][old_header.index("generation speed (tokens/s)")] == "not measured"
