@@ -40,6 +40,7 @@ from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import (
     ModelSource,
+    check_packing,
     compute_dtype,
     load_base_model,
     load_tokenizer,
@@ -264,6 +265,8 @@ def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **o
 
 def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
     """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
+    if cfg.packing:
+        check_packing(model, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
     prepared = resolve_data(
         cfg.data, model=model, tokenizer=tokenizer, seq_len=cfg.seq_len, train_on_prompt=cfg.train_on_prompt
