@@ -196,6 +196,7 @@ class LoopStats:
     memory: dict[str, float]  # the sampler's summary, taken before evaluation
     memory_trace: list[tuple[float, float]]
     memory_trace_csv: str
+    memory_source: str = "rss"  # MemorySampler.source: where the memory figures come from
 
 
 def train(
@@ -514,9 +515,8 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
     train_s = time.perf_counter() - t_start
     sampler.stop()
     memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
-    return LoopStats(
-        train_s, steady_s, steady_tokens, startup_s, gather_memory(memory, group), sampler.samples, sampler.trace_csv()
-    )
+    memory_trace = (sampler.samples, sampler.trace_csv(), sampler.source)
+    return LoopStats(train_s, steady_s, steady_tokens, startup_s, gather_memory(memory, group), *memory_trace)
 
 
 def step_metrics(stats: StepStats) -> dict[str, float]:
@@ -536,7 +536,7 @@ def gather_memory(memory: dict[str, float], group: distributed.Group) -> dict[st
     if group.size == 1:
         return memory
     per_rank = group.gather(memory)
-    memory = {k: max(m[k] for m in per_rank) for k in memory}
+    memory = {k: max(m.get(k, 0.0) for m in per_rank) for k in set().union(*per_rank)}  # keys differ by source
     memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"] for r, m in enumerate(per_rank)})
     torch.distributed.destroy_process_group()
     return memory
@@ -613,7 +613,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         # absent for the stored order, so runs on sets without task families keep the tag they always had
         **({"eval_order": "balanced"} if s.prepared.eval_balanced else {}),
     )
-    tracker.set_tags({"eval_settings": eval_tag})
+    tracker.set_tags({"eval_settings": eval_tag, "memory_source": loop.memory_source})
     if evaluation.samples["prompt"]:
         tracker.log_table(evaluation.samples, "eval_samples.json")
     if cfg.method == "lora":

@@ -105,6 +105,7 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
     assert tracker.summary["inference/decode_tokens_per_second"] > 0
     assert "inference/merged_decode_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
     assert "eval_settings" in tracker.tags
+    assert tracker.tags["memory_source"] == "rss"  # the CPU's resident set size
     # 2 layers x 4 modules x r16 x (in + out): q 64+64, k 64+32, v 64+32, o 64+64 -> 16 x 448 x 2 = 14,336
     assert tracker.summary["params/trainable"] == 14336
     assert tracker.summary["eval/perplexity"] == pytest.approx(math.exp(tracker.summary["eval/loss"]))
