@@ -250,15 +250,18 @@ def test_the_base_provenance_is_recorded(tiny_model_dir, tiny_data_file, tmp_pat
     assert "as published" in tracker.tags["base_provenance"]
 
 
-def test_a_granite_run_logs_the_models_own_eval_loss(tiny_granite_dir, tiny_data_file, tmp_path):
-    """Granite divides its logits by logits_scaling: the run's eval/loss is still model(**batch, labels=...)'s."""
+@pytest.mark.parametrize("model_dir", ["tiny_granite_dir", "tiny_gemma2_dir"])
+def test_a_run_on_scaled_logits_logs_the_models_own_eval_loss(model_dir, tiny_data_file, tmp_path, request):
+    """Granite divides its logits by logits_scaling, Gemma-2 soft-caps them: the run's eval/loss is still
+    model(**batch, labels=...)'s."""
     from peft import PeftModel
 
     from lora_efficiency.prepare import load_prepared
 
-    result, tracker = run(tiny_granite_dir, tiny_data_file, tmp_path, quantization="fp32")
+    folder = request.getfixturevalue(model_dir)
+    result, tracker = run(folder, tiny_data_file, tmp_path, quantization="fp32")
     base = load_base_model(
-        resolve_model(str(tiny_granite_dir)), quantization="fp32", double_quant=True, device=torch.device("cpu")
+        resolve_model(str(folder)), quantization="fp32", double_quant=True, device=torch.device("cpu")
     )
     model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     held_out = load_prepared(tracker.params["data_path"]).eval
