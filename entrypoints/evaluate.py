@@ -60,6 +60,7 @@ def main(argv: list[str]) -> None:
         eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples if do_exact_match else 0,
         max_new_tokens=cfg.max_new_tokens,
+        **({"eval_order": "balanced"} if prepared.eval_balanced else {}),
     )
     kind = "run" if cfg.run_id else ("baseline" if target.adapter is None else "adapter")
     name = _run_name(kind, cfg, source, target)
@@ -130,6 +131,7 @@ def _evaluate(cfg: EvaluateConfig, network, tokenizer, prepared, target: _Target
     from lora_efficiency.data import TokenizedSplit, unpacked
     from lora_efficiency.evaluation import evaluate_model
     from lora_efficiency.models import compute_dtype
+    from lora_efficiency.sources import answer_kinds
 
     n = cfg.eval_samples
     return evaluate_model(
@@ -145,6 +147,7 @@ def _evaluate(cfg: EvaluateConfig, network, tokenizer, prepared, target: _Target
         device=device,
         autocast_dtype=None if target.quantization == "fp32" else compute_dtype(device),
         measure_merged=target.adapter is not None and target.quantization in ("bf16", "fp16", "fp32"),
+        answer_kinds=answer_kinds(prepared.manifest),
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ import torch
 
 from lora_efficiency.data import Rows, collate
 from lora_efficiency.loss import token_loss_sum
+from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING
 
 
 @torch.no_grad()
@@ -22,25 +25,45 @@ def evaluate_loss(
     pad_id: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    families: list[str] | None = None,
 ) -> dict[str, float]:
-    """eval/loss (mean cross-entropy per target token), eval/perplexity = exp(loss), eval/tokens."""
+    """eval/loss (mean cross-entropy per target token), eval/perplexity = exp(loss), eval/tokens; with `families`
+    (each row's task family) of two or more names, eval/loss/<family> and eval/perplexity/<family> beside them.
+
+    Token weighting lets families with long answers dominate eval/loss (bundled set, SmolLM2's tokenizer, with the
+    end-of-sequence token: JSON answers 28-31 tokens, arithmetic 3-5): the per-family numbers show each on its own.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    # Batches of similar length pad less: the first 100 held-out examples of the bundled set (47-137 tokens)
-    # took 8.8 s in their own order and 5.1 s sorted by length (SmolLM2 nf4, batches of 8, 2-core CPU), with
-    # the same loss to 1e-8.
-    order = sorted(range(len(rows)), key=lambda i: len(rows.input_ids[i]))
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows, order[start : start + batch_size], pad_id=pad_id)
-        with autocast:
-            loss_sum, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        total += float(loss_sum)
-        count += n
+    families = families[: len(rows)] if families else [""] * len(rows)
+    groups: dict[str, list[int]] = {}
+    for i, family in enumerate(families):
+        groups.setdefault(family, []).append(i)
+    sums: dict[str, tuple[float, int]] = {}
+    for family, members in groups.items():  # batches never mix families, so each family's sum is exact
+        # Batches of similar length pad less: the first 100 held-out examples of the bundled set (47-137 tokens)
+        # took 8.8 s in their own order and 5.1 s sorted by length (SmolLM2 nf4, batches of 8, 2-core CPU), with
+        # the same loss to 1e-8.
+        order = sorted(members, key=lambda i: len(rows.input_ids[i]))
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            batch = collate(rows, order[start : start + batch_size], pad_id=pad_id)
+            with autocast:
+                loss_sum, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+            total += float(loss_sum)
+            count += n
+        sums[family] = (total, count)
     model.train(was_training)
+    total, count = sum(t for t, _ in sums.values()), sum(n for _, n in sums.values())
     loss = total / max(count, 1)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": float(count)}
+    metrics = {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": float(count)}
+    if len(sums) > 1:
+        for family, (total, count) in sorted(sums.items()):
+            family_loss = total / max(count, 1)
+            metrics[family_metric("eval/loss", family)] = family_loss
+            metrics[family_metric("eval/perplexity", family)] = math.exp(family_loss)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,11 +86,15 @@ def generate_answers(
     batch_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    fixed_length: bool = False,
 ) -> tuple[list[str], dict[str, float]]:
     """Greedy answers to `prompts` (formatted with the model's template), in batches padded on the left.
 
     Returns the answers and the speed: generated tokens (up to and including each row's end of sequence)
-    per second of generate() wall time, and milliseconds per generated token of one row.
+    per second of generate() wall time, and milliseconds per decoding step (one token of every row). The
+    batch runs until its longest row ends, so that speed depends on how much answer lengths vary; with
+    fixed_length, every row generates max_new_tokens (end of sequence suppressed until then: transformers'
+    min_new_tokens), and the speed is the model's alone.
     """
     from lora_efficiency.data import format_prompt
 
@@ -86,6 +113,7 @@ def generate_answers(
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens if fixed_length else None,
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
@@ -104,28 +132,113 @@ def generate_answers(
     speed = {
         "tokens_per_second": generated / seconds if seconds else 0.0,
         "latency_ms_per_token": 1000 * seconds / decode_steps if decode_steps else 0.0,
+        "generated_tokens": float(generated),
     }
     return answers, speed
 
 
-def exact_match_scores(answers: list[str], references: list[str]) -> tuple[list[bool], dict[str, float]]:
-    """Strict (after stripping) and normalised exact match; gsm8k-style references compare the final number."""
+# Numbers are equal within this relative tolerance (or 1e-9 absolute, for zero): "2500.0" == "2500" and
+# float noise such as 0.30000000000000004 == 0.3 pass; 2500 against 2501 (4e-4 apart) does not.
+NUMBER_REL_TOL = 1e-6
+# A number as written in an answer: sign, thousands commas ("1,200"), decimals, exponent.
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(m.replace(",", "")) for m in _NUMBER.findall(text)]
+
+
+def _same_number(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=NUMBER_REL_TOL, abs_tol=1e-9)
+
+
+def _only_number(text: str) -> float | None:
+    """The number of an answer that holds exactly one ("8", "8.0", "1,200 km", "The answer is 8."), else None:
+    "5 + 3 = 8" holds three and is not an answer with the number only."""
+    found = _numbers(text)
+    return found[0] if len(found) == 1 else None
+
+
+def gsm8k_number(text: str) -> float | None:
+    """GSM8K's answer: the first number after the last "####" ("#### 18 dollars" -> 18); without a "####", the
+    last number of the text (lm-evaluation-harness's "flexible-extract"), so a cut solution still scores its end."""
+    _, marker, tail = text.rpartition("####")
+    found = _numbers(tail if marker else text)
+    return (found[0] if marker else found[-1]) if found else None
+
+
+def _json_value(text: str):
+    """The JSON value of an answer (a ```json fence around it is allowed); a sentinel when it does not parse."""
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    try:
+        return json.loads(fenced[1] if fenced else text)
+    except ValueError:
+        return _UNPARSED
+
+
+_UNPARSED = object()
+
+
+def answers_match(answer: str, reference: str, kind: str) -> bool:
+    """Whether `answer` gives `reference`, compared as `kind` (sources.ANSWER_KINDS): "string" as normalised text,
+    "number" as the one number of the answer (NUMBER_REL_TOL), "json" as parsed values (key order and spacing do
+    not count), "gsm8k" as the final number after "####"."""
+    if kind == NUMBER:
+        expected = _only_number(reference)
+        if expected is not None:
+            return _same_number(_only_number(answer), expected)
+    elif kind == GSM8K:
+        return _same_number(gsm8k_number(answer), gsm8k_number(reference))
+    elif kind == JSON:
+        expected = _json_value(reference)
+        if expected is not _UNPARSED:
+            return _json_value(answer) == expected
+    return normalize_answer(answer) == normalize_answer(reference)  # STRING, or a reference not of its kind
+
+
+def family_metric(name: str, family: str) -> str:
+    """`name/<family>`, with characters MLflow refuses in a metric name replaced: "eval/loss/json_extraction"."""
+    safe = re.sub(r"[^A-Za-z0-9_.\- ]", "_", family)
+    return f"{name}/{safe or 'untitled'}"
+
+
+def exact_match_scores(
+    answers: list[str], references: list[str], *, kinds: list[str], families: list[str]
+) -> tuple[list[bool], list[bool], dict[str, float]]:
+    """Per answer: strict (after stripping) and by-kind match; and the metrics: eval/exact_match (strict; gsm8k-style
+    references compare the final number's text), eval/exact_match_normalized (normalised text), eval/exact_match_by_kind
+    (answers_match) overall and, where examples have task families, per family."""
     from lora_efficiency.sources import gsm8k_final_answer
 
-    strict, loose = [], []
-    for answer, reference in zip(answers, references, strict=True):
+    strict, loose, by_kind = [], [], []
+    for answer, reference, kind in zip(answers, references, kinds, strict=True):
+        by_kind.append(answers_match(answer, reference, kind))
         if "####" in reference:
             answer, reference = gsm8k_final_answer(answer), gsm8k_final_answer(reference)
         strict.append(answer.strip() == reference.strip())
         loose.append(normalize_answer(answer) == normalize_answer(reference))
     n = max(len(answers), 1)
-    return strict, {"eval/exact_match": sum(strict) / n, "eval/exact_match_normalized": sum(loose) / n}
+    metrics = {
+        "eval/exact_match": sum(strict) / n,
+        "eval/exact_match_normalized": sum(loose) / n,
+        "eval/exact_match_by_kind": sum(by_kind) / n,
+    }
+    for family in sorted({f for f in families if f}):
+        hits = [ok for ok, f in zip(by_kind, families, strict=True) if f == family]
+        metrics[family_metric("eval/exact_match_by_kind", family)] = sum(hits) / len(hits)
+    return strict, by_kind, metrics
 
 
-# Prompts timed for inference speed when no exact-match pass ran (that pass's own timing is used otherwise):
-# one batch of 8 at the default eval_batch_size. Generation costs ~0.3 s a prompt at 48 new tokens on the
-# 2-core CPU (SmolLM2, nf4: 16 prompts took 4.8 s, 30 took 10.1 s), which the quick study pays 28 times.
+# Generation speed is timed on its own pass: SPEED_PROMPTS prompts (one batch at the default eval_batch_size), each
+# generating exactly SPEED_NEW_TOKENS tokens with the end of sequence suppressed. Timing the exact-match pass instead
+# mixed the model's speed with its answers' lengths: a batch runs until its longest answer ends while only each
+# answer's own tokens counted, so a model whose answers vary more in length looked slower.
 SPEED_PROMPTS = 8
+SPEED_NEW_TOKENS = 32
+# Older runs logged inference/tokens_per_second (and merged_, latency_) from the exact-match pass's timing: the
+# report shows it apart, labelled, where runs have it.
 
 
 @dataclass
@@ -148,23 +261,33 @@ def evaluate_model(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     measure_merged: bool,
+    answer_kinds: dict[str, str],
 ) -> EvalResult:
-    """Held-out loss/perplexity, exact match over `generate_samples` examples, and inference speed (timed on
-    the exact-match pass, or on SPEED_PROMPTS prompts when there is none).
+    """Held-out loss/perplexity, exact match over `generate_samples` examples, and generation speed (a fixed-length
+    pass over the first SPEED_PROMPTS prompts, SPEED_NEW_TOKENS tokens each).
 
     measure_merged merges the adapter into the base (peft's merge_and_unload, only for unquantized bases) for
-    a last speed pass: `model` must not be used afterwards.
+    a last speed pass: `model` must not be used afterwards. answer_kinds maps a task family to how its answers
+    are compared (sources.answer_kinds; "" for every other family).
     """
     metrics = evaluate_loss(
-        model, eval_rows, batch_size=batch_size, pad_id=pad_id, device=device, autocast_dtype=autocast_dtype
+        model,
+        eval_rows,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        families=[e.task for e in eval_examples],
     )
-    samples: dict[str, list] = {"prompt": [], "reference": [], "output": [], "correct": [], "task": []}
+    samples: dict[str, list] = {k: [] for k in ("prompt", "reference", "output", "correct", "correct_by_kind", "task")}
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
-    speed = None
     if exact_match and generate_samples:
         chosen = eval_examples[:generate_samples]
-        answers, speed = generate_answers(model, tokenizer, [e.prompt for e in chosen], **gen)
-        correct, scores = exact_match_scores(answers, [e.response for e in chosen])
+        answers, _ = generate_answers(model, tokenizer, [e.prompt for e in chosen], **gen)
+        kinds = [answer_kinds.get(e.task, answer_kinds.get("", STRING)) for e in chosen]
+        correct, by_kind, scores = exact_match_scores(
+            answers, [e.response for e in chosen], kinds=kinds, families=[e.task for e in chosen]
+        )
         metrics.update(scores)
         metrics["eval/generated_examples"] = float(len(chosen))
         samples = {
@@ -172,20 +295,21 @@ def evaluate_model(
             "reference": [e.response for e in chosen],
             "output": answers,
             "correct": correct,
+            "correct_by_kind": by_kind,
             "task": [e.task for e in chosen],
         }
     # Text sets have no prompts: their passages' first words stand in, so speed is measured the same way.
     prompts = [e.prompt or " ".join(e.response.split()[:32]) for e in eval_examples[:SPEED_PROMPTS]]
+    timed = {**gen, "max_new_tokens": SPEED_NEW_TOKENS, "fixed_length": True}
     if prompts:
-        if speed is None:
-            _, speed = generate_answers(model, tokenizer, prompts, **gen)
-        metrics["inference/tokens_per_second"] = speed["tokens_per_second"]
-        metrics["inference/latency_ms_per_token"] = speed["latency_ms_per_token"]
+        _, speed = generate_answers(model, tokenizer, prompts, **timed)
+        metrics["inference/decode_tokens_per_second"] = speed["tokens_per_second"]
+        metrics["inference/decode_latency_ms_per_token"] = speed["latency_ms_per_token"]
         if measure_merged and hasattr(model, "merge_and_unload"):
             merged = model.merge_and_unload()
-            _, speed = generate_answers(merged, tokenizer, prompts, **gen)
-            metrics["inference/merged_tokens_per_second"] = speed["tokens_per_second"]
-            metrics["inference/merged_latency_ms_per_token"] = speed["latency_ms_per_token"]
+            _, speed = generate_answers(merged, tokenizer, prompts, **timed)
+            metrics["inference/merged_decode_tokens_per_second"] = speed["tokens_per_second"]
+            metrics["inference/merged_decode_latency_ms_per_token"] = speed["latency_ms_per_token"]
     return EvalResult(metrics, samples)
 
 

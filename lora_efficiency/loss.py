@@ -1,6 +1,10 @@
-"""Token-weighted causal-LM loss over the target tokens only, with the vocabulary projection done in chunks."""
+"""Token-weighted causal-LM loss over the target tokens only: the vocabulary projection in chunks where the output
+head is proven plain, the model's own logits path everywhere else."""
 
 from __future__ import annotations
+
+import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -15,32 +19,61 @@ from lora_efficiency.data import IGNORE_INDEX
 # rows of the bundled set); smaller chunks would cut the peak for plain-text data, at a speed cost not yet measured.
 LOSS_CHUNK_TOKENS = 1024
 
+# Classes whose logits are exactly `lm_head(last_hidden_state)` in the installed transformers (5.23): read in
+# their forward and checked by tests/unit/test_loss.py::test_plain_head_classes_match_their_own_loss. Only these
+# take the chunked path. Every other class keeps its own post-processing (Gemma-2's final_logit_softcapping,
+# Granite's `/ logits_scaling`, FalconH1's lm_head_multiplier, Cohere's logit_scale, ...) by running its own
+# forward: an allow-list, because a deny-list of config attributes misses the next model that scales differently.
+PLAIN_HEAD_CLASSES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers *ForCausalLM inside a PeftModel, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def uses_chunked_head(model: torch.nn.Module) -> bool:
+    """Whether token_loss_sum projects hidden states through the head itself (in chunks) for this model."""
+    return type(_causal_lm(model)).__name__ in PLAIN_HEAD_CLASSES
+
+
+def _keeps_masked_logits(lm: torch.nn.Module) -> bool:
+    """The class's forward takes `logits_to_keep` and slices with transformers' slice_logits_to_keep, which
+    accepts a boolean (batch, seq) mask and returns the kept positions flattened (modeling_utils, 5.23)."""
+    module = sys.modules.get(type(lm).__module__)
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters and hasattr(module, "slice_logits_to_keep")
+
+
 def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _own_logits_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The loss through the model's own forward; logits only at target positions where the model allows it."""
+    lm = _causal_lm(model)
+    targets = batch["labels"][:, 1:][mask]
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if _keeps_masked_logits(lm):
+        keep = F.pad(mask, (0, 1), value=False)  # position t predicts label t + 1; the last one predicts nothing
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, :-1][mask]
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over positions whose label is not IGNORE_INDEX, and their count.
 
-    Logits are computed only for target positions (prompt and padding never reach the 49k-wide head), in
-    chunks of LOSS_CHUNK_TOKENS. Models that post-process logits (softcapping, logit scaling) take the plain
-    forward instead, so the loss stays the model's own.
+    Logits are computed only for target positions (prompt and padding never reach the 49k-wide head). For the
+    PLAIN_HEAD_CLASSES they are computed here in chunks of LOSS_CHUNK_TOKENS; any other model runs its own
+    forward (all target logits at once), so the loss stays the model's own.
     """
     lm = _causal_lm(model)
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     count = int(mask.sum())
-    cfg = lm.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        logits = logits[:, :-1]
-        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), count
+    if not uses_chunked_head(model):
+        return _own_logits_ce_sum(model, batch, mask), count
     # use_cache=False matters beyond memory: transformers builds the block-diagonal mask of a packed row from
     # position_ids only when there is no KV cache; with one, packed examples silently attend to each other.
     hidden = lm.base_model(

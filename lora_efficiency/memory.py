@@ -41,16 +41,20 @@ class MemorySampler:
     """Samples this process's memory every `interval_s` between start() and stop().
 
     On CUDA: NVML's per-process used memory (what nvidia-smi shows: allocator cache and CUDA context included)
-    and torch's max_memory_allocated. Elsewhere, or without NVML: resident set size.
+    and torch's max_memory_allocated. When NVML does not list this process (a container's own PID namespace
+    hides it, as can MIG), a sample is torch's memory_reserved instead (the allocator's cache, CUDA context
+    excluded) and the peak takes torch's max_memory_reserved, the counter that sees between samples; `source`
+    says which. Elsewhere, or without NVML: resident set size.
     """
 
     device: torch.device
     interval_s: float = DEFAULT_INTERVAL_S
     samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, MB)
-    source: str = "rss"
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _t0: float = 0.0
+    _nvml_reads: int = 0  # samples NVML answered for this process
+    _torch_reads: int = 0  # samples taken from torch's allocator because NVML did not list the process
 
     def __post_init__(self):
         self._process = psutil.Process()
@@ -62,7 +66,6 @@ class MemorySampler:
                 pynvml.nvmlInit()
                 index = self.device.index if self.device.index is not None else torch.cuda.current_device()
                 self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                self.source = "nvml"
             except Exception:  # no NVML (some containers): RSS is the honest fallback
                 self._nvml_handle = None
 
@@ -73,9 +76,27 @@ class MemorySampler:
             pid = os.getpid()
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml_handle):
                 if proc.pid == pid and proc.usedGpuMemory is not None:
+                    self._nvml_reads += 1
                     return proc.usedGpuMemory / MB
+            self._torch_reads += 1
+            return torch.cuda.memory_reserved(self.device) / MB
+        if self.device.type == "cuda":  # no NVML at all
+            self._torch_reads += 1
             return torch.cuda.memory_reserved(self.device) / MB
         return self._process.memory_info().rss / MB
+
+    @property
+    def source(self) -> str:
+        """Where the figures come from, as a tag: "rss", "nvml" (per process, as nvidia-smi shows),
+        "torch_reserved" (NVML never listed the process, or there is no NVML), or "nvml+torch_reserved (k of n
+        samples)" when NVML listed it only at times."""
+        if self.device.type != "cuda":
+            return "rss"
+        if not self._torch_reads:
+            return "nvml"
+        if not self._nvml_reads:
+            return "torch_reserved"
+        return f"nvml+torch_reserved ({self._torch_reads} of {self._torch_reads + self._nvml_reads} samples)"
 
     def _loop(self):
         while not self._stop.wait(self.interval_s):
@@ -109,6 +130,10 @@ class MemorySampler:
             allocated = torch.cuda.max_memory_allocated(self.device) / MB
             out["memory/torch_peak_allocated_mb"] = allocated
             out["memory/peak_mb"] = max(sampled, allocated)
+            if self._torch_reads:  # samples of the current reserved memory: the peak counter sees between them
+                reserved = torch.cuda.max_memory_reserved(self.device) / MB
+                out["memory/torch_peak_reserved_mb"] = reserved
+                out["memory/peak_mb"] = max(out["memory/peak_mb"], reserved)
         else:
             hwm = _peak_rss_mb()
             if hwm is not None:

@@ -120,6 +120,49 @@ def provenance(source: ModelSource, *, trust_remote_code: bool = False) -> dict[
     return tags
 
 
+# Packing keeps examples apart through position_ids alone: transformers builds a block-diagonal mask from them for
+# attention layers (tests/unit/test_loss.py::test_packed_equals_unpacked). A recurrent or linear-attention layer
+# (Mamba, Qwen3-Next's gated delta net, RecurrentGemma's LRU) carries its state from one packed example into the
+# next, whatever the positions say. So layers a config lists must be of these kinds for packing to be allowed.
+PACKABLE_LAYER_KINDS = frozenset({"full_attention", "sliding_attention", "attention", "mlp", "moe"})
+_LAYER_KIND_FIELDS = ("layer_types", "layers_block_type", "block_types")  # where 5.23's configs list them
+# transformers 5.23 lists every built-in hybrid's layers (Mamba's as "linear_attention", Falcon-H1's as "hybrid");
+# a config without such a list (remote code) that holds a state-space or recurrent mixer names its settings so.
+_RECURRENT_SETTING = re.compile(r"mamba|ssm|^state_size$|lru_width")
+_RECURRENT_MODEL_TYPES = frozenset({"rwkv", "xlstm"})  # recurrent models whose settings match none of the above
+
+
+def packing_problem(config, *, model: str) -> str | None:
+    """Why packed rows would let `model`'s examples see each other (the error line), or None when they cannot."""
+    for name in _LAYER_KIND_FIELDS:
+        kinds = getattr(config, name, None)
+        if isinstance(kinds, (list, tuple)) and (other := sorted(set(map(str, kinds)) - PACKABLE_LAYER_KINDS)):
+            return (
+                f"packing=true but model={model!r} has {', '.join(other)} layers (config.{name}), not known to keep "
+                "packed examples apart (attention layers are, through position_ids): allowed is packing=false"
+            )
+    settings = sorted(k for k in config.to_dict() if _RECURRENT_SETTING.search(k))
+    if settings or getattr(config, "model_type", "") in _RECURRENT_MODEL_TYPES:
+        why = f"state-space settings ({', '.join(settings[:3])})" if settings else f"type {config.model_type!r}"
+        return (
+            f"packing=true but model={model!r} is recurrent ({why}): its state runs across packed examples; "
+            "allowed is packing=false"
+        )
+    return None
+
+
+def check_packing(source: ModelSource, *, trust_remote_code: bool = False) -> None:
+    """Raise the packing_problem of `source`'s config, read before any weight is loaded."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # loading the model itself reports why, in the words the user needs
+        return
+    if problem := packing_problem(config, model=source.name or source.model_id):
+        raise UserError(problem)
+
+
 def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
     if name == BUNDLED_MODEL:

@@ -34,6 +34,7 @@ class Prepared:
     eval: D.TokenizedSplit
     eval_examples: list[D.Example]  # raw prompt/response/task of each eval row, in the same order
     cached: bool = False
+    eval_balanced: bool = False  # eval rows in D.balanced_order (the split has task families), not stored order
 
 
 def _file_digest(path: Path) -> str:
@@ -181,6 +182,7 @@ def _manifest(source, tokenizer, model: ModelSource, train, evaluation, *, key, 
         "origin": source.origin,
         "kind": source.kind,
         "has_references": source.has_references,
+        "answer_kinds": source.answer_kinds,
         "template": "none (plain text)"
         if source.kind == "text"
         else ("chat template of the tokenizer" if tokenizer.chat_template else "alpaca"),
@@ -260,7 +262,17 @@ def load_prepared(folder: str | Path) -> Prepared:
     eval_examples = [
         D.Example(p, r, t) for p, r, t in zip(eval_ds["prompt"], eval_ds["response"], eval_ds["task"], strict=True)
     ]
-    return Prepared(folder, manifest, splits["train"][1], splits["eval"][1], eval_examples)
+    # Every consumer takes a prefix (the final evaluation's eval_samples) or a suffix (the validation curve's
+    # val_samples) of the eval split: in balanced order both are balanced over task families. Ordered here, on
+    # reading, so folders prepared before are read the same way and their fingerprint is unchanged.
+    order = D.balanced_order([e.task for e in eval_examples])
+    held_out = splits["eval"][1]
+    held_out = D.TokenizedSplit(
+        [held_out.input_ids[i] for i in order], [held_out.labels[i] for i in order], held_out.num_truncated
+    )
+    eval_examples = [eval_examples[i] for i in order]
+    balanced = order != list(range(len(order)))
+    return Prepared(folder, manifest, splits["train"][1], held_out, eval_examples, eval_balanced=balanced)
 
 
 def resolve_data(data: str, *, model: ModelSource, tokenizer, seq_len: int, train_on_prompt: bool = False) -> Prepared:

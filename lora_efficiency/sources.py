@@ -25,6 +25,20 @@ PYTHON_DOCS = "python-docs"
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> loader
 _FILES = "a local file (.json, .jsonl, .csv, .parquet)"
 
+# How a generated answer is compared with its reference (lora_efficiency.evaluation.answers_match): as text
+# normalised, as one number, as a JSON value, or as GSM8K's final number after "####". Each source declares the
+# kind of its references, per task family where it has families ("" is every other task).
+STRING, NUMBER, JSON, GSM8K = "string", "number", "json", "gsm8k"
+ANSWER_KINDS = (STRING, NUMBER, JSON, GSM8K)
+BUNDLED_ANSWER_KINDS = {
+    "arithmetic": NUMBER,
+    "unit_conversion": NUMBER,
+    "date_format": STRING,
+    "sorting": STRING,
+    "string": STRING,  # reversed, capitalised, initials and letter counts: compared as text ("3" is still "3")
+    "json_extraction": JSON,
+}
+
 
 @dataclass(frozen=True)
 class Source:
@@ -35,6 +49,7 @@ class Source:
     origin: str  # "hub:yahma/alpaca-cleaned", "bundled", "file:/abs/path.jsonl"
     has_references: bool  # responses are exact answers, fit for exact-match scoring
     eval_examples: list[Example] = field(default_factory=list)  # a fixed eval split; only `instruct` ships one
+    answer_kinds: dict[str, str] = field(default_factory=lambda: {"": STRING})  # task family -> kind ("": others)
     skipped: int = 0  # records dropped for an empty prompt, response or text, or a text that does not parse
 
 
@@ -118,6 +133,7 @@ class HubSet:
     kind: str
     to_record: Callable[[dict], Example | str | None]  # TEXT sets map a line; consecutive lines form a passage
     has_references: bool = False
+    answer_kind: str = STRING
     split: str = "train"
 
 
@@ -126,7 +142,7 @@ HUB_SETS = {
     "dolly-15k": HubSet("databricks/databricks-dolly-15k", None, INSTRUCTION, dolly_example),
     "guanaco": HubSet("timdettmers/openassistant-guanaco", None, INSTRUCTION, guanaco_example),
     "code-alpaca": HubSet("sahil2801/CodeAlpaca-20k", None, INSTRUCTION, alpaca_example),
-    "gsm8k": HubSet("openai/gsm8k", "main", INSTRUCTION, gsm8k_example, has_references=True),
+    "gsm8k": HubSet("openai/gsm8k", "main", INSTRUCTION, gsm8k_example, has_references=True, answer_kind=GSM8K),
     "wikitext-2": HubSet("Salesforce/wikitext", "wikitext-2-raw-v1", TEXT, wikitext_line),
 }
 KNOWN_SETS: tuple[str, ...] = (*HUB_SETS, BUNDLED_DATA, PYTHON_DOCS)
@@ -146,7 +162,14 @@ def _load_hub(name: str) -> Source:
         return Source(name, TEXT, [], _paragraphs(map(spec.to_record, records)), f"hub:{spec.path}", False)
     examples = [ex for ex in map(spec.to_record, records) if ex is not None]
     return Source(
-        name, INSTRUCTION, examples, [], f"hub:{spec.path}", spec.has_references, skipped=len(records) - len(examples)
+        name,
+        INSTRUCTION,
+        examples,
+        [],
+        f"hub:{spec.path}",
+        spec.has_references,
+        skipped=len(records) - len(examples),
+        answer_kinds={"": spec.answer_kind},
     )
 
 
@@ -294,7 +317,8 @@ def _load_file(path: Path, dataset: str, prompt_field: str, response_field: str,
         return Source(path.stem, TEXT, [], mapped, origin, False, skipped=skipped)
     # Worked answers ending in "#### n" (GSM8K's form) are scored by that number; other responses are free text.
     has_references = mapping is gsm8k_example and all(gsm8k_final_answer(ex.response) for ex in mapped)
-    return Source(path.stem, INSTRUCTION, mapped, [], origin, has_references, skipped=skipped)
+    kinds = {"": GSM8K if has_references else STRING}
+    return Source(path.stem, INSTRUCTION, mapped, [], origin, has_references, skipped=skipped, answer_kinds=kinds)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,7 +347,10 @@ def load_source(dataset: str, *, prompt_field: str = "", response_field: str = "
 
     if name == BUNDLED_DATA:
         train, evaluation = bundled_instruct()
-        return Source(BUNDLED_DATA, INSTRUCTION, train, [], "bundled", True, eval_examples=evaluation)
+        kinds = dict(BUNDLED_ANSWER_KINDS)
+        return Source(
+            BUNDLED_DATA, INSTRUCTION, train, [], "bundled", True, eval_examples=evaluation, answer_kinds=kinds
+        )
     if name == PYTHON_DOCS:
         origin = f"bundled:pydoc_data.topics@python-{platform.python_version()}"
         return Source(PYTHON_DOCS, TEXT, [], python_docs_texts(), origin, False)
@@ -339,3 +366,16 @@ def load_source(dataset: str, *, prompt_field: str = "", response_field: str = "
     if path.suffix or len(path.parts) > 1:  # it names a file
         raise UserError(f"dataset={dataset!r}: no such file; {allowed}")
     raise UserError(f"dataset={dataset!r} is not a known data set: known are {', '.join(KNOWN_SETS)}, or {_FILES}")
+
+
+def answer_kinds(manifest: dict) -> dict[str, str]:
+    """The answer kinds of a prepared folder: its manifest's, or, for folders prepared before manifests recorded
+    them, what their source declares today (a file's references are GSM8K's exactly when it has references)."""
+    if "answer_kinds" in manifest:
+        return manifest["answer_kinds"]
+    name = manifest.get("dataset", "")
+    if name == BUNDLED_DATA:
+        return dict(BUNDLED_ANSWER_KINDS)
+    if name in HUB_SETS and str(manifest.get("origin", "")).startswith("hub:"):
+        return {"": HUB_SETS[name].answer_kind}
+    return {"": GSM8K if manifest.get("has_references") else STRING}

@@ -40,6 +40,7 @@ from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import (
     ModelSource,
+    check_packing,
     compute_dtype,
     load_base_model,
     load_tokenizer,
@@ -48,6 +49,7 @@ from lora_efficiency.models import (
 )
 from lora_efficiency.planner import predict_peak_mb
 from lora_efficiency.prepare import Prepared, resolve_data
+from lora_efficiency.sources import answer_kinds
 from lora_efficiency.validation import Validator
 
 __all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "resolve_device", "train"]
@@ -194,6 +196,7 @@ class LoopStats:
     memory: dict[str, float]  # the sampler's summary, taken before evaluation
     memory_trace: list[tuple[float, float]]
     memory_trace_csv: str
+    memory_source: str = "rss"  # MemorySampler.source: where the memory figures come from
 
 
 def train(
@@ -263,6 +266,8 @@ def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **o
 
 def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
     """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
+    if cfg.packing:
+        check_packing(model, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
     prepared = resolve_data(
         cfg.data, model=model, tokenizer=tokenizer, seq_len=cfg.seq_len, train_on_prompt=cfg.train_on_prompt
@@ -516,9 +521,8 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
     train_s = time.perf_counter() - t_start
     sampler.stop()
     memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
-    return LoopStats(
-        train_s, steady_s, steady_tokens, startup_s, gather_memory(memory, group), sampler.samples, sampler.trace_csv()
-    )
+    memory_trace = (sampler.samples, sampler.trace_csv(), sampler.source)
+    return LoopStats(train_s, steady_s, steady_tokens, startup_s, gather_memory(memory, group), *memory_trace)
 
 
 def step_metrics(stats: StepStats) -> dict[str, float]:
@@ -538,7 +542,7 @@ def gather_memory(memory: dict[str, float], group: distributed.Group) -> dict[st
     if group.size == 1:
         return memory
     per_rank = group.gather(memory)
-    memory = {k: max(m[k] for m in per_rank) for k in memory}
+    memory = {k: max(m.get(k, 0.0) for m in per_rank) for k in set().union(*per_rank)}  # keys differ by source
     memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"] for r, m in enumerate(per_rank)})
     torch.distributed.destroy_process_group()
     return memory
@@ -599,6 +603,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         device=s.device,
         autocast_dtype=s.amp_dtype,
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
+        answer_kinds=answer_kinds(s.prepared.manifest),
     )
     metrics = {**evaluation.metrics, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
     if s.validator:
@@ -611,8 +616,10 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples,
         max_new_tokens=cfg.max_new_tokens,
+        # absent for the stored order, so runs on sets without task families keep the tag they always had
+        **({"eval_order": "balanced"} if s.prepared.eval_balanced else {}),
     )
-    tracker.set_tags({"eval_settings": eval_tag})
+    tracker.set_tags({"eval_settings": eval_tag, "memory_source": loop.memory_source})
     if evaluation.samples["prompt"]:
         tracker.log_table(evaluation.samples, "eval_samples.json")
     if cfg.method == "lora":

@@ -82,6 +82,39 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return folder
 
 
+def _tiny_scaled_logits_dir(tmp_path_factory, tokenizer_dir, kind: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, GraniteConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    llama = tiny_llama_config(len(tokenizer)).to_dict()
+    shape = {k: llama[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+    shape |= {k: llama[k] for k in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")}
+    shape |= {"tie_word_embeddings": True, "initializer_range": 0.2}
+    if kind == "granite":
+        config = GraniteConfig(**shape, logits_scaling=4.0)
+    else:
+        config = Gemma2Config(**shape, head_dim=16, final_logit_softcapping=2.0, sliding_window=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_granite_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny Llama's shape as a Granite, whose logits are divided by logits_scaling (4, not 1): a model whose
+    loss is wrong if computed as lm_head(hidden)."""
+    return _tiny_scaled_logits_dir(tmp_path_factory, tokenizer_dir, "granite")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny Llama's shape as a Gemma-2, whose logits are soft-capped at final_logit_softcapping (2)."""
+    return _tiny_scaled_logits_dir(tmp_path_factory, tokenizer_dir, "gemma2")
+
+
 @pytest.fixture(scope="session")
 def tiny_data_file(tmp_path_factory) -> Path:
     """80 examples of the bundled set as a JSONL file (prompt, response, task); prepare splits off 8 for eval."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.convergence import convergence_section
+from lora_efficiency.report.families import families_section
 from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
@@ -26,12 +27,15 @@ TABLE_METRICS = (
     PERPLEXITY,
     EXACT_MATCH,
     "eval/exact_match_normalized",
+    "eval/exact_match_by_kind",
     PEAK_MB,
     "params/trainable",
     "perf/train_tokens_per_second",
-    "inference/tokens_per_second",
+    "inference/decode_tokens_per_second",
     "time/train_s",
 )
+# shown only where some run logged it: runs before the fixed-length speed pass
+LEGACY_TABLE_METRICS = ("inference/tokens_per_second",)
 
 
 def methods(report: Report) -> str:
@@ -69,17 +73,18 @@ def configuration_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     Returns:
         The header and the rows, as text.
     """
-    header = ["#", "configuration", "seeds"] + [METRICS[m].axis for m in TABLE_METRICS] + ["Pareto front of"]
+    runs = [r for c in report.configurations for r in c.runs] + list(report.scope.baselines)
+    shown = TABLE_METRICS + tuple(m for m in LEGACY_TABLE_METRICS if any(m in r.metrics for r in runs))
+    header = ["#", "configuration", "seeds"] + [METRICS[m].axis for m in shown] + ["Pareto front of"]
     rows = [
         [str(i), c.label, ", ".join(map(str, c.seeds))]
-        + [cell(c.stats.get(m), m) for m in TABLE_METRICS]
+        + [cell(c.stats.get(m), m) for m in shown]
         + [", ".join(METRICS[m].label for m, front in report.fronts.items() if c in front)]
         for i, c in enumerate(report.configurations, 1)
     ]
     for base in report.scope.baselines:
         values = [
-            cell(Stat((base.metrics[m],)), m).replace(" (1 seed)", "") if m in base.metrics else "-"
-            for m in TABLE_METRICS
+            cell(Stat((base.metrics[m],)), m).replace(" (1 seed)", "") if m in base.metrics else "-" for m in shown
         ]
         rows.append(["", f"baseline: no adapter, {base.storage}", "-"] + values + [""])
     return header, rows
@@ -132,6 +137,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
     return [
         *_scope_blocks(report),
         *_configuration_blocks(report),
+        *families_section(report),
         *lr_section(report),
         *convergence_section(report),
         *_finding_blocks(report),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -88,11 +89,23 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
     assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
     table = tracker.texts["eval_samples.json"]
-    assert len(table["prompt"]) == 4 and set(table) == {"prompt", "reference", "output", "correct", "task"}
+    assert len(table["prompt"]) == 4
+    assert set(table) == {"prompt", "reference", "output", "correct", "correct_by_kind", "task"}
     assert tracker.summary["eval/exact_match"] == sum(table["correct"]) / 4
-    assert tracker.summary["inference/tokens_per_second"] > 0
-    assert "inference/merged_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
+    assert tracker.summary["eval/exact_match_by_kind"] == sum(table["correct_by_kind"]) / 4
+    # the eval subset is balanced over the file's task families: the 4 answers come from 4 families
+    assert len(set(table["task"])) == 4
+    for family in set(table["task"]):
+        hits = [ok for ok, task in zip(table["correct_by_kind"], table["task"], strict=True) if task == family]
+        assert tracker.summary[f"eval/exact_match_by_kind/{family}"] == sum(hits) / len(hits)
+        assert tracker.summary[f"eval/perplexity/{family}"] == pytest.approx(
+            math.exp(tracker.summary[f"eval/loss/{family}"])
+        )
+    assert json.loads(tracker.tags["eval_settings"])["eval_order"] == "balanced"
+    assert tracker.summary["inference/decode_tokens_per_second"] > 0
+    assert "inference/merged_decode_tokens_per_second" not in tracker.summary  # nf4 bases are not merged
     assert "eval_settings" in tracker.tags
+    assert tracker.tags["memory_source"] == "rss"  # the CPU's resident set size
     # 2 layers x 4 modules x r16 x (in + out): q 64+64, k 64+32, v 64+32, o 64+64 -> 16 x 448 x 2 = 14,336
     assert tracker.summary["params/trainable"] == 14336
     assert tracker.summary["eval/perplexity"] == pytest.approx(math.exp(tracker.summary["eval/loss"]))
@@ -171,7 +184,7 @@ def test_a_module_name_the_model_lacks_fails_before_training(tiny_model_dir, tin
 
 def test_unquantized_runs_also_time_the_merged_model(tiny_model_dir, tiny_data_file, tmp_path):
     result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="bf16", max_steps=1)
-    assert tracker.summary["inference/merged_tokens_per_second"] > 0
+    assert tracker.summary["inference/merged_decode_tokens_per_second"] > 0
     assert "eval/exact_match" not in tracker.summary  # a local prompt/response file has no known references
 
 
@@ -235,3 +248,28 @@ def test_the_base_provenance_is_recorded(tiny_model_dir, tiny_data_file, tmp_pat
     assert tracker.tags["base_gguf_type"] == ""  # an original checkpoint, saved by the fixture
     assert tracker.tags["base_checkpoint_dtype"] in ("float32", "bfloat16")
     assert "as published" in tracker.tags["base_provenance"]
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_granite_dir", "tiny_gemma2_dir"])
+def test_a_run_on_scaled_logits_logs_the_models_own_eval_loss(model_dir, tiny_data_file, tmp_path, request):
+    """Granite divides its logits by logits_scaling, Gemma-2 soft-caps them: the run's eval/loss is still
+    model(**batch, labels=...)'s."""
+    from peft import PeftModel
+
+    from lora_efficiency.prepare import load_prepared
+
+    folder = request.getfixturevalue(model_dir)
+    result, tracker = run(folder, tiny_data_file, tmp_path, quantization="fp32")
+    base = load_base_model(
+        resolve_model(str(folder)), quantization="fp32", double_quant=True, device=torch.device("cpu")
+    )
+    model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    held_out = load_prepared(tracker.params["data_path"]).eval
+    total, count = 0.0, 0
+    for ids, labels in zip(held_out.input_ids, held_out.labels, strict=True):
+        n = sum(label != -100 for label in labels[1:])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        total, count = total + float(loss) * n, count + n
+    assert result.metrics["eval/tokens"] == count
+    assert result.metrics["eval/loss"] == pytest.approx(total / count, abs=1e-5)

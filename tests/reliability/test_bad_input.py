@@ -46,6 +46,21 @@ def broken_model(tiny_model_dir, tmp_path, case: str):
     return folder
 
 
+def test_packing_a_linear_attention_model(store, tiny_model_dir, tiny_data_file, tmp_path, capsys):
+    """The tiny model's folder with a Qwen3-Next config: packing is refused from the config, before any weight."""
+    from transformers import Qwen3NextConfig
+
+    model = tmp_path / "qwen3-next"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").unlink()
+    Qwen3NextConfig(num_hidden_layers=2).save_pretrained(model)
+    argv = ["--model", model, "--data", tiny_data_file, "--packing", "true", *TINY]
+    code, out, err = run_entry_point(train_entry.main, argv, capsys)
+    assert_one_line_error(code, err, "packing=true", f"model='{model}'", "linear_attention layers", "packing=false")
+    assert "step 1/" not in out
+    assert set(statuses(store)) <= {"FAILED"}
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
 from lora_efficiency.errors import UserError
-from lora_efficiency.models import linear_module_names, model_name_problem, resolve_target_modules
+from lora_efficiency.models import linear_module_names, model_name_problem, resolve_model, resolve_target_modules
 from tests.conftest import tiny_llama_config
 
 
@@ -126,3 +126,58 @@ def test_a_folder_converted_from_a_gguf_says_so(tmp_path):
     assert tags["base_gguf_type"] == "Q4_1"
     assert "dequantized from SmolLM2-135M-Instruct.Q4_1.gguf" in tags["base_provenance"]
     assert tags["base_checkpoint_dtype"] == "unknown"  # no config.json: nothing declared, nothing guessed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing: refused where the model's layers carry state across packed examples
+
+
+@pytest.mark.parametrize(
+    ("model_type", "refused"),
+    [
+        ("llama", None),
+        ("granite", None),
+        ("gemma2", None),  # full and sliding attention layers: both masked from position_ids
+        ("qwen3_next", "linear_attention layers (config.layer_types)"),
+        ("recurrent_gemma", "linear_attention layers (config.layer_types)"),  # its LRU blocks, as 5.23 names them
+        ("mamba", "linear_attention layers (config.layer_types)"),
+        ("zamba2", "hybrid, linear_attention layers (config.layer_types)"),
+        ("falcon_h1", "hybrid layers (config.layer_types)"),
+        ("rwkv", "is recurrent (type 'rwkv')"),
+    ],
+)
+def test_packing_is_refused_where_layers_cross_packed_examples(model_type, refused):
+    from transformers import CONFIG_MAPPING
+
+    from lora_efficiency.models import packing_problem
+
+    problem = packing_problem(CONFIG_MAPPING[model_type](), model="m")
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem.startswith("packing=true but model='m' ") and refused in problem
+        assert problem.endswith("allowed is packing=false") and "\n" not in problem
+
+
+def test_packing_is_refused_for_a_config_that_only_names_a_state_space_mixer():
+    """A remote-code config without a layer list: its mamba_* settings give it away."""
+    from transformers import PretrainedConfig
+
+    from lora_efficiency.models import packing_problem
+
+    assert "is recurrent (state-space settings (mamba_d_state))" in packing_problem(
+        PretrainedConfig(mamba_d_state=16), model="m"
+    )
+    assert packing_problem(PretrainedConfig(num_attention_heads=4), model="m") is None
+
+
+def test_training_a_linear_attention_model_packed_fails_before_loading_anything(tmp_path):
+    """A folder with nothing but a Qwen3-Next config.json: the refusal comes from the config alone."""
+    from transformers import Qwen3NextConfig
+
+    from lora_efficiency.errors import UserError
+    from lora_efficiency.trainer import train
+
+    Qwen3NextConfig().save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"packing=true but model=.* linear_attention layers"):
+        train(model=resolve_model(str(tmp_path)), packing=True, max_steps=1)

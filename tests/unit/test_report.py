@@ -391,3 +391,68 @@ def test_a_configuration_whose_validation_loss_rose_got_worse_whatever_its_tag_s
     r4 = next(c for c in report.configurations if c.settings["rank"] == "4")
     assert status(r4) == (WORSENED, "1 of 3 seeds rose by more than converge_tol over the window")
     assert "got worse over the second half" in convergence_section(report)[-1][1]
+
+
+def _families_report(config_runs, baselines=()):
+    from types import SimpleNamespace
+
+    configs = [SimpleNamespace(label=label, runs=runs) for label, runs in config_runs]
+    return SimpleNamespace(configurations=configs, scope=SimpleNamespace(baselines=list(baselines)))
+
+
+def test_task_family_section_shows_means_per_family():
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.families import families_section
+
+    def run(ppl_json, em_json, ppl_math=None):
+        metrics = {"eval/perplexity/json": ppl_json, "eval/exact_match_by_kind/json": em_json}
+        if ppl_math is not None:
+            metrics["eval/perplexity/math"] = ppl_math
+        return SimpleNamespace(metrics=metrics)
+
+    base = SimpleNamespace(metrics={"eval/perplexity/json": 9.0}, storage="nf4")
+    report = _families_report([("r8", [run(2.0, 0.5, 4.0), run(3.0, 1.0, 6.0)]), ("r16", [run(1.5, 0.25)])], [base])
+    (_, title), _, (_, header, rows) = families_section(report)
+    assert title == "Task families"
+    assert header == [
+        "configuration",
+        "seeds",
+        "json: perplexity",
+        "math: perplexity",
+        "json: exact match by kind (%)",
+        "math: exact match by kind (%)",
+    ]
+    assert rows[0] == ["r8", "2", "2.500", "5.000", "75.0", "-"]
+    assert rows[1] == ["r16", "1", "1.500", "-", "25.0", "-"]
+    assert rows[2] == ["baseline: no adapter, nf4", "1", "9.000", "-", "-", "-"]
+
+
+def test_task_family_section_says_when_older_runs_cannot_show_it():
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.families import families_section
+
+    older = SimpleNamespace(metrics={"eval/perplexity": 3.0, "eval/exact_match": 0.4})
+    blocks = families_section(_families_report([("r8", [older])]))
+    assert [b[0] for b in blocks] == ["h2", "p"]
+    assert "cannot be shown" in blocks[1][1]
+
+
+def test_the_old_answer_length_dependent_speed_is_shown_apart_only_for_runs_that_logged_it():
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.render import configuration_rows
+
+    def report(metrics):
+        run = SimpleNamespace(metrics=metrics)
+        config = SimpleNamespace(label="r8", seeds=[0], runs=[run], stats={m: Stat((v,)) for m, v in metrics.items()})
+        return SimpleNamespace(configurations=[config], scope=SimpleNamespace(baselines=[]), fronts={})
+
+    new_header, new_rows = configuration_rows(report({"inference/decode_tokens_per_second": 50.0}))
+    assert "generation speed (tokens/s)" in new_header
+    assert not any("answer-length dependent" in h for h in new_header)
+    old_header, old_rows = configuration_rows(report({"inference/tokens_per_second": 20.0}))
+    legacy = old_header.index("generation speed, answer-length dependent (older runs) (tokens/s)")
+    assert old_rows[0][legacy] == "20.0 (1 seed)"
+    assert old_rows[0][old_header.index("generation speed (tokens/s)")] == "not measured"

@@ -1,0 +1,264 @@
+"""Answers compared by kind: numbers as numbers, JSON as values, GSM8K by its final number, text normalised."""
+
+import pytest
+import torch
+
+from lora_efficiency.data import bundled_instruct
+from lora_efficiency.evaluation import NUMBER_REL_TOL, answers_match, exact_match_scores, family_metric, gsm8k_number
+from lora_efficiency.sources import BUNDLED_ANSWER_KINDS, GSM8K, JSON, NUMBER, STRING, answer_kinds, load_source
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "expected"),
+    [
+        ("2500.0", "2500", True),
+        ("2,500", "2500", True),
+        ("The answer is 2500.", "2500", True),
+        ("2500 km", "2500", True),
+        ("-12", "-12", True),
+        ("0.30000000000000004", "0.3", True),  # float noise, within NUMBER_REL_TOL
+        ("2501", "2500", False),  # 4e-4 apart: far outside the tolerance
+        ("2500 2500", "2500", False),  # two numbers: not an answer with the number only
+        ("5 + 3 = 8", "8", False),
+        ("eight", "8", False),
+        ("", "8", False),
+    ],
+)
+def test_numbers_compare_as_numbers(answer, reference, expected):
+    assert answers_match(answer, reference, NUMBER) is expected
+
+
+def test_the_number_tolerance_is_relative():
+    assert answers_match(str(1e6 * (1 + NUMBER_REL_TOL / 2)), "1000000", NUMBER)
+    assert not answers_match(str(1e6 * (1 + 10 * NUMBER_REL_TOL)), "1000000", NUMBER)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ('{"name": "Ana", "age": 31}', True),
+        ('{"age":31,"name":"Ana"}', True),  # key order and spacing do not count
+        ('```json\n{"age": 31, "name": "Ana"}\n```', True),
+        ('{"name": "Ana", "age": 31.0}', True),  # 31 and 31.0 are the same JSON number
+        ('{"name": "Ana", "age": "31"}', False),  # a string is not a number
+        ('{"name": "Ana"}', False),
+        ('{"name": "Ana", "age": 31', False),  # does not parse
+    ],
+)
+def test_json_compares_as_values(answer, expected):
+    assert answers_match(answer, '{"name": "Ana", "age": 31}', JSON) is expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("She pays 3 * 6 = 18 dollars.\n#### 18", True),
+        ("#### 18 dollars", True),  # the whole tail used to be kept: "18 dollars" != "18"
+        ("#### $18.00", True),
+        ("She pays 3 * 6 = 18 dollars", True),  # no "####": the last number
+        ("#### 17", False),
+        ("So 18 is wrong. #### 20", False),  # the number after the last "####" is the answer
+    ],
+)
+def test_gsm8k_compares_the_final_number(answer, expected):
+    assert answers_match(answer, "Janet pays 3 * 6 = 18.\n#### 18", GSM8K) is expected
+
+
+def test_gsm8k_number_reads_separators():
+    assert gsm8k_number("#### 1,200") == 1200
+    assert gsm8k_number("no number") is None
+
+
+def test_strings_are_normalised_as_before():
+    assert answers_match('"Paris."', "paris", STRING)
+    assert not answers_match("Lyon", "Paris", STRING)
+    # a reference that is not of its declared kind is compared as text rather than never matching
+    assert answers_match("n/a", "N/A", NUMBER)
+
+
+def test_scores_per_family_by_kind():
+    answers = ["2500.0", "7", '{"b":2,"a":1}', "Paris"]
+    references = ["2500", "8", '{"a": 1, "b": 2}', "Lyon"]
+    strict, by_kind, m = exact_match_scores(
+        answers, references, kinds=[NUMBER, NUMBER, JSON, STRING], families=["math", "math", "json", "capitals"]
+    )
+    assert strict == [False, False, False, False]
+    assert by_kind == [True, False, True, False]
+    assert m["eval/exact_match"] == 0.0
+    assert m["eval/exact_match_by_kind"] == 0.5
+    assert m["eval/exact_match_by_kind/math"] == 0.5
+    assert m["eval/exact_match_by_kind/json"] == 1.0
+    assert m["eval/exact_match_by_kind/capitals"] == 0.0
+
+
+def test_family_metric_names_are_valid_for_mlflow():
+    assert family_metric("eval/loss", "json_extraction") == "eval/loss/json_extraction"
+    assert family_metric("eval/loss", "open:qa?") == "eval/loss/open_qa_"
+
+
+def test_every_bundled_family_declares_its_kind():
+    _, evaluation = bundled_instruct()
+    assert {e.task for e in evaluation} == set(BUNDLED_ANSWER_KINDS)
+    assert load_source("instruct").answer_kinds == BUNDLED_ANSWER_KINDS
+    # every bundled reference matches itself under its declared kind, and the numbers parse as numbers
+    for e in evaluation:
+        assert answers_match(e.response, e.response, BUNDLED_ANSWER_KINDS[e.task])
+    json_refs = [e.response for e in evaluation if e.task == "json_extraction"]
+    assert answers_match(json_refs[0].replace(", ", ","), json_refs[0], JSON)
+
+
+def test_answer_kinds_of_manifests_old_and_new(tmp_path):
+    assert answer_kinds({"answer_kinds": {"": GSM8K}}) == {"": GSM8K}
+    # folders prepared before manifests recorded kinds: what their source declares today
+    assert answer_kinds({"dataset": "instruct", "has_references": True}) == BUNDLED_ANSWER_KINDS
+    assert answer_kinds({"dataset": "gsm8k", "origin": "hub:openai/gsm8k", "has_references": True}) == {"": GSM8K}
+    assert answer_kinds({"dataset": "mine", "origin": "file:/x.jsonl", "has_references": False}) == {"": STRING}
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n')
+    assert load_source(str(path)).answer_kinds == {"": GSM8K}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eval subset: balanced over task families, fixed; loss per family
+
+
+def test_balanced_order_interleaves_families_and_is_fixed():
+    from collections import Counter
+
+    from lora_efficiency.data import balanced_order
+
+    tasks = ["a"] * 30 + ["b"] * 6 + ["c"] * 12
+    order = balanced_order(tasks)
+    assert sorted(order) == list(range(len(tasks)))  # a permutation: nothing lost, nothing repeated
+    assert Counter(tasks[i] for i in order[:15]) == {"a": 5, "b": 5, "c": 5}
+    assert order == balanced_order(tasks)  # the same on every call and every run
+    assert order != balanced_order(tasks, seed=1)
+    # sets without families, or with one, keep their stored order
+    assert balanced_order(["", "", ""]) == [0, 1, 2]
+    assert balanced_order(["x", "x"]) == [0, 1]
+
+
+def test_the_bundled_eval_subset_is_balanced():
+    from collections import Counter
+
+    from lora_efficiency.data import balanced_order
+
+    _, evaluation = bundled_instruct()
+    tasks = [e.task for e in evaluation]
+    assert max(Counter(tasks[:100]).values()) == 26  # stored order: what the final evaluation used to see
+    first_100 = Counter(tasks[i] for i in balanced_order(tasks)[:100])
+    assert len(first_100) == 6 and set(first_100.values()) == {16, 17}
+
+
+def _tiny_rows(families: list[str]):
+    from lora_efficiency.data import IGNORE_INDEX, Rows
+
+    g = torch.Generator().manual_seed(2)
+    rows = Rows()
+    for i, _ in enumerate(families):
+        length = 8 + 3 * i
+        ids = torch.randint(0, 96, (length,), generator=g).tolist()
+        rows.input_ids.append(ids)
+        rows.labels.append([IGNORE_INDEX] * 4 + ids[4:])
+        rows.position_ids.append(list(range(length)))
+    return rows
+
+
+def test_loss_per_family_sums_to_the_overall_loss():
+    import math
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lora_efficiency.data import Rows
+    from lora_efficiency.evaluation import evaluate_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    families = ["json", "math", "json", "math", "math", "json", "date"]
+    rows = _tiny_rows(families)
+    kwargs = dict(batch_size=2, pad_id=0, device=torch.device("cpu"), autocast_dtype=None)
+    plain = evaluate_loss(model, rows, **kwargs)
+    split = evaluate_loss(model, rows, families=families, **kwargs)
+    assert not any(k.startswith("eval/loss/") for k in plain)
+    assert split["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-6)
+    weighted = 0.0
+    for family in ("json", "math", "date"):
+        members = [i for i, f in enumerate(families) if f == family]
+        alone_rows = Rows(*([getattr(rows, f)[i] for i in members] for f in ("input_ids", "labels", "position_ids")))
+        alone = evaluate_loss(model, alone_rows, **kwargs)
+        assert split[f"eval/loss/{family}"] == pytest.approx(alone["eval/loss"], rel=1e-6)
+        assert split[f"eval/perplexity/{family}"] == pytest.approx(math.exp(alone["eval/loss"]), rel=1e-6)
+        weighted += alone["eval/loss"] * alone["eval/tokens"]
+    assert weighted / split["eval/tokens"] == pytest.approx(split["eval/loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation speed: the model's, not its answers' lengths
+
+
+def _speed(model, tokenizer, prompts, *, fixed_length, repeats=3):
+    """The best of `repeats` timings (the least disturbed by other work on a shared CPU), and the answers."""
+    from lora_efficiency.evaluation import generate_answers
+
+    runs = [
+        generate_answers(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=16,
+            batch_size=8,
+            device=torch.device("cpu"),
+            autocast_dtype=None,
+            fixed_length=fixed_length,
+        )
+        for _ in range(repeats)
+    ]
+    return runs[0][0], max((speed for _, speed in runs), key=lambda s: s["tokens_per_second"])
+
+
+def _eos_first(model, tokenizer):
+    """The same model and the same work per token, but end of sequence made the greedy choice: answers end at once."""
+
+    def hook(module, args, logits):
+        logits[..., tokenizer.eos_token_id] += 1e4
+        return logits
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.fixture(scope="module")
+def speed_setup(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, tokenizer, [e.prompt for e in bundled_instruct(num_train=8, num_eval=0, seed=5)[0]]
+
+
+def test_generation_speed_does_not_depend_on_answer_length(speed_setup):
+    model, tokenizer, prompts = speed_setup
+    long_answers, long = _speed(model, tokenizer, prompts, fixed_length=True)
+    handle = _eos_first(model, tokenizer)
+    try:
+        natural, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
+        _, short = _speed(model, tokenizer, prompts, fixed_length=True)
+    finally:
+        handle.remove()
+    assert all(answer == "" for answer in natural) and all(long_answers)  # the answers' lengths really differ
+    # every row generated 16 tokens either way, and the speed is the same within timing noise
+    assert short["generated_tokens"] == long["generated_tokens"] == 8 * 16
+    assert 1 / 1.5 < short["tokens_per_second"] / long["tokens_per_second"] < 1.5
+
+
+def test_the_natural_pass_counts_only_each_answers_tokens(speed_setup):
+    """What the speed used to be: answers that end at once count one token each, whatever the batch's wall time."""
+    model, tokenizer, prompts = speed_setup
+    handle = _eos_first(model, tokenizer)
+    try:
+        _, speed = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
+    finally:
+        handle.remove()
+    assert speed["generated_tokens"] == 8  # one end-of-sequence token per row
