@@ -120,6 +120,24 @@ def provenance(source: ModelSource, *, trust_remote_code: bool = False) -> dict[
     return tags
 
 
+def positions_of(config) -> int:
+    """The longest sequence a model's config allows (max_position_embeddings; n_positions for GPT-2), 0 if none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(value := getattr(config, name, None), int) and value > 0:
+            return value
+    return 0
+
+
+def max_positions(path: str, *, trust_remote_code: bool = False) -> int:
+    """positions_of() the model at `path`; 0 when its config does not load (the model load says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return positions_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):
+        return 0
+
+
 def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
     if name == BUNDLED_MODEL:
