@@ -584,9 +584,36 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     return text if isinstance(raw, str) else str(raw), None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: safe_load keeps the last one
+    silently (a sweep file with `rank:` three times ran 1 configuration instead of 3)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice, on lines {seen[key]} and {key_node.start_mark.line + 1}",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load that refuses a key given twice in a mapping (every YAML file of this project goes here)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: undecodable bytes, a NUL in the name
         raise UserError(f"defaults={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):

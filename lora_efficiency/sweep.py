@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -25,9 +26,9 @@ import yaml
 from lora_efficiency import progress
 from lora_efficiency.children import Job, Outcome, is_stale, run_here, train_args
 from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
-from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
+from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, load_yaml, read_defaults
 from lora_efficiency.configuration import planner_inputs, sweep_key
-from lora_efficiency.errors import ConfigError, UserError
+from lora_efficiency.errors import ConfigError, UserError, invalid
 from lora_efficiency.lr_tuning import (
     LR_KEYS,
     Choice,
@@ -48,7 +49,10 @@ from lora_efficiency.lr_tuning import (
 if TYPE_CHECKING:
     from lora_efficiency.prepare import Prepared
 
-SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds", *LR_KEYS}
+SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds", "max_runs", *LR_KEYS}
+# A sweep of more runs than this (configurations x seeds, before the learning-rate pilots) must say so in its file
+# (`max_runs: N`, N >= its size): a typo in an axis (10,000 configurations) should not start days of training.
+MAX_RUNS_UNASKED = 200
 
 
 @dataclass
@@ -90,8 +94,8 @@ class Sweep:
 
 def _read_yaml(path: Path, what: str) -> dict:
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, an int of 4,300+ digits
         raise UserError(f"{what}={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
@@ -108,6 +112,21 @@ def load_profile(profile: str) -> dict:
         known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
         raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
     return _read_yaml(path, "profile")
+
+
+def check_size(path: Path, spec: dict, runs: int) -> None:
+    """A sweep above MAX_RUNS_UNASKED runs needs `max_runs` >= its size in its file; any sweep stays within its own."""
+    stated = spec.get("max_runs")
+    if stated is not None and (isinstance(stated, bool) or not isinstance(stated, int) or stated < 1):
+        raise ConfigError([invalid("max_runs", stated, "an integer >= 1, the most runs this sweep may start")])
+    if runs > (stated or MAX_RUNS_UNASKED):
+        allowed = f"max_runs={stated}" if stated else f"more than {MAX_RUNS_UNASKED} runs"
+        raise ConfigError(
+            [
+                f"config={str(path)!r} expands to {runs:,} runs (configurations x seeds), {allowed}: "
+                f"set max_runs: {runs} in the file if that is meant, or shorten the axes"
+            ]
+        )
 
 
 def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any] | None = None) -> Sweep:
@@ -135,11 +154,13 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
         axes = spec["axes"]
         if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
             raise ConfigError([f"axes={axes!r} is invalid: a mapping of setting -> non-empty list of values"])
+        check_size(path, spec, math.prod(len(v) for v in axes.values()) * len(seeds))  # before the product exists
         variants = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     else:
         variants = spec["configurations"]
         if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
             raise ConfigError([f"configurations={variants!r} is invalid: a non-empty list of mappings"])
+        check_size(path, spec, len(variants) * len(seeds))
     children, problems = [], []
     for variant in variants:
         label = ",".join(f"{k}={v}" for k, v in variant.items()) or "base"
