@@ -93,6 +93,15 @@ def is_path(value: str | Path, kind: str) -> bool:
         return False
 
 
+REPORTS_DIR = Path("reports")
+
+
+def report_folder(experiment: str) -> Path:
+    """reports/<experiment>, the name made one plain component: `../../x` or `..` stays inside reports/."""
+    name = re.sub(r"[^\w.-]", "_", experiment).lstrip(".")[:100] or "_"
+    return REPORTS_DIR / name
+
+
 NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component and of a whole path (Linux)
 
 

@@ -41,18 +41,21 @@ def git_commit() -> str:
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".jinja")
 
 
-def _redacted_copy(local_dir: str) -> str:
-    """`local_dir` itself, or a temporary copy whose text files have their secrets redacted."""
+@contextlib.contextmanager
+def _redacted_copy(local_dir: str) -> Iterator[str]:
+    """`local_dir` itself, or a temporary copy whose text files have their secrets redacted, removed on exit."""
     files = [f for f in Path(local_dir).rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES]
     dirty = [f for f in files if redact(text := f.read_text(errors="replace")) != text]
     if not dirty:
-        return local_dir
-    copy = Path(tempfile.mkdtemp(prefix="redacted-")) / "d"
-    shutil.copytree(local_dir, copy)
-    for f in dirty:
-        target = copy / f.relative_to(local_dir)
-        target.write_text(redact(target.read_text(errors="replace")))
-    return str(copy)
+        yield local_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="redacted-") as tmp:
+        copy = Path(tmp) / "d"
+        shutil.copytree(local_dir, copy)
+        for f in dirty:
+            target = copy / f.relative_to(local_dir)
+            target.write_text(redact(target.read_text(errors="replace")))
+        yield str(copy)
 
 
 class MlflowTracker:
@@ -112,8 +115,17 @@ class MlflowTracker:
             mlflow.log_text(redact(text), artifact_file)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        with _artifact_storage(artifact_path):
-            mlflow.log_artifacts(_redacted_copy(local_dir), artifact_path)
+        with _artifact_storage(artifact_path), _redacted_copy(local_dir) as clean:
+            mlflow.log_artifacts(clean, artifact_path)
+
+    def log_files(self, root: Path, files: list[Path], artifact_path: str = "") -> None:
+        """Exactly `files` (each under `root`, at its path relative to it), never whatever else `root` holds."""
+        with tempfile.TemporaryDirectory(prefix="artifacts-") as tmp:
+            for f in files:
+                target = Path(tmp) / Path(f).resolve().relative_to(Path(root).resolve())
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+            self.log_artifacts(tmp, artifact_path)
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         data = {k: [redact(v) if isinstance(v, str) else v for v in col] for k, col in data.items()}
