@@ -92,14 +92,17 @@ def write_log(text: str) -> Path | None:
 
 
 class _TracebacksToLog(logging.Filter):
-    """A log record that carries a traceback (MLflow's async logging thread prints one per failed batch: 669
-    lines when the store went read-only mid-run) goes to the log file; the terminal keeps its first line."""
+    """Every log record is redacted (MLflow prints its tracking URI, password included, in "View run at ..."); one
+    that carries a traceback (MLflow's async logging thread prints one per failed batch: 669 lines when the store
+    went read-only mid-run) goes whole to the log file, and the terminal keeps its first line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.exc_info and "\n" not in record.getMessage():
-            return True
-        write_log(logging.Formatter().format(record))
-        record.msg, record.args, record.exc_info, record.exc_text = record.getMessage().splitlines()[0], (), None, None
+        message = record.getMessage()
+        if record.exc_info or "\n" in message:
+            write_log(logging.Formatter().format(record))
+            message = (message.splitlines() or [""])[0]
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.msg, record.args = redact(message), ()
         return True
 
 

@@ -45,6 +45,7 @@ from lora_efficiency.lr_tuning import (
     pilot_key,
     pilot_tags,
 )
+from lora_efficiency.redaction import redact
 
 if TYPE_CHECKING:
     from lora_efficiency.prepare import Prepared
@@ -599,7 +600,7 @@ def _child_error(outcome: Outcome) -> str:
     error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
     if outcome.returncode < 0:
         error = f"killed by signal {-outcome.returncode} (out of memory?) {error}".strip()
-    return error
+    return redact(error)  # a child's last line may be anything it printed: a URI with its password, a token
 
 
 def absolute_tracking_uri(uri: str) -> str:

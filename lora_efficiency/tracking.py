@@ -175,6 +175,16 @@ def download_checkpoint(run_id: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=steps[-1]))
 
 
+def _probe_health(uri: str) -> None:
+    """GET <server>/health once, with the credentials MLflow's client would send: a `user:password@` in the URI
+    (requests takes it from there; urllib took it for the host and failed) or MLFLOW_TRACKING_USERNAME/PASSWORD,
+    MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH (host creds)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=5).raise_for_status()
+
+
 def check_tracking_store() -> None:
     """Fail before any training if the tracking store cannot be reached. A server gets a quick probe first:
     MLflow's own client retries a refused connection for ~4 min before it gives up."""
@@ -182,17 +192,18 @@ def check_tracking_store() -> None:
     if uri.startswith(("http://", "https://")):
         for attempt in range(3):  # ~3 s: a server that is restarting gets a moment
             try:
-                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5)
+                _probe_health(uri)
                 break
-            except OSError as exc:
+            except (requests.exceptions.RequestException, mlflow.exceptions.MlflowException) as exc:
                 if attempt == 2:
-                    raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {exc}") from None
+                    reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+                    raise TrackingError(f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {reason}") from None
                 time.sleep(1.5)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(
-            f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {str(exc).splitlines()[0][:200]}"
+            f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {redact(str(exc).splitlines()[0])[:200]}"
         ) from None
 
 
