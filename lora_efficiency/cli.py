@@ -106,11 +106,13 @@ class _TracebacksToLog(logging.Filter):
         return True
 
 
-def _quiet_tracebacks() -> None:
+def quiet_log_records() -> None:
+    """Put _TracebacksToLog on the handlers of MLflow's logger and the root logger (again after MLflow's import adds
+    its own: tracking.start_run calls this too), and send uncaught thread tracebacks to the log file."""
     keep = _TracebacksToLog()
     for name in ("mlflow", "", "py.warnings"):
         for handler in logging.getLogger(name).handlers:
-            if keep not in handler.filters:
+            if not any(isinstance(f, _TracebacksToLog) for f in handler.filters):
                 handler.addFilter(keep)
     threading.excepthook = lambda args: write_log(
         "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
@@ -128,7 +130,7 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     later command on the experiment marks those runs FAILED, tracking.fail_orphaned_runs). Any other exception
     is one `error:` line too, exit 2, its traceback in the log file (log_file()), never on the terminal."""
     signal.signal(signal.SIGTERM, _interrupt)
-    _quiet_tracebacks()
+    quiet_log_records()
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as exc:

@@ -18,12 +18,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lora_efficiency.children import flags, owner_tags
+from lora_efficiency.children import flags
 from lora_efficiency.config import StudyConfig, TrainConfig, is_path, report_folder
 from lora_efficiency.errors import UserError
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
 from lora_efficiency.sweep import Sweep, load_profile, load_sweep, prepare_once, run_sweep
+from lora_efficiency.tracking import owner_tags
 
 
 def _say(line: str) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lora_efficiency import progress
-from lora_efficiency.children import Job, Outcome, is_stale, run_here, train_args
+from lora_efficiency.children import Job, Outcome, run_here, train_args
 from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
 from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, load_yaml, read_defaults
 from lora_efficiency.configuration import planner_inputs, sweep_key
@@ -46,6 +46,7 @@ from lora_efficiency.lr_tuning import (
     pilot_tags,
 )
 from lora_efficiency.redaction import redact
+from lora_efficiency.tracking import fail_orphaned_runs
 
 if TYPE_CHECKING:
     from lora_efficiency.prepare import Prepared
@@ -284,17 +285,6 @@ def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     return out
 
 
-def mark_stale_runs(client, experiment_id: str) -> int:
-    """Runs left RUNNING by a sweep whose process is gone on this host -> FAILED."""
-    stale = 0
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
-        if "owner_pid" in run.data.tags and is_stale(run.data.tags):
-            client.set_tag(run.info.run_id, "error", "stale: the sweep that ran it died (marked on restart)")
-            client.set_terminated(run.info.run_id, "FAILED")
-            stale += 1
-    return stale
-
-
 def finished_keys(client, experiment_id: str) -> dict[str, str]:
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
     return {r.data.tags["sweep_key"]: r.info.run_id for r in runs if "sweep_key" in r.data.tags}
@@ -333,9 +323,9 @@ def run_sweep(
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     shown = _Progress(sweep, bars=progress.bars_wanted() and backend == "local", log=log)  # concurrent: lines
-    stale = mark_stale_runs(client, experiment_id)
+    stale = fail_orphaned_runs(client, experiment_id, by=f" by sweep run {parent_run_id}")
     if stale:
-        shown.say(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
+        shown.say(f"[{sweep.name}] marked {stale} RUNNING run(s) whose process is gone FAILED")
     place = _Placement(parent_run_id, experiment_id, backend, _children_env(bars=shown.bar is not None))
     phase = _Phase(
         sweep=sweep,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import mlflow
 import requests
 
-from lora_efficiency.cli import no_interrupts
+from lora_efficiency.cli import no_interrupts, quiet_log_records
 from lora_efficiency.errors import TrackingError, UserError
 from lora_efficiency.redaction import redact
 
@@ -175,6 +176,50 @@ def download_checkpoint(run_id: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=steps[-1]))
 
 
+def owner_tags() -> dict[str, str]:
+    """Who writes a run: this host, this process and its start time (a pid alone is reused after the process
+    dies). A RUNNING run whose owner is gone is FAILED by the next command on its experiment (fail_orphaned_runs)."""
+    import psutil
+
+    return {
+        "owner_host": socket.gethostname(),
+        "owner_pid": str(os.getpid()),
+        "owner_started": f"{psutil.Process().create_time():.2f}",
+    }
+
+
+def owner_gone(tags: dict[str, str]) -> str:
+    """Why a RUNNING run's owner (owner_tags) is gone, or "" when it lives or cannot be judged (another host, no
+    owner tags): its pid is dead, or now belongs to a process started at another time."""
+    import psutil
+
+    if tags.get("owner_host") != socket.gethostname() or not tags.get("owner_pid", "").isdigit():
+        return ""  # another machine's run: not ours to judge
+    pid = int(tags["owner_pid"])
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return f"its process {pid} on {tags['owner_host']} is gone"
+    except psutil.Error:  # AccessDenied: a process of another user lives there
+        return ""
+    if "owner_started" in tags and abs(started - float(tags["owner_started"])) > 1.0:
+        return f"its process {pid} on {tags['owner_host']} is gone (the pid now belongs to another process)"
+    return ""
+
+
+def fail_orphaned_runs(client, experiment_id: str, *, by: str = "") -> int:
+    """Mark FAILED, with an `error` tag saying why, every RUNNING run of the experiment whose owner is gone (a
+    `kill -9`, a machine that lost power): no run stays RUNNING forever. Returns how many."""
+    failed = 0
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        if reason := owner_gone(run.data.tags):
+            client.set_tag(run.info.run_id, "error", f"orphaned: {reason}; marked FAILED{by}")
+            client.set_tag(run.info.run_id, "failed_reason", "owner_gone")
+            client.set_terminated(run.info.run_id, "FAILED")
+            failed += 1
+    return failed
+
+
 def _probe_health(uri: str) -> None:
     """GET <server>/health once, with the credentials MLflow's client would send: a `user:password@` in the URI
     (requests takes it from there; urllib took it for the host and failed) or MLFLOW_TRACKING_USERNAME/PASSWORD,
@@ -188,6 +233,7 @@ def _probe_health(uri: str) -> None:
 def check_tracking_store() -> None:
     """Fail before any training if the tracking store cannot be reached. A server gets a quick probe first:
     MLflow's own client retries a refused connection for ~4 min before it gives up."""
+    quiet_log_records()  # MLflow's logger exists now: its records are masked, its tracebacks go to the log file
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         for attempt in range(3):  # ~3 s: a server that is restarting gets a moment
@@ -218,7 +264,11 @@ def start_run(
         mlflow.set_experiment(experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
     run = mlflow.start_run(run_name=redact(run_name), log_system_metrics=system_metrics)
     try:
-        mlflow.set_tags({"entry_point": entry_point, "git_commit": git_commit()})
+        mlflow.set_tags({"entry_point": entry_point, "git_commit": git_commit(), **owner_tags()})
+        with contextlib.suppress(Exception):  # cleaning up after others never stops this run
+            fail_orphaned_runs(
+                mlflow.MlflowClient(), run.info.experiment_id, by=f" by {entry_point} run {run.info.run_id}"
+            )
         check_artifact_storage()
         tracker = MlflowTracker(run.info.run_id)
         yield tracker

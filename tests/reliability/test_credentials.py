@@ -15,7 +15,7 @@ import pytest
 
 from entrypoints import train as train_entry
 from lora_efficiency.children import Outcome
-from lora_efficiency.cli import _quiet_tracebacks
+from lora_efficiency.cli import quiet_log_records
 from lora_efficiency.errors import TrackingError
 from lora_efficiency.redaction import redact
 from lora_efficiency.sweep import _child_error
@@ -132,7 +132,7 @@ def test_log_records_are_masked_and_tracebacks_leave_the_terminal(tmp_path, monk
     logger = logging.getLogger("mlflow")
     logger.addHandler(handler)
     try:
-        _quiet_tracebacks()
+        quiet_log_records()
         logger.warning("View run at: %s", "http://carol:hunter2@host/#/runs/1 pw2")
         try:
             raise OSError(30, "Read-only file system")
