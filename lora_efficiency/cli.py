@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -131,8 +133,46 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     is one `error:` line too, exit 2, its traceback in the log file (log_file()), never on the terminal."""
     signal.signal(signal.SIGTERM, _interrupt)
     quiet_log_records()
+    with own_temp_folder():
+        _run(main, sys.argv[1:] if argv is None else argv)
+
+
+_TEMP_PREFIX = "lora-efficiency-"
+
+
+@contextlib.contextmanager
+def own_temp_folder():
+    """Every temporary file of this process (adapters before upload, checkpoints, downloaded checkpoints, masked
+    copies, MLflow's own downloads: whatever calls tempfile without a folder) goes into one folder of its own,
+    removed when the command ends, also on failure. Folders left by processes killed with -9 (their pid gone)
+    are removed by the next command."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{_TEMP_PREFIX}*-*"):
+        pid = old.name.removeprefix(_TEMP_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=base)
+    previous, tempfile.tempdir = tempfile.tempdir, folder
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _run(main: Callable[[list[str]], object], argv: list[str]) -> None:
+    try:
+        main(argv)
     except UserError as exc:
         message = redact(str(exc).replace("\n", " "))
         if os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ:  # one rank of a distributed training
