@@ -46,8 +46,9 @@ plan: setup
 bench: setup
 	$(VENV)/bin/python -m entrypoints.bench $(P)
 
-# the UI on this machine only; make ui HOST=0.0.0.0 to open it to the network
-HOST ?= 127.0.0.1
+# the UI on this machine only; make ui HOST=0.0.0.0 to open it to the network. `:=`, not `?=`: a HOST exported
+# in the environment for another reason must not open it (only the command line overrides this)
+HOST := 127.0.0.1
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port 5000
 

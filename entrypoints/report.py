@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from lora_efficiency.cli import run_cli
-from lora_efficiency.config import ReportConfig, parse_args, read_defaults
+from lora_efficiency.config import ReportConfig, parse_args, read_defaults, report_folder
 
 
 def main(argv: list[str]) -> None:
@@ -43,8 +43,8 @@ def main(argv: list[str]) -> None:
         memory_notes=memory_notes,
         val_curves=fetch_loss_curves(client, scope.runs, "val/loss"),
     )
-    folder = Path(cfg.output or Path("reports") / experiment)
-    paths = write_report(report, folder)
+    folder = Path(cfg.output) if cfg.output else report_folder(experiment)
+    paths = write_report(report, folder)  # a new or empty folder, or an earlier report's: nothing else is touched
 
     with start_run(
         run_name=f"report-{experiment}", entry_point="report", system_metrics=False, experiment=experiment
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
                 "report_configurations": len(report.configurations),
             }
         )
-        tracker.log_artifacts(str(folder), "")
+        tracker.log_files(folder, list(paths.values()))  # what this report wrote, by name
         report_run_id = tracker.run_id
     print(
         f"report of {experiment}: {len(report.configurations)} configurations, {len(scope.runs)} runs, "

@@ -8,7 +8,6 @@ The local backend (`run_here`, one child after another in this process) and lora
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -45,24 +44,6 @@ def _python_train(args: list[str]) -> list[str]:
 def train_command(config: TrainConfig, data_path: str) -> list[str]:
     """The command line that trains `config` on `data_path` as a process of its own."""
     return _python_train(train_args(config, data_path))
-
-
-def owner_tags() -> dict[str, str]:
-    """Who runs a child: a RUNNING child whose process is gone on this host is stale."""
-    return {"owner_host": socket.gethostname(), "owner_pid": str(os.getpid())}
-
-
-def is_stale(tags: dict[str, str]) -> bool:
-    """Whether a RUNNING run's owner (owner_tags) is a process of this host that no longer exists."""
-    if tags.get("owner_host") != socket.gethostname():
-        return False  # another machine's sweep: not ours to judge
-    try:
-        os.kill(int(tags.get("owner_pid", "0")), 0)
-    except (ProcessLookupError, ValueError):
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 @dataclass
@@ -115,6 +96,8 @@ def run_job(job: Job) -> Outcome:
     then run `python -m entrypoints.train` in a process of its own. The same function runs in the sweep's process
     (backend local) and as a Ray task (backend ray)."""
     import mlflow
+
+    from lora_efficiency.tracking import owner_tags
 
     client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
     run = client.create_run(job.experiment_id, run_name=job.name, tags={**job.tags, **owner_tags()})

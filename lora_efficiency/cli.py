@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from lora_efficiency.errors import TrackingError, UserError
 from lora_efficiency.redaction import redact
@@ -28,7 +35,7 @@ def _fail_active_run(message: str) -> None:
         else:
             client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # the store itself may be what failed; the exit status still says so
-        print(f"warning: could not mark run {run_id} FAILED: {exc}", file=sys.stderr)
+        print(f"warning: could not mark run {run_id} FAILED: {redact(_one_line(exc))}", file=sys.stderr)
 
 
 _TERMINATED: list[int] = []  # the signal that asked this process to stop, once one has
@@ -61,13 +68,111 @@ def raise_if_terminated() -> None:
         raise KeyboardInterrupt
 
 
+def log_file() -> Path:
+    """Where tracebacks go instead of the terminal: $LORA_EFFICIENCY_LOG (a file), else one file per process under
+    the project's cache (the same folder models.cache_dir() uses)."""
+    if os.environ.get("LORA_EFFICIENCY_LOG"):
+        return Path(os.environ["LORA_EFFICIENCY_LOG"])
+    cache = Path(os.environ.get("LORA_EFFICIENCY_CACHE", Path.home() / ".cache" / "lora-efficiency"))
+    return cache / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+_LOG: list[Path] = []  # this process's log file, once something was written to it
+
+
+def write_log(text: str) -> Path | None:
+    """Append `text` (redacted) to this process's log file; None when even that cannot be written."""
+    path = _LOG[0] if _LOG else log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(redact(text) + "\n")
+    except (OSError, ValueError):
+        return None
+    _LOG[:1] = [path]
+    return path
+
+
+class _TracebacksToLog(logging.Filter):
+    """Every log record is redacted (MLflow prints its tracking URI, password included, in "View run at ..."); one
+    that carries a traceback (MLflow's async logging thread prints one per failed batch: 669 lines when the store
+    went read-only mid-run) goes whole to the log file, and the terminal keeps its first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info or "\n" in message:
+            write_log(logging.Formatter().format(record))
+            message = (message.splitlines() or [""])[0]
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.msg, record.args = redact(message), ()
+        return True
+
+
+def quiet_log_records() -> None:
+    """Put _TracebacksToLog on the handlers of MLflow's logger and the root logger (again after MLflow's import adds
+    its own: tracking.start_run calls this too), and send uncaught thread tracebacks to the log file."""
+    keep = _TracebacksToLog()
+    for name in ("mlflow", "", "py.warnings"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _TracebacksToLog) for f in handler.filters):
+                handler.addFilter(keep)
+    threading.excepthook = lambda args: write_log(
+        "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
     """Run an entry point's main; a UserError becomes `error: ...` on stderr and exit status 2. SIGTERM is
     handled like Ctrl-C, so `kill` leaves the run FAILED rather than RUNNING (kill -9 cannot be caught: a
-    sweep restart marks those runs FAILED)."""
+    later command on the experiment marks those runs FAILED, tracking.fail_orphaned_runs). Any other exception
+    is one `error:` line too, exit 2, its traceback in the log file (log_file()), never on the terminal."""
     signal.signal(signal.SIGTERM, _interrupt)
+    quiet_log_records()
+    with own_temp_folder():
+        _run(main, sys.argv[1:] if argv is None else argv)
+
+
+_TEMP_PREFIX = "lora-efficiency-"
+
+
+@contextlib.contextmanager
+def own_temp_folder():
+    """Every temporary file of this process (adapters before upload, checkpoints, downloaded checkpoints, masked
+    copies, MLflow's own downloads: whatever calls tempfile without a folder) goes into one folder of its own,
+    removed when the command ends, also on failure. Folders left by processes killed with -9 (their pid gone)
+    are removed by the next command."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{_TEMP_PREFIX}*-*"):
+        pid = old.name.removeprefix(_TEMP_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=base)
+    previous, tempfile.tempdir = tempfile.tempdir, folder
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _run(main: Callable[[list[str]], object], argv: list[str]) -> None:
+    try:
+        main(argv)
     except UserError as exc:
         message = redact(str(exc).replace("\n", " "))
         if os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ:  # one rank of a distributed training
@@ -80,3 +185,9 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
         _fail_active_run("interrupted")
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # what no check foresaw: still one line, the details in the log file
+        message = redact(_one_line(exc))
+        log = write_log("".join(traceback.format_exception(exc)))
+        _fail_active_run(message)
+        print(f"error: {message}" + (f" (traceback in {log})" if log else ""), file=sys.stderr)
+        sys.exit(2)

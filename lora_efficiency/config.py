@@ -94,7 +94,39 @@ def is_path(value: str | Path, kind: str) -> bool:
         return False
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+REPORTS_DIR = Path("reports")
+
+
+def report_folder(experiment: str) -> Path:
+    """reports/<experiment>, the name made one plain component: `../../x` or `..` stays inside reports/."""
+    name = re.sub(r"[^\w.-]", "_", experiment).lstrip(".")[:100] or "_"
+    return REPORTS_DIR / name
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component and of a whole path (Linux)
+
+
+def is_output_path(value: str, kind: str) -> bool:
+    """Whether `value` can be created as an output of `kind` ("dir" or "file"): a name the OS takes (no NUL, no
+    component over NAME_MAX bytes) that is not already something else (`--output /dev/null` for a folder)."""
+    try:
+        encoded = [len(part.encode("utf-8", "surrogateescape")) for part in Path(value).parts]
+        if (
+            "\x00" in value
+            or len(value.encode("utf-8", "surrogateescape")) > PATH_MAX
+            or max(encoded, default=0) > NAME_MAX
+        ):
+            return False
+        path = Path(value)
+        return not path.exists() or (path.is_dir() if kind == "dir" else path.is_file())
+    except (OSError, ValueError):
+        return False
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")  # torch.device() overflows on an index of 20 digits
+SEED_MAX = 2**32 - 1  # torch.manual_seed overflows above 2^64-1; numpy's and most samplers' seeds stop at 2^32-1
+ALPHA_MAX = 65536.0  # alpha / r scales the update: 1e300 turns every bf16 activation into inf
+INT_DIGITS = 18  # |n| < 10^18 fits int64 (torch, numpy, SQLite); Python refuses to parse ints of 4,300+ digits
 ATTENTIONS = ("auto", "per_example", "sdpa")  # attention.py; auto: per_example where the architecture allows it
 METHODS = ("lora", "full")  # full: every weight of the base trains (the reference LoRA is measured against)
 FULL_FT_STORAGES = ("bf16", "fp16", "fp32")
@@ -111,12 +143,12 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("exact_match", lambda x: x in ("auto", "true", "false"), "auto, true or false")
     check("rank", lambda x: x < 1 or x <= 4096, "an integer from 1 to 4096")
     check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
-    check("seed", lambda x: x >= 0, "an integer >= 0")
-    check("alpha", lambda x: x > 0, "a number > 0")
+    check("seed", lambda x: 0 <= x <= SEED_MAX, f"an integer from 0 to {SEED_MAX}")
+    check("alpha", lambda x: 0 < x <= ALPHA_MAX, f"a number in (0, {ALPHA_MAX:g}]")
     check("dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
     check("lr", lambda x: 0 < x < 1, "a number in (0, 1)")
     check("warmup_ratio", lambda x: 0 <= x < 1, "a number in [0, 1)")
-    check("weight_decay", lambda x: x >= 0, "a number >= 0")
+    check("weight_decay", lambda x: 0 <= x <= 100, "a number from 0 to 100")
     check("max_grad_norm", lambda x: x > 0, "a number > 0")
     check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
     check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
@@ -202,7 +234,7 @@ def prepare_problems(v: dict[str, Any]) -> list[str]:
     check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
     check("num_samples", lambda x: x >= 0, "an integer >= 0 (0: all)")
     check("eval_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
-    check("seed", lambda x: x >= 0, "an integer >= 0")
+    check("seed", lambda x: 0 <= x <= SEED_MAX, f"an integer from 0 to {SEED_MAX}")
     if "model" in v and (problem := model_name_problem(v["model"])):
         p.append(problem)
     return p
@@ -333,7 +365,11 @@ def study_problems(v: dict[str, Any]) -> list[str]:
         lambda x: not x or data_reference_ok(x),
         "empty (the bundled set), a known set name, a data file, a prepared folder or a prepare run's id",
     )
-    check("output", lambda x: not is_path(x, "file"), "a folder (empty: reports/<experiment>), not a file")
+    check(
+        "output",
+        lambda x: not x or is_output_path(x, "dir"),
+        f"a folder (empty: reports/<experiment>), not a file or device, no name over {NAME_MAX} bytes",
+    )
     return p
 
 
@@ -357,7 +393,11 @@ def report_problems(v: dict[str, Any]) -> list[str]:
         lambda x: not x or is_run_id(x),
         "empty (the latest study) or a sweep or study run's id (32 hexadecimal characters)",
     )
-    check("output", lambda x: not is_path(x, "file"), "a folder (empty: reports/<experiment>), not a file")
+    check(
+        "output",
+        lambda x: not x or is_output_path(x, "dir"),
+        f"a folder (empty: reports/<experiment>), not a file or device, no name over {NAME_MAX} bytes",
+    )
     check(
         "budgets_mb",
         lambda x: all(re.fullmatch(r"\d+(\.\d+)?", b.strip()) and float(b) > 0 for b in x.split(",")) if x else True,
@@ -441,7 +481,11 @@ def merge_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
     _one_adapter_source(v, p, "a train run's id or an adapter folder")
-    check("output", lambda x: x != "", "a new folder for the merged model (required)")
+    check(
+        "output",
+        lambda x: x != "" and is_output_path(x, "dir"),
+        f"a new folder for the merged model (required), no name over {NAME_MAX} bytes",
+    )
     check("dtype", lambda x: x in ("bf16", "fp16", "fp32"), "bf16, fp16 or fp32 (merged into unquantized weights)")
     if v.get("model") and (problem := model_name_problem(v["model"])):
         p.append(problem)
@@ -487,6 +531,8 @@ def _bench_modes(text: str) -> list[str]:
 def bench_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
+    for name in ("output", "json"):
+        check(name, lambda x: is_output_path(x, "file"), f"a file to write, no name over {NAME_MAX} bytes")
     check(
         "modes",
         lambda x: _bench_modes(x) and all(m in BENCH_MODES for m in _bench_modes(x)),
@@ -525,6 +571,8 @@ BASE_SECTIONS = {PlanConfig: "train"}
 
 def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     """Turn a YAML or command-line value into `kind`; returns (value, problem)."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) >= 10**INT_DIGITS:  # from YAML
+        return None, invalid(field, raw, f"an integer of at most {INT_DIGITS} digits")
     text = str(raw).strip()
     if kind is bool:
         value = parse_bool(raw)
@@ -532,6 +580,8 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     if kind is int:
         if isinstance(raw, bool) or not re.fullmatch(r"[+-]?\d+", text):
             return None, invalid(field, raw, "an integer")
+        if len(text.lstrip("+-").lstrip("0")) > INT_DIGITS:
+            return None, invalid(field, raw, f"an integer of at most {INT_DIGITS} digits")
         return int(text), None
     if kind is float:
         try:
@@ -546,9 +596,36 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     return text if isinstance(raw, str) else str(raw), None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: safe_load keeps the last one
+    silently (a sweep file with `rank:` three times ran 1 configuration instead of 3)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice, on lines {seen[key]} and {key_node.start_mark.line + 1}",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load that refuses a key given twice in a mapping (every YAML file of this project goes here)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: undecodable bytes, a NUL in the name
         raise UserError(f"defaults={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):

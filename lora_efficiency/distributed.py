@@ -103,6 +103,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 ("lo" on Linux)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addresses):
+            return name
+    return "lo"
+
+
 def launch(num_processes: int, module: str, argv: list[str]) -> None:
     """Run `python -m module argv` as `num_processes` ranks on this machine with accelerate's own launcher
     (`accelerate launch --multi_gpu`, i.e. torchrun), in this process; returns when every rank has finished.
@@ -137,6 +147,12 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
             *argv,
         ]
     )
+    # One machine: torchrun's MASTER_ADDR is 127.0.0.1, and gloo's and NCCL's own sockets (the collectives, NCCL's
+    # bootstrap) go on loopback too, unless the caller chose an interface. (torch's TCPStore, the rendezvous
+    # key-value store, listens on every interface whatever its host: measured with torch 2.13; its port is a
+    # fresh random one per launch and it lives as long as the training.)
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, loopback_interface())
     # torchrun's log lines (an OMP_NUM_THREADS banner, "failed (exitcode: 2)"): the UserError below says it all
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

@@ -19,5 +19,14 @@ class ConfigError(UserError):
         super().__init__("; ".join(problems))
 
 
+def shown(value: object, limit: int = 120) -> str:
+    """`repr(value)`, cut to `limit` characters: a value of 5,000 digits or characters is named, not echoed."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of 4,300+ digits has no str() or repr() (sys.set_int_max_str_digits)
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...<{len(text)} characters>"
+
+
 def invalid(field: str, value: object, allowed: str) -> str:
-    return f"{field}={value!r} is invalid: {allowed}"
+    return f"{field}={shown(value)} is invalid: {allowed}"

@@ -97,7 +97,9 @@ def generate_answers(
     min_new_tokens), and the speed is the model's alone.
     """
     from lora_efficiency.data import format_prompt
+    from lora_efficiency.models import positions_of
 
+    limit = positions_of(model.config)  # GPT-2's learned table (1,024) fails with IndexError past its end
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -106,14 +108,19 @@ def generate_answers(
         texts = [format_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
+        new_tokens = max_new_tokens
+        if limit and enc["input_ids"].shape[1] + max_new_tokens > limit:  # clamp: answers end at the last position
+            keep = max(limit - max_new_tokens, limit // 2)  # a prompt longer than that keeps its end
+            enc = {k: v[:, -keep:] for k, v in enc.items()}
+            new_tokens = limit - enc["input_ids"].shape[1]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with autocast:
             out = model.generate(
                 **enc,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens if fixed_length else None,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens if fixed_length else None,
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,

@@ -81,7 +81,10 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     ).last_hidden_state
     hidden, targets = hidden[:, :-1][mask], targets[mask]
     head = lm.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # A micro-batch whose responses were all cut off by seq_len has no target: a zero that is still part of the
+    # graph (the sum of an empty selection), so backward() adds nothing instead of failing ("element 0 of
+    # tensors does not require grad"). Data with no target at all is refused before training (trainer.setup).
+    total = hidden.float().sum() * 0.0
     for start in range(0, count, LOSS_CHUNK_TOKENS):
         h, y = hidden[start : start + LOSS_CHUNK_TOKENS], targets[start : start + LOSS_CHUNK_TOKENS]
         if torch.is_grad_enabled():

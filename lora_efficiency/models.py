@@ -163,6 +163,24 @@ def check_packing(source: ModelSource, *, trust_remote_code: bool = False) -> No
         raise UserError(problem)
 
 
+def positions_of(config) -> int:
+    """The longest sequence a model's config allows (max_position_embeddings; n_positions for GPT-2), 0 if none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(value := getattr(config, name, None), int) and value > 0:
+            return value
+    return 0
+
+
+def max_positions(path: str, *, trust_remote_code: bool = False) -> int:
+    """positions_of() the model at `path`; 0 when its config does not load (the model load says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return positions_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):
+        return 0
+
+
 def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
     if name == BUNDLED_MODEL:
@@ -201,14 +219,47 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def _folder_revision(folder: Path) -> str:
-    """A short content hash of a local folder's config and weight index (not the weights: 0.1 ms, not minutes)."""
+    """A content hash of a local folder: its JSON files (config, tokenizer) and the sha256 of every weight file,
+    so other weights under the same folder name never resume or hash (config_hash) as the same model. Names and
+    sizes were not enough: retrained weights of one architecture have the same sizes, even the same safetensors
+    headers."""
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.json")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     for f in sorted(folder.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(f"{f.name}:{file_digest(f)}".encode())
     return "local-" + h.hexdigest()[:12]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, cached in <cache>/digests.json under its path, size, mtime and inode: hashing the bundled
+    model's 260 MB takes ~0.5 s, so it is done once per file version, not at every run."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+    cache = cache_root() / "digests.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    known[key] = h.hexdigest()
+    known = dict(list(known.items())[-1000:])  # the latest 1,000 file versions: ~150 KB
+    try:  # a cache that cannot be written only costs the hash again next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".digests-{os.getpid()}.json")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    except OSError:
+        pass
+    return h.hexdigest()
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> UserError:

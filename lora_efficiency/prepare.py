@@ -138,7 +138,8 @@ def prepare_data(
     }
     key = cache_key(dataset=dataset, tokenizer=tokenizer, model=model, settings=settings)
     is_file = bool(dataset) and Path(dataset).is_file()
-    name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if is_file else dataset or D.BUNDLED_DATA)
+    # cut to 100 characters: a file's stem may be 250, and the folder's name (stem-key) must stay under NAME_MAX
+    name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if is_file else dataset or D.BUNDLED_DATA)[:100]
     folder = cache_root() / "data" / f"{name}-{key}"
     if (folder / "manifest.json").exists():
         prepared = load_prepared(folder)

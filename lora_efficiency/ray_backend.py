@@ -61,7 +61,15 @@ def _connect(address: str):
     else:
         # "local": a new instance even if `ray start` runs on this machine (plain ray.init() would join that).
         # The tasks pass a few KB of results: a 256 MB object store instead of 30 % of the machine's memory.
-        ray.init(address="local", include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=True)
+        # The node announces itself on loopback and has no dashboard; Ray 2.60's GCS server and raylet still
+        # listen on every interface (measured; no setting binds them), behind the token Ray makes per machine.
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            log_to_driver=True,
+            _node_ip_address="127.0.0.1",
+        )
     return ray, True
 
 

@@ -1,18 +1,41 @@
-"""Secrets never reach the tracking store, the terminal or an error tag."""
+"""Secrets never reach the tracking store, the terminal, a log file or an error tag."""
 
 from __future__ import annotations
 
 import os
 import re
 
-# Secrets never reach the tracking store: the values of these variables, and anything shaped like a Hugging Face,
-# OpenAI or GitHub token, are replaced by `<prefix>***` in every param, tag, text and artifact this project logs.
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "OPENAI_API_KEY", "GITHUB_TOKEN")
+# Secrets never reach the tracking store: the values of these variables, of every variable whose name says it holds
+# a secret (SECRET_NAME), a URI's password (`scheme://user:password@host`), and anything shaped like a Hugging Face,
+# OpenAI or GitHub token are replaced by `***` (`<prefix>***` for a token) in every param, tag, text, artifact,
+# `error:` line and log record this project writes.
+SECRET_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HUGGINGFACE_TOKEN",
+    "OPENAI_API_KEY",
+    "GITHUB_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
+# Values that are switches, not secrets (HF_HUB_DISABLE_IMPLICIT_TOKEN=1): masking "1" would mask every digit 1.
+_FLAGS = {"", "0", "1", "true", "false", "yes", "no", "on", "off", "none"}
 _TOKEN = re.compile(r"\b(hf_|sk-|gh[opsu]_|github_pat_)[A-Za-z0-9_-]{16,}")
+_URI_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*):([^/\s@]*)@")  # scheme://user:password@
+
+
+def secret_values() -> list[str]:
+    """Every value of a secret variable (SECRET_ENV, or a name matching SECRET_NAME) but switches, longest first,
+    so a value that contains another is masked whole."""
+    values = {
+        v for k, v in os.environ.items() if (k in SECRET_ENV or SECRET_NAME.search(k)) and v.lower() not in _FLAGS
+    }
+    return sorted(values, key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    for name in SECRET_ENV:
-        if len(value := os.environ.get(name, "")) >= 8:
-            text = text.replace(value, "***")
+    for value in secret_values():
+        text = text.replace(value, "***")
+    text = _URI_PASSWORD.sub(r"\1:***@", text)
     return _TOKEN.sub(lambda m: m.group(1) + "***", text)

@@ -8,6 +8,8 @@ load_source("my_data.jsonl")      # a local .json, .jsonl, .csv or .parquet file
 
 from __future__ import annotations
 
+import csv
+import json
 import platform
 import re
 from collections.abc import Callable, Iterable
@@ -17,7 +19,7 @@ from pathlib import Path
 import datasets
 
 from lora_efficiency.data import BUNDLED_DATA, Example, bundled_instruct
-from lora_efficiency.errors import ConfigError, UserError, invalid
+from lora_efficiency.errors import ConfigError, UserError, invalid, shown
 
 INSTRUCTION = "instruction"  # prompt/response pairs
 TEXT = "text"  # plain text for causal-LM perplexity
@@ -247,17 +249,92 @@ _FILE_SCHEMAS = (  # the columns a file must have -> its mapping, tried in this 
 )
 
 
-def _read_file(path: Path, dataset: str) -> tuple[list[dict], list[str]]:
-    """(records, column names) of a local file, through the datasets loader of its format."""
+class NotText(Exception):
+    """A field a mapping reads holds a number, list or object, not text."""
+
+    def __init__(self, column: str, value: object):
+        self.column, self.value = column, value
+        super().__init__(column)
+
+
+class _TextRecord(dict):
+    """One record of a file as the mappings see it: a missing column reads as None (as datasets fills it), and a
+    field that is not text raises NotText: str() of a dict would train on "{'name': ...}" without a word."""
+
+    def __init__(self, record: dict, at: str):
+        super().__init__(record)
+        self.at = at  # "line 7" (JSON) or "row 7" (CSV, parquet), 1-based, for error messages
+
+    def __getitem__(self, column):
+        value = self.get(column)
+        if value is not None and not isinstance(value, str):
+            raise NotText(column, value)
+        return value
+
+
+def _json_records(path: Path, dataset: str) -> tuple[list[dict], list[str]]:
+    """(records, where each is: "line 3" or "record 3") of a .json (a list of objects) or .jsonl (one object a
+    line) file. Hand-written, not datasets' JSON loader: pyarrow's reader crashed the process (exit 139, no
+    message) on a file holding `null`, and names no line of a broken one."""
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise UserError(f"dataset={dataset!r}: the file is empty")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):  # one JSON document: its own position
+            raise UserError(
+                f"dataset={dataset!r}: not JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
+            ) from None
+        parsed = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    parsed.append((json.loads(line), f"line {number}"))
+                except json.JSONDecodeError as exc:
+                    raise UserError(
+                        f"dataset={dataset!r}: line {number} is not JSON ({exc.msg}, column {exc.colno})"
+                    ) from None
+    else:
+        if not isinstance(whole, list):
+            whole = [whole]
+        parsed = [(record, f"record {n}") for n, record in enumerate(whole, 1)]
+    for record, where in parsed:
+        if not isinstance(record, dict):
+            raise UserError(
+                f"dataset={dataset!r}: {where} holds {type(record).__name__ if record is not None else 'null'}"
+                ', not an object: a record is an object of text fields, such as {"prompt": ..., "response": ...}'
+            )
+    return [r for r, _ in parsed], [n for _, n in parsed]
+
+
+def _csv_as_text(path: Path) -> dict:
+    """load_dataset arguments that keep every CSV cell text: pandas' guess turns "007" into 7 and "NA" into null."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header}) if header else None
+    return {"features": features, "keep_default_na": False}
+
+
+def _read_file(path: Path, dataset: str) -> tuple[list[_TextRecord], list[str]]:
+    """(records, column names) of a local file; each record knows its line (JSON) or row (CSV, parquet)."""
     loader = FILE_FORMATS[path.suffix.lower()]
     try:
-        table = datasets.load_dataset(loader, data_files=str(path), split="train")
-        records = table.to_list()  # pyarrow's JSON reader keeps bad UTF-8 inside strings: it fails only here
+        if loader == "json":
+            records, places = _json_records(path, dataset)
+            columns = list(dict.fromkeys(k for r in records for k in r))
+        else:
+            extra = _csv_as_text(path) if loader == "csv" else {}
+            table = datasets.load_dataset(loader, data_files=str(path), split="train", **extra)
+            records, columns = table.to_list(), table.column_names
+            places = [f"row {n}" for n in range(1, len(records) + 1)]
+    except UserError:
+        raise
     except Exception as exc:  # datasets raises something different for each way a file is bad: ask the file
         raise UserError(f"dataset={dataset!r}: {_why_unreadable(path, loader, exc)}") from exc
     if not records:
         raise UserError(f"dataset={dataset!r}: the file holds no records")
-    return records, table.column_names
+    return [_TextRecord(r, at) for r, at in zip(records, places, strict=True)], columns
 
 
 def _why_unreadable(path: Path, loader: str, exc: Exception) -> str:
@@ -294,7 +371,7 @@ def _file_mapping(
         if set(needed) <= set(columns):
             return INSTRUCTION, mapping
     if "text" in columns:
-        first = next((r for r in records if _clean(r["text"])), None)
+        first = next((r for r in records if isinstance(r.get("text"), str) and r["text"].strip()), None)
         if first is not None and guanaco_example(first) is not None:
             return INSTRUCTION, guanaco_example
         return TEXT, lambda r: _clean(r["text"]) or None
@@ -307,8 +384,18 @@ def _file_mapping(
 
 def _load_file(path: Path, dataset: str, prompt_field: str, response_field: str, text_field: str) -> Source:
     records, columns = _read_file(path, dataset)
-    kind, mapping = _file_mapping(columns, records, dataset, prompt_field, response_field, text_field)
-    mapped = [x for x in map(mapping, records) if x is not None]
+    record = records[0]
+    try:
+        kind, mapping = _file_mapping(columns, records, dataset, prompt_field, response_field, text_field)
+        mapped = []
+        for record in records:
+            if (x := mapping(record)) is not None:
+                mapped.append(x)
+    except NotText as bad:
+        raise UserError(
+            f"dataset={dataset!r}: {record.at}, column {bad.column!r} holds {type(bad.value).__name__} "
+            f"{shown(bad.value, 60)}, not text: every record's fields must be strings (quote numbers)"
+        ) from None
     if not mapped:
         empty = "text" if kind == TEXT else "prompt or response"
         raise UserError(f"dataset={dataset!r}: all {len(records)} records have an empty {empty}")

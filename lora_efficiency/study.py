@@ -18,12 +18,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lora_efficiency.children import flags, owner_tags
-from lora_efficiency.config import StudyConfig, TrainConfig, is_path
+from lora_efficiency.children import flags
+from lora_efficiency.config import StudyConfig, TrainConfig, is_path, report_folder
 from lora_efficiency.errors import UserError
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
 from lora_efficiency.sweep import Sweep, load_profile, load_sweep, prepare_once, run_sweep
+from lora_efficiency.tracking import owner_tags
 
 
 def _say(line: str) -> None:
@@ -164,5 +165,5 @@ def report_study(study: Study, study_run_id: str, failures: list[str]) -> None:
         raise UserError(f"{len(failures)} run(s) of the study failed: " + " | ".join(failures)[:2000])
     if not reported:
         raise UserError(f"the study's runs are logged, but its report failed: run {' '.join(report[1:])} again")
-    folder = cfg.output or f"reports/{experiment}"
+    folder = cfg.output or report_folder(experiment)
     print(f"[study {cfg.profile}] done: {folder}/report.md; compare the runs with `make ui`")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -23,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lora_efficiency import progress
-from lora_efficiency.children import Job, Outcome, is_stale, run_here, train_args
+from lora_efficiency.children import Job, Outcome, run_here, train_args
 from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
-from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
+from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, load_yaml, read_defaults
 from lora_efficiency.configuration import planner_inputs, sweep_key
-from lora_efficiency.errors import ConfigError, UserError
+from lora_efficiency.errors import ConfigError, UserError, invalid
 from lora_efficiency.lr_tuning import (
     LR_KEYS,
     Choice,
@@ -44,11 +45,16 @@ from lora_efficiency.lr_tuning import (
     pilot_key,
     pilot_tags,
 )
+from lora_efficiency.redaction import redact
+from lora_efficiency.tracking import fail_orphaned_runs
 
 if TYPE_CHECKING:
     from lora_efficiency.prepare import Prepared
 
-SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds", *LR_KEYS}
+SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds", "max_runs", *LR_KEYS}
+# A sweep of more runs than this (configurations x seeds, before the learning-rate pilots) must say so in its file
+# (`max_runs: N`, N >= its size): a typo in an axis (10,000 configurations) should not start days of training.
+MAX_RUNS_UNASKED = 200
 
 
 @dataclass
@@ -90,8 +96,8 @@ class Sweep:
 
 def _read_yaml(path: Path, what: str) -> dict:
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, an int of 4,300+ digits
         raise UserError(f"{what}={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
@@ -108,6 +114,21 @@ def load_profile(profile: str) -> dict:
         known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
         raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
     return _read_yaml(path, "profile")
+
+
+def check_size(path: Path, spec: dict, runs: int) -> None:
+    """A sweep above MAX_RUNS_UNASKED runs needs `max_runs` >= its size in its file; any sweep stays within its own."""
+    stated = spec.get("max_runs")
+    if stated is not None and (isinstance(stated, bool) or not isinstance(stated, int) or stated < 1):
+        raise ConfigError([invalid("max_runs", stated, "an integer >= 1, the most runs this sweep may start")])
+    if runs > (stated or MAX_RUNS_UNASKED):
+        allowed = f"max_runs={stated}" if stated else f"more than {MAX_RUNS_UNASKED} runs"
+        raise ConfigError(
+            [
+                f"config={str(path)!r} expands to {runs:,} runs (configurations x seeds), {allowed}: "
+                f"set max_runs: {runs} in the file if that is meant, or shorten the axes"
+            ]
+        )
 
 
 def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any] | None = None) -> Sweep:
@@ -135,11 +156,13 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
         axes = spec["axes"]
         if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
             raise ConfigError([f"axes={axes!r} is invalid: a mapping of setting -> non-empty list of values"])
+        check_size(path, spec, math.prod(len(v) for v in axes.values()) * len(seeds))  # before the product exists
         variants = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     else:
         variants = spec["configurations"]
         if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
             raise ConfigError([f"configurations={variants!r} is invalid: a non-empty list of mappings"])
+        check_size(path, spec, len(variants) * len(seeds))
     children, problems = [], []
     for variant in variants:
         label = ",".join(f"{k}={v}" for k, v in variant.items()) or "base"
@@ -262,17 +285,6 @@ def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     return out
 
 
-def mark_stale_runs(client, experiment_id: str) -> int:
-    """Runs left RUNNING by a sweep whose process is gone on this host -> FAILED."""
-    stale = 0
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
-        if "owner_pid" in run.data.tags and is_stale(run.data.tags):
-            client.set_tag(run.info.run_id, "error", "stale: the sweep that ran it died (marked on restart)")
-            client.set_terminated(run.info.run_id, "FAILED")
-            stale += 1
-    return stale
-
-
 def finished_keys(client, experiment_id: str) -> dict[str, str]:
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
     return {r.data.tags["sweep_key"]: r.info.run_id for r in runs if "sweep_key" in r.data.tags}
@@ -311,9 +323,9 @@ def run_sweep(
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     shown = _Progress(sweep, bars=progress.bars_wanted() and backend == "local", log=log)  # concurrent: lines
-    stale = mark_stale_runs(client, experiment_id)
+    stale = fail_orphaned_runs(client, experiment_id, by=f" by sweep run {parent_run_id}")
     if stale:
-        shown.say(f"[{sweep.name}] marked {stale} stale RUNNING run(s) of a dead sweep FAILED")
+        shown.say(f"[{sweep.name}] marked {stale} RUNNING run(s) whose process is gone FAILED")
     place = _Placement(parent_run_id, experiment_id, backend, _children_env(bars=shown.bar is not None))
     phase = _Phase(
         sweep=sweep,
@@ -578,7 +590,7 @@ def _child_error(outcome: Outcome) -> str:
     error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
     if outcome.returncode < 0:
         error = f"killed by signal {-outcome.returncode} (out of memory?) {error}".strip()
-    return error
+    return redact(error)  # a child's last line may be anything it printed: a URI with its password, a token
 
 
 def absolute_tracking_uri(uri: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import mlflow
 import requests
 
-from lora_efficiency.cli import no_interrupts
+from lora_efficiency.cli import no_interrupts, quiet_log_records
 from lora_efficiency.errors import TrackingError, UserError
 from lora_efficiency.redaction import redact
 
@@ -41,18 +42,21 @@ def git_commit() -> str:
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".jinja")
 
 
-def _redacted_copy(local_dir: str) -> str:
-    """`local_dir` itself, or a temporary copy whose text files have their secrets redacted."""
+@contextlib.contextmanager
+def _redacted_copy(local_dir: str) -> Iterator[str]:
+    """`local_dir` itself, or a temporary copy whose text files have their secrets redacted, removed on exit."""
     files = [f for f in Path(local_dir).rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES]
     dirty = [f for f in files if redact(text := f.read_text(errors="replace")) != text]
     if not dirty:
-        return local_dir
-    copy = Path(tempfile.mkdtemp(prefix="redacted-")) / "d"
-    shutil.copytree(local_dir, copy)
-    for f in dirty:
-        target = copy / f.relative_to(local_dir)
-        target.write_text(redact(target.read_text(errors="replace")))
-    return str(copy)
+        yield local_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="redacted-") as tmp:
+        copy = Path(tmp) / "d"
+        shutil.copytree(local_dir, copy)
+        for f in dirty:
+            target = copy / f.relative_to(local_dir)
+            target.write_text(redact(target.read_text(errors="replace")))
+        yield str(copy)
 
 
 class MlflowTracker:
@@ -112,8 +116,17 @@ class MlflowTracker:
             mlflow.log_text(redact(text), artifact_file)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        with _artifact_storage(artifact_path):
-            mlflow.log_artifacts(_redacted_copy(local_dir), artifact_path)
+        with _artifact_storage(artifact_path), _redacted_copy(local_dir) as clean:
+            mlflow.log_artifacts(clean, artifact_path)
+
+    def log_files(self, root: Path, files: list[Path], artifact_path: str = "") -> None:
+        """Exactly `files` (each under `root`, at its path relative to it), never whatever else `root` holds."""
+        with tempfile.TemporaryDirectory(prefix="artifacts-") as tmp:
+            for f in files:
+                target = Path(tmp) / Path(f).resolve().relative_to(Path(root).resolve())
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+            self.log_artifacts(tmp, artifact_path)
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         data = {k: [redact(v) if isinstance(v, str) else v for v in col] for k, col in data.items()}
@@ -163,24 +176,80 @@ def download_checkpoint(run_id: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=steps[-1]))
 
 
+def owner_tags() -> dict[str, str]:
+    """Who writes a run: this host, this process and its start time (a pid alone is reused after the process
+    dies). A RUNNING run whose owner is gone is FAILED by the next command on its experiment (fail_orphaned_runs)."""
+    import psutil
+
+    return {
+        "owner_host": socket.gethostname(),
+        "owner_pid": str(os.getpid()),
+        "owner_started": f"{psutil.Process().create_time():.2f}",
+    }
+
+
+def owner_gone(tags: dict[str, str]) -> str:
+    """Why a RUNNING run's owner (owner_tags) is gone, or "" when it lives or cannot be judged (another host, no
+    owner tags): its pid is dead, or now belongs to a process started at another time."""
+    import psutil
+
+    if tags.get("owner_host") != socket.gethostname() or not tags.get("owner_pid", "").isdigit():
+        return ""  # another machine's run: not ours to judge
+    pid = int(tags["owner_pid"])
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return f"its process {pid} on {tags['owner_host']} is gone"
+    except psutil.Error:  # AccessDenied: a process of another user lives there
+        return ""
+    if "owner_started" in tags and abs(started - float(tags["owner_started"])) > 1.0:
+        return f"its process {pid} on {tags['owner_host']} is gone (the pid now belongs to another process)"
+    return ""
+
+
+def fail_orphaned_runs(client, experiment_id: str, *, by: str = "") -> int:
+    """Mark FAILED, with an `error` tag saying why, every RUNNING run of the experiment whose owner is gone (a
+    `kill -9`, a machine that lost power): no run stays RUNNING forever. Returns how many."""
+    failed = 0
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        if reason := owner_gone(run.data.tags):
+            client.set_tag(run.info.run_id, "error", f"orphaned: {reason}; marked FAILED{by}")
+            client.set_tag(run.info.run_id, "failed_reason", "owner_gone")
+            client.set_terminated(run.info.run_id, "FAILED")
+            failed += 1
+    return failed
+
+
+def _probe_health(uri: str) -> None:
+    """GET <server>/health once, with the credentials MLflow's client would send: a `user:password@` in the URI
+    (requests takes it from there; urllib took it for the host and failed) or MLFLOW_TRACKING_USERNAME/PASSWORD,
+    MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH (host creds)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=5).raise_for_status()
+
+
 def check_tracking_store() -> None:
     """Fail before any training if the tracking store cannot be reached. A server gets a quick probe first:
     MLflow's own client retries a refused connection for ~4 min before it gives up."""
+    quiet_log_records()  # MLflow's logger exists now: its records are masked, its tracebacks go to the log file
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         for attempt in range(3):  # ~3 s: a server that is restarting gets a moment
             try:
-                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5)
+                _probe_health(uri)
                 break
-            except OSError as exc:
+            except (requests.exceptions.RequestException, mlflow.exceptions.MlflowException) as exc:
                 if attempt == 2:
-                    raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {exc}") from None
+                    reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+                    raise TrackingError(f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {reason}") from None
                 time.sleep(1.5)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(
-            f"MLFLOW_TRACKING_URI={uri!r} cannot be reached: {str(exc).splitlines()[0][:200]}"
+            f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {redact(str(exc).splitlines()[0])[:200]}"
         ) from None
 
 
@@ -195,7 +264,11 @@ def start_run(
         mlflow.set_experiment(experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
     run = mlflow.start_run(run_name=redact(run_name), log_system_metrics=system_metrics)
     try:
-        mlflow.set_tags({"entry_point": entry_point, "git_commit": git_commit()})
+        mlflow.set_tags({"entry_point": entry_point, "git_commit": git_commit(), **owner_tags()})
+        with contextlib.suppress(Exception):  # cleaning up after others never stops this run
+            fail_orphaned_runs(
+                mlflow.MlflowClient(), run.info.experiment_id, by=f" by {entry_point} run {run.info.run_id}"
+            )
         check_artifact_storage()
         tracker = MlflowTracker(run.info.run_id)
         yield tracker

@@ -44,6 +44,7 @@ from lora_efficiency.models import (
     compute_dtype,
     load_base_model,
     load_tokenizer,
+    max_positions,
     provenance,
     resolve_target_modules,
 )
@@ -127,6 +128,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name!r} but torch sees no CUDA device: allowed here are 'auto' and 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(
+            f"device={name!r} is invalid: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
     return device
 
 
@@ -264,6 +269,19 @@ def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **o
 # -- setup: data, model, optimizer ----------------------------------------------------------------------------
 
 
+def check_fits_model(cfg: TrainConfig, rows: D.Rows, model: ModelSource) -> None:
+    """Refuse, before any step, data with no target token left (every response truncated away at seq_len) and a
+    seq_len beyond the model's positions (a learned position table, GPT-2's 1,024, fails with IndexError)."""
+    if not any(label != D.IGNORE_INDEX for row in rows.labels for label in row):
+        raise UserError(
+            f"seq_len={cfg.seq_len} leaves no target token in the {len(rows)} training rows of data={cfg.data!r}: "
+            "every response is cut off after its prompt; raise seq_len or use shorter prompts"
+        )
+    limit = max_positions(model.path, trust_remote_code=cfg.trust_remote_code)
+    if limit and cfg.seq_len > limit:
+        raise UserError(f"seq_len={cfg.seq_len} is invalid for model={cfg.model!r}: at most its {limit} positions")
+
+
 def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
     """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
     if cfg.packing:
@@ -281,6 +299,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
     # eval_samples when both fit (100 + 200 in the 300 of the bundled set), so choices made on it (the LR) are
     # not scored on the examples that report them
     val_rows = D.unpacked(D.TokenizedSplit(held_out.input_ids[-cfg.val_samples :], held_out.labels[-cfg.val_samples :]))
+    check_fits_model(cfg, rows, model)
     if len(rows) < cfg.batch_size * group.size:
         raise UserError(
             f"batch_size={cfg.batch_size} x {group.size} process(es) is larger than the {len(rows)} training rows "

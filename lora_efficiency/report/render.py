@@ -8,9 +8,12 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
+import os
 from collections import Counter
 from pathlib import Path
 
+from lora_efficiency.errors import UserError
 from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.families import families_section
@@ -337,6 +340,7 @@ def write_report(report: Report, folder: Path) -> dict[str, Path]:
     Returns:
         The paths written: "markdown", "html", "csv", then one per chart by its name.
     """
+    _claim_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     charts = draw_charts(report, folder / "charts")
     blocks = _document(report, charts)
@@ -345,4 +349,41 @@ def write_report(report: Report, folder: Path) -> dict[str, Path]:
     paths["markdown"].write_text(render_report_markdown(blocks, folder), encoding="utf-8")
     paths["html"].write_text(render_html(blocks, title), encoding="utf-8")
     write_csv(report, paths["csv"])
-    return {**paths, **charts}
+    written = {**paths, **charts}
+    (folder / WRITTEN).write_text(json.dumps(sorted(str(p.relative_to(folder)) for p in written.values())))
+    return written
+
+
+WRITTEN = ".report-files"  # the files a report wrote into its folder (relative paths), for the next report there
+
+
+def _files_in(folder: Path) -> set[str]:
+    """Relative paths of everything under `folder` but folders themselves; a link counts as a file, never followed."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *(d for d in dirs if Path(root, d).is_symlink())]:
+            found.add(str((Path(root) / name).relative_to(folder)))
+    return found
+
+
+def _claim_folder(folder: Path) -> None:
+    """A report writes into a new or empty folder, or one that holds only what an earlier report wrote there (its
+    WRITTEN list; those files are removed first, so no stale chart stays). Anything else is refused: the folder
+    is logged file by file, but a report must not overwrite what it did not make either."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"output={str(folder)!r} is not a folder: choose a new or empty folder")
+    try:
+        earlier = set(json.loads((folder / WRITTEN).read_text()))
+    except (OSError, ValueError, TypeError):
+        earlier = set()
+    present = _files_in(folder) - {WRITTEN}
+    if others := sorted(present - earlier):
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(
+            f"output={str(folder)!r} holds {len(others)} file(s) no report wrote ({shown}): "
+            "choose a new or empty folder"
+        )
+    for name in present & earlier:
+        (folder / name).unlink()

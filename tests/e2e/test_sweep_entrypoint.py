@@ -71,7 +71,7 @@ def test_killed_sweep_resumes_without_running_anything_twice(mlflow_server, tiny
     finished = Counter(r.data.tags["sweep_key"] for r in runs if r.info.status == "FINISHED")
     assert len(finished) == 3 and set(finished.values()) == {1}  # every configuration exactly once
     assert all(r.info.status in ("FINISHED", "FAILED") for r in runs)  # the interrupted child was marked FAILED
-    assert all("stale" in r.data.tags["error"] for r in runs if r.info.status == "FAILED")
+    assert all("orphaned" in r.data.tags["error"] for r in runs if r.info.status == "FAILED")
     parent = next(
         r
         for r in runs_of(client, experiment)

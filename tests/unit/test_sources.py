@@ -354,6 +354,6 @@ def test_empty_files_say_so(tmp_path):
 
 def test_malformed_files_name_the_format(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "hi"\n')
-    assert "could not be read as JSON (ArrowInvalid: JSON parse error" in user_error(str(tmp_path / "broken.jsonl"))
+    assert "line 1 is not JSON (Expecting ',' delimiter, column 16)" in user_error(str(tmp_path / "broken.jsonl"))
     (tmp_path / "broken.parquet").write_text("not parquet")
     assert "could not be read as PARQUET (ArrowInvalid:" in user_error(str(tmp_path / "broken.parquet"))
