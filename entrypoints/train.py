@@ -50,6 +50,10 @@ def main(argv: list[str]) -> None:
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
             cfg = dataclasses.replace(cfg, resume_from=str(download_checkpoint(cfg.resume_from)))
         result = train(cfg, model=source, tracker=tracker)
+        if main_rank and cfg.method == "lora":  # runs:/<id>/model: the adapter as a pyfunc (base by hub id)
+            from lora_efficiency.mlflow_model import log_adapter_model
+
+            tracker.log_metrics(log_adapter_model(result.adapter_dir, quantization=cfg.quantization))
     if not main_rank:
         return
     m = result.metrics

@@ -85,7 +85,17 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
     assert all(set(m) == STEP_METRICS for _, m in tracker.steps)
     assert set(tracker.summary) >= SUMMARY_METRICS
     assert {"config_hash", "base_model", "base_model_revision", "data_fingerprint", "device_name"} <= set(tracker.tags)
-    assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert tracker.artifacts["adapter"] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "base_model.json",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    card = (Path(result.adapter_dir) / "README.md").read_text()
+    assert "| `rank` | 16 |" in card and f"| `eval/loss` | {tracker.summary['eval/loss']:.6g} |" in card
     assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
     table = tracker.texts["eval_samples.json"]
     assert len(table["prompt"]) == 4 and set(table) == {"prompt", "reference", "output", "correct", "task"}
