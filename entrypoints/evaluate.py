@@ -63,8 +63,18 @@ def main(argv: list[str]) -> None:
     )
     kind = "run" if cfg.run_id else ("baseline" if target.adapter is None else "adapter")
     name = _run_name(kind, cfg, source, target)
-    with start_run(run_name=name, entry_point="evaluate", system_metrics=False) as tracker:
+    what = {
+        "run": f"train run {cfg.run_id}",
+        "baseline": "the base model alone",
+        "adapter": f"adapter {target.adapter}",
+    }
+    description = (
+        f"Evaluates {what[kind]} on {source.model_id} ({target.quantization}): held-out loss, exact match and "
+        f"generation speed on the eval split of {prepared.manifest['dataset']}"
+    )
+    with start_run(run_name=name, entry_point="evaluate", description=description) as tracker:
         _log_what_is_evaluated(tracker, cfg, kind, settings, source, target, prepared)
+        tracker.log_data_inputs(prepared.manifest, str(prepared.path), splits=("eval",))  # the split it scores
         result = _evaluate(cfg, network, tokenizer, prepared, target, device, do_exact_match)
         tracker.log_metrics(result.metrics)
         if result.samples["prompt"]:

@@ -47,7 +47,11 @@ def main(argv: list[str]) -> None:
     paths = write_report(report, folder)
 
     with start_run(
-        run_name=f"report-{experiment}", entry_point="report", system_metrics=False, experiment=experiment
+        run_name=f"report-{experiment}",
+        entry_point="report",
+        system_metrics=False,
+        experiment=experiment,
+        description=f"The report on experiment {experiment}: findings, charts and recommendations in {folder}",
     ) as tracker:
         tracker.log_params({**vars(cfg), "experiment_resolved": experiment, "output_resolved": str(folder)})
         tracker.set_tags(

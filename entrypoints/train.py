@@ -43,7 +43,16 @@ def main(argv: list[str]) -> None:
     if distributed.world_size() > 1:
         name += f"-x{distributed.world_size()}"
     main_rank = distributed.is_main()
-    run = start_run(run_name=name, entry_point="train") if main_rank else contextlib.nullcontext(NullTracker())
+    what = f"LoRA r={cfg.rank} on {cfg.target_modules}" if cfg.method == "lora" else "Full fine-tuning"
+    description = (
+        f"{what} of {source.model_id}, base stored as {cfg.quantization}, seed {cfg.seed}, {cfg.max_steps} steps "
+        f"on data {cfg.data or 'bundled-instruct'}; the adapter is the MLflow model `model`"
+    )
+    run = (
+        start_run(run_name=name, entry_point="train", description=description)
+        if main_rank
+        else contextlib.nullcontext(NullTracker())
+    )
     with run as tracker:
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
             tracker.log_params({"resume_from": cfg.resume_from})

@@ -67,6 +67,7 @@ class Tracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
     def log_table(self, data: dict[str, list], artifact_file: str) -> None: ...
+    def log_data_inputs(self, manifest: dict, prepared_path: str) -> None: ...
 
 
 class NullTracker:
@@ -88,6 +89,9 @@ class NullTracker:
         pass
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        pass
+
+    def log_data_inputs(self, manifest: dict, prepared_path: str) -> None:
         pass
 
 
@@ -432,6 +436,7 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
         }
     )
     tracker.set_tags(s.tags)
+    tracker.log_data_inputs(s.prepared.manifest, str(s.prepared.path))
 
 
 def resume(s: Session, folder: Path, tracker: Tracker) -> None:

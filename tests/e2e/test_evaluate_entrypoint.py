@@ -92,6 +92,11 @@ def test_baseline_is_its_own_tagged_run(mlflow_server, tiny_model_dir, tiny_data
     (run,) = runs_of(MlflowClient(mlflow_server), experiment)
     assert run.data.tags["baseline"] == "true" and run.data.tags["eval_kind"] == "baseline"
     assert {"eval/loss", "eval/perplexity", "eval/exact_match", "inference/tokens_per_second"} <= set(run.data.metrics)
+    ((dataset, tags),) = [(d.dataset, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("tiny-eval", run.data.tags["data_fingerprint"])
+    assert tags["mlflow.data.context"] == "eval"
+    assert run.data.tags["mlflow.note.content"].startswith("Evaluates the base model alone")
+    assert any(k.startswith("system/") for k in run.data.metrics), "system metrics are on"
 
 
 def direct(mlflow_server, *args):

@@ -56,6 +56,9 @@ class RecordingTracker:
     def log_table(self, data, artifact_file):
         self.texts[artifact_file] = data
 
+    def log_data_inputs(self, manifest, prepared_path):
+        self.inputs = (manifest["fingerprint"], prepared_path)
+
 
 def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
     kwargs = dict(
