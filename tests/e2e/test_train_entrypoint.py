@@ -157,6 +157,48 @@ def test_the_run_logs_an_adapter_only_mlflow_model_that_answers_in_a_fresh_proce
     assert answers["framed"][0] == answers["listed"][0]  # greedy: the same prompt, the same answer
 
 
+def test_mlflow_models_serve_answers_a_request_over_loopback(trained, mlflow_server, tmp_path):
+    """A real `mlflow models serve` process (--env-manager local) on 127.0.0.1: a list and a DataFrame."""
+    import json
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from tests.conftest import _free_port
+
+    _, run = trained
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: dict) -> list:
+        request = urllib.request.Request(
+            f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        return json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        listed = post({"inputs": ["What is 2 + 2?"], "params": {"max_new_tokens": 4}})
+        framed = post({"dataframe_records": [{"prompt": "What is 2 + 2?"}], "params": {"max_new_tokens": 4}})
+        assert len(listed) == 1 and isinstance(listed[0], str) and framed == listed
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def _walk(client, model_id, path):
     for f in client.list_logged_model_artifacts(model_id, path or None):
         yield from (_walk(client, model_id, f.path) if f.is_dir else [f])
