@@ -7,6 +7,7 @@ python -m entrypoints.evaluate --adapter path/to/adapter --data python-docs
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.evaluation import eval_settings_tag, use_exact_match
-    from lora_efficiency.inference import download_adapter, load_for_inference
+    from lora_efficiency.inference import download_adapter, load_for_inference, resolve_run_ref
     from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import resolve_data
     from lora_efficiency.tracking import check_tracking_store, start_run
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> None:
 
     hf_logging.disable_progress_bar()
     check_tracking_store()
+    given = cfg.run_id
+    cfg = dataclasses.replace(cfg, run_id=resolve_run_ref(cfg.run_id)) if cfg.run_id else cfg  # runs:/, models:/
     target = _target(cfg)
     device = resolve_device(cfg.device)
     source = resolve_model(target.model)
@@ -64,8 +67,20 @@ def main(argv: list[str]) -> None:
     )
     kind = "run" if cfg.run_id else ("baseline" if target.adapter is None else "adapter")
     name = _run_name(kind, cfg, source, target)
-    with start_run(run_name=name, entry_point="evaluate", system_metrics=False) as tracker:
+    what = {
+        "run": f"train run {cfg.run_id}",
+        "baseline": "the base model alone",
+        "adapter": f"adapter {target.adapter}",
+    }
+    description = (
+        f"Evaluates {what[kind]} on {source.model_id} ({target.quantization}): held-out loss, exact match and "
+        f"generation speed on the eval split of {prepared.manifest['dataset']}"
+    )
+    with start_run(run_name=name, entry_point="evaluate", description=description) as tracker:
         _log_what_is_evaluated(tracker, cfg, kind, settings, source, target, prepared)
+        if given != cfg.run_id:
+            tracker.set_tags({"evaluated_model_uri": given})
+        tracker.log_data_inputs(prepared.manifest, str(prepared.path), splits=("eval",))  # the split it scores
         result = _evaluate(cfg, network, tokenizer, prepared, target, device, do_exact_match)
         tracker.log_metrics(result.metrics)
         if result.samples["prompt"]:

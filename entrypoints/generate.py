@@ -1,5 +1,6 @@
 """Answer a prompt with a base model and an adapter from a train run or a folder.
 
+python -m entrypoints.generate --run_id models:/<experiment>@best --prompt "..."   # a winner; or runs:/<id>/model
 python -m entrypoints.generate --run_id <train run id> --prompt "Compute 17 + 25. Answer with the number only."
 python -m entrypoints.generate --adapter path/to/adapter --model smollm2-135m --prompt "..."
 python -m entrypoints.generate --adapter none --prompt "What is the capital of France?"     # the base alone
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> None:
         download_adapter,
         generate,
         load_for_inference,
+        resolve_run_ref,
         train_run,
     )
     from lora_efficiency.models import BUNDLED_MODEL, QUANTIZATIONS
@@ -29,9 +31,10 @@ def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()
     model, quantization, adapter = cfg.model, cfg.quantization, None
     if cfg.run_id:
-        params = train_run(cfg.run_id).data.params
+        run_id = resolve_run_ref(cfg.run_id)  # a run id, runs:/<id>/model or models:/<name>@<alias>
+        params = train_run(run_id).data.params
         model, quantization = model or params.get("model", ""), quantization or params.get("quantization", "")
-        adapter = download_adapter(cfg.run_id)
+        adapter = download_adapter(run_id)
     elif cfg.adapter != "none":
         adapter = check_adapter_folder(cfg.adapter)
     quantization = quantization or "bf16"

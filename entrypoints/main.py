@@ -22,7 +22,11 @@ def main(argv: list[str]) -> None:
 
     hf_logging.disable_progress_bar()
     study = load_study(cfg)  # every sweep file and child checked, one data set prepared, before any run opens
-    with start_run(run_name=f"study-{cfg.profile or 'default'}", entry_point="main", system_metrics=False) as tracker:
+    description = f"The study ({cfg.profile or 'default'} profile): baselines, sweeps and the report, as child runs"
+    # no system metrics here: the parent waits; each child run samples its own
+    with start_run(
+        run_name=f"study-{cfg.profile or 'default'}", entry_point="main", system_metrics=False, description=description
+    ) as tracker:
         tracker.log_params(vars(cfg))
         tracker.set_tags({"study_profile": cfg.profile, "data_fingerprint": study.fingerprint})
         failures = run_study(study, tracker.run_id)

@@ -1,5 +1,6 @@
 """Merge a LoRA adapter into its (unquantized) base and write one model folder, loadable without peft.
 
+python -m entrypoints.merge --run_id models:/<experiment>@best --output merged/
 python -m entrypoints.merge --run_id <train run id> --output merged/
 python -m entrypoints.merge --adapter path/to/adapter --model smollm2-135m --output merged/ --dtype fp32
 """
@@ -14,14 +15,15 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(MergeConfig, "merge", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
-    from lora_efficiency.inference import check_adapter_folder, download_adapter, merge, train_run
+    from lora_efficiency.inference import check_adapter_folder, download_adapter, merge, resolve_run_ref, train_run
     from lora_efficiency.models import BUNDLED_MODEL
 
     hf_logging.disable_progress_bar()
     model = cfg.model
     if cfg.run_id:
-        model = model or train_run(cfg.run_id).data.params.get("model", "")
-        adapter = download_adapter(cfg.run_id)
+        run_id = resolve_run_ref(cfg.run_id)  # a run id, runs:/<id>/model or models:/<name>@<alias>
+        model = model or train_run(run_id).data.params.get("model", "")
+        adapter = download_adapter(run_id)
     else:
         adapter = check_adapter_folder(cfg.adapter)
     out = merge(model=model or BUNDLED_MODEL, adapter=adapter, output_dir=cfg.output, dtype=cfg.dtype)

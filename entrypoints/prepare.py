@@ -24,7 +24,13 @@ def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
-    with start_run(run_name=f"prepare-{cfg.dataset or 'instruct'}", entry_point="prepare", system_metrics=False) as t:
+    description = (
+        f"Prepares data {cfg.dataset or 'bundled-instruct'} for {source.model_id}: formatted, tokenized to "
+        f"seq_len {cfg.seq_len}, split (eval fraction {cfg.eval_fraction}), cached; the splits are its dataset inputs"
+    )
+    with start_run(
+        run_name=f"prepare-{cfg.dataset or 'instruct'}", entry_point="prepare", description=description
+    ) as t:
         t.log_params({**vars(cfg), "model_id": source.model_id, "model_revision": source.revision})
         prepared = prepare_data(
             dataset=cfg.dataset,
@@ -56,6 +62,7 @@ def main(argv: list[str]) -> None:
         stats["data/skipped_records"] = float(m["skipped_records"])
         t.log_metrics(stats)
         t.log_text(json.dumps(m, indent=2), "manifest.json")
+        t.log_data_inputs(m, str(prepared.path))
     print(
         f"prepared {m['dataset']}: {m['train']['count']} train / {m['eval']['count']} eval examples, "
         f"{m['train']['truncated']} truncated, padding {m['packing']['padding_fraction_unpacked']:.0%} unpacked -> "

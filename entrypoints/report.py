@@ -5,7 +5,8 @@ mlflow run . -e report --env-manager local -P sweep_run_id=<a sweep or study run
 python -m entrypoints.report --experiment study-quick --output reports/quick
 
 Writes report.md, report.html (images inside), configurations.csv and charts/ to the output folder and logs
-them as the artifacts of a run tagged report=true.
+them as the artifacts of a run tagged report=true; registers the winners (the best configuration overall and under
+each memory budget) as versions of the registered model <experiment>, aliases best and best-under-<N>mb.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv: list[str]) -> None:
 
     from lora_efficiency.report import build_report, fetch_loss_curves, fetch_scope, predict_peak_memory, write_report
     from lora_efficiency.report.lr import pilots_in_scope
+    from lora_efficiency.report.registry import register_winners
     from lora_efficiency.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, check_tracking_store, start_run
 
     check_tracking_store()
@@ -47,7 +49,11 @@ def main(argv: list[str]) -> None:
     paths = write_report(report, folder)  # a new or empty folder, or an earlier report's: nothing else is touched
 
     with start_run(
-        run_name=f"report-{experiment}", entry_point="report", system_metrics=False, experiment=experiment
+        run_name=f"report-{experiment}",
+        entry_point="report",
+        system_metrics=False,
+        experiment=experiment,
+        description=f"The report on experiment {experiment}: findings, charts and recommendations in {folder}",
     ) as tracker:
         tracker.log_params({**vars(cfg), "experiment_resolved": experiment, "output_resolved": str(folder)})
         tracker.set_tags(
@@ -61,6 +67,17 @@ def main(argv: list[str]) -> None:
         )
         tracker.log_files(folder, list(paths.values()))  # what this report wrote, by name
         report_run_id = tracker.run_id
+        registered = register_winners(
+            client,
+            name=experiment,
+            experiment_id=client.get_experiment_by_name(experiment).experiment_id,
+            configs=report.configurations,
+            budgets_mb=[r.budget_mb for r in report.recommendations],
+            report_run_id=report_run_id,
+        )
+        tracker.set_tags({"registered_model": experiment, "registered_aliases": len(registered)})
+    for r in registered:
+        print(f"models:/{experiment}@{r.alias} -> version {r.version}: {r.label} (run {r.run_id})")
     print(
         f"report of {experiment}: {len(report.configurations)} configurations, {len(scope.runs)} runs, "
         f"{len(report.findings)} findings -> {paths['markdown']}, {paths['html']} (run {report_run_id})"

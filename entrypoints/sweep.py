@@ -39,7 +39,11 @@ def main(argv: list[str]) -> None:
         + f"; data {prepared.manifest['dataset']} ({prepared.path})",
         flush=True,
     )
-    with start_run(run_name=f"sweep-{sweep.name}", entry_point="sweep", system_metrics=False) as tracker:
+    description = f"Sweep {sweep.name}: the parent of {len(sweep.children)} train runs (+ {sweep.pilots} pilots)"
+    # no system metrics here: the parent waits; each child run samples its own
+    with start_run(
+        run_name=f"sweep-{sweep.name}", entry_point="sweep", system_metrics=False, description=description
+    ) as tracker:
         tracker.log_params({**vars(cfg), "children_total": len(sweep.children) + sweep.pilots, "seeds": sweep.seeds})
         tracker.set_tags(
             {

@@ -43,13 +43,26 @@ def main(argv: list[str]) -> None:
     if distributed.world_size() > 1:
         name += f"-x{distributed.world_size()}"
     main_rank = distributed.is_main()
-    run = start_run(run_name=name, entry_point="train") if main_rank else contextlib.nullcontext(NullTracker())
+    what = f"LoRA r={cfg.rank} on {cfg.target_modules}" if cfg.method == "lora" else "Full fine-tuning"
+    description = (
+        f"{what} of {source.model_id}, base stored as {cfg.quantization}, seed {cfg.seed}, {cfg.max_steps} steps "
+        f"on data {cfg.data or 'bundled-instruct'}; the adapter is the MLflow model `model`"
+    )
+    run = (
+        start_run(run_name=name, entry_point="train", description=description)
+        if main_rank
+        else contextlib.nullcontext(NullTracker())
+    )
     with run as tracker:
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
             tracker.log_params({"resume_from": cfg.resume_from})
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
             cfg = dataclasses.replace(cfg, resume_from=str(download_checkpoint(cfg.resume_from)))
         result = train(cfg, model=source, tracker=tracker)
+        if main_rank and cfg.method == "lora":  # runs:/<id>/model: the adapter as a pyfunc (base by hub id)
+            from lora_efficiency.mlflow_model import log_adapter_model
+
+            tracker.log_metrics(log_adapter_model(result.adapter_dir, quantization=cfg.quantization))
     if not main_rank:
         return
     m = result.metrics

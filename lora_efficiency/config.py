@@ -31,6 +31,14 @@ def is_run_id(text: str) -> bool:
     return RUN_ID.fullmatch(text) is not None
 
 
+# runs:/<run id>/<artifact path> and models:/<name>@<alias> or models:/<name>/<version>, as MLflow writes them
+MODEL_URI = re.compile(r"runs:/[0-9a-f]{32}(/[\w.-]+)*/?|models:/[^/@]+(@[\w-]+|/\d+)")
+
+
+def is_model_uri(text: str) -> bool:
+    return MODEL_URI.fullmatch(text) is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training run; configs/default.yaml documents each field."""
@@ -265,7 +273,11 @@ def _one_adapter_source(v: dict[str, Any], p: list[str], choices: str) -> None:
     run_id, adapter = v.get("run_id", ""), v.get("adapter", "")
     if bool(run_id) == bool(adapter):
         p.append(f"run_id={run_id!r} and adapter={adapter!r}: give exactly one ({choices})")
-    _checker(v, p)("run_id", lambda x: not x or is_run_id(x), "an MLflow run id (32 hexadecimal characters)")
+    _checker(v, p)(
+        "run_id",
+        lambda x: not x or is_run_id(x) or is_model_uri(x),
+        "an MLflow run id (32 hexadecimal characters), runs:/<run id>/model or models:/<name>@<alias>",
+    )
 
 
 def evaluate_problems(v: dict[str, Any]) -> list[str]:

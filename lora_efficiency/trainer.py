@@ -30,6 +30,7 @@ import torch
 
 from lora_efficiency import data as D
 from lora_efficiency import distributed, progress
+from lora_efficiency.adapters import command_line, save_adapter, write_model_card
 from lora_efficiency.checkpoints import Checkpointer, load_checkpoint
 from lora_efficiency.cli import raise_if_terminated
 from lora_efficiency.config import TrainConfig, build_config, read_defaults
@@ -69,6 +70,7 @@ class Tracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
     def log_table(self, data: dict[str, list], artifact_file: str) -> None: ...
+    def log_data_inputs(self, manifest: dict, prepared_path: str) -> None: ...
 
 
 class NullTracker:
@@ -90,6 +92,9 @@ class NullTracker:
         pass
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        pass
+
+    def log_data_inputs(self, manifest: dict, prepared_path: str) -> None:
         pass
 
 
@@ -147,6 +152,7 @@ class Session:
 
     cfg: TrainConfig
     group: distributed.Group
+    source: ModelSource
     tokenizer: Any
     prepared: Prepared
     rows: D.Rows
@@ -330,6 +336,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
     session = Session(
         cfg=cfg,
         group=group,
+        source=model,
         tokenizer=tokenizer,
         prepared=prepared,
         rows=rows,
@@ -459,6 +466,7 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
         }
     )
     tracker.set_tags(s.tags)
+    tracker.log_data_inputs(s.prepared.manifest, str(s.prepared.path))
 
 
 def resume(s: Session, folder: Path, tracker: Tracker) -> None:
@@ -603,10 +611,13 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     """Save the adapter, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes
     last), then log every summary number and the artifacts."""
     cfg = s.cfg
-    adapter_dir = Path(output_dir or tempfile.mkdtemp(prefix="adapter-"))
+    # named `adapter` wherever it lands (run artifacts, the MLflow model's artifacts, a user's download)
+    adapter_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="run-")) / "adapter"
     # a full fine-tuning run's "adapter" is the whole model (540 MB in fp32 for SmolLM2-135M): written only
     # where the caller asks (output_dir), never logged; the study keeps it as a reference, not as a deliverable
-    if cfg.method == "lora" or output_dir:
+    if cfg.method == "lora":  # the base by its hub id, the tokenizer and chat template beside it
+        save_adapter(s.peft_model, s.tokenizer, adapter_dir, source=s.source)
+    elif output_dir:
         s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     model_mb = s.base.get_memory_footprint() / 2**20
     evaluation = evaluate_model(
@@ -642,6 +653,14 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     if evaluation.samples["prompt"]:
         tracker.log_table(evaluation.samples, "eval_samples.json")
     if cfg.method == "lora":
+        write_model_card(
+            adapter_dir,
+            settings=s.resolved,
+            metrics=metrics,
+            data={k: s.prepared.manifest.get(k, "") for k in ("dataset", "origin", "fingerprint")},
+            command=command_line(),
+            run_id=getattr(tracker, "run_id", None),
+        )
         tracker.log_artifacts(str(adapter_dir), "adapter")
     tracker.log_text(loop.memory_trace_csv, "memory_trace.csv")
     tracker.log_text(json.dumps(s.resolved, indent=2, default=str), "config.json")
@@ -666,7 +685,8 @@ def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: fl
         "train/final_loss": s.losses[-1],
     }
     if s.cfg.method == "lora":
-        metrics["adapter/size_mb"] = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20
+        # the adapter's own files: the tokenizer saved beside it (3.4 MB for SmolLM2) is no cost of the adapter
+        metrics["adapter/size_mb"] = sum(f.stat().st_size for f in adapter_dir.glob("adapter_*")) / 2**20
     if s.predicted_mb is not None:
         metrics["memory/predicted_peak_mb"] = s.predicted_mb  # the planner's figure, to compare with the peak
     return metrics

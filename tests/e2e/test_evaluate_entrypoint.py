@@ -93,6 +93,11 @@ def test_baseline_is_its_own_tagged_run(mlflow_server, tiny_model_dir, tiny_data
     assert run.data.tags["baseline"] == "true" and run.data.tags["eval_kind"] == "baseline"
     expected = {"eval/loss", "eval/perplexity", "eval/exact_match", "inference/decode_tokens_per_second"}
     assert expected <= set(run.data.metrics)
+    ((dataset, tags),) = [(d.dataset, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("tiny-eval", run.data.tags["data_fingerprint"])
+    assert tags["mlflow.data.context"] == "eval"
+    assert run.data.tags["mlflow.note.content"].startswith("Evaluates the base model alone")
+    assert any(k.startswith("system/") for k in run.data.metrics), "system metrics are on"
 
 
 def direct(mlflow_server, *args):
@@ -154,3 +159,30 @@ def test_generate_and_merge(train_run, mlflow_server, tmp_path, tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, attached(ids).logits, rtol=1e-4, atol=1e-4)
     assert not list(out.glob("adapter_*"))  # a plain model folder
+
+
+def test_generate_and_merge_take_a_registered_alias_and_name_what_is_missing(train_run, mlflow_server, tmp_path):
+    client, experiment, run = train_run
+    name = f"winners-{uuid.uuid4().hex[:8]}"
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+    client.set_registered_model_alias(name, "best", version.version)
+    args = ["--prompt", "Compute 2 + 2.", "--max_new_tokens", "4"]
+    by_alias = direct(mlflow_server, "entrypoints.generate", "--run_id", f"models:/{name}@best", *args)
+    by_run = direct(mlflow_server, "entrypoints.generate", "--run_id", run.info.run_id, *args)
+    assert by_alias.returncode == 0, by_alias.stderr[-2000:]
+    assert by_alias.stdout == by_run.stdout  # the same adapter, the same greedy answer
+    merged = direct(
+        mlflow_server,
+        "entrypoints.merge",
+        "--run_id",
+        f"runs:/{run.info.run_id}/model",
+        "--output",
+        str(tmp_path / "m"),
+    )
+    assert merged.returncode == 0 and (tmp_path / "m" / "config.json").is_file(), merged.stderr[-2000:]
+    proc = direct(mlflow_server, "entrypoints.generate", "--run_id", f"models:/{name}@worst", *args)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == f"error: run_id='models:/{name}@worst': '{name}' has no alias 'worst'; its aliases: best (version 1)\n"
+    )

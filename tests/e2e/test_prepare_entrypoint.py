@@ -33,6 +33,13 @@ def test_prepare_logs_its_manifest_and_train_accepts_its_run_id(mlflow_server, t
     manifest = json.loads(mlflow.artifacts.load_text(f"runs:/{prep.info.run_id}/manifest.json"))
     assert manifest["fingerprint"] == prep.data.tags["data_fingerprint"]
     assert manifest["train"]["count"] == 72
+    fingerprint = prep.data.tags["data_fingerprint"]
+    expected = {"train": ("tiny-train", fingerprint, "72"), "eval": ("tiny-eval", fingerprint, "8")}
+    assert dataset_inputs(prep) == expected
+    (source,) = {json.loads(d.dataset.source)["uri"] for d in prep.inputs.dataset_inputs}
+    assert source.endswith(str(tiny_data_file))  # the file the records came from
+    assert prep.data.tags["mlflow.note.content"].startswith("Prepares data")
+    assert any(k.startswith("system/") for k in prep.data.metrics), "system metrics are on"
 
     proc = mlflow_run(
         mlflow_server,
@@ -44,6 +51,17 @@ def test_prepare_logs_its_manifest_and_train_accepts_its_run_id(mlflow_server, t
     assert train.info.status == "FINISHED"
     assert train.data.tags["data_fingerprint"] == prep.data.tags["data_fingerprint"]
     assert train.data.params["data_path"] == prep.data.tags["prepared_path"]
+    assert dataset_inputs(train) == expected  # the same two datasets: the UI links the runs through them
+    assert train.data.tags["mlflow.note.content"].startswith("LoRA r=")
+
+
+def dataset_inputs(run) -> dict[str, tuple[str, str, str]]:
+    """{context: (name, digest, rows)} of a run's dataset inputs."""
+    found = {}
+    for d in run.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in d.tags}
+        found[tags["mlflow.data.context"]] = (d.dataset.name, d.dataset.digest, tags["rows"])
+    return found
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,9 @@ def test_tags(trained):
 def test_artifacts_hold_the_adapter_only(trained):
     client, run = trained
     files = {f.path: f.file_size for f in client.list_artifacts(run.info.run_id, "adapter")}
-    assert set(files) == {"adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "base_model.json"}
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}  # as HF Trainer saves them
+    assert set(files) == {f"adapter/{f}" for f in adapter_files | tokenizer_files}
     assert files["adapter/adapter_model.safetensors"] < 100_000  # the tiny base alone is ~13 MB
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "config.json", "memory_trace.csv"} <= top
@@ -117,6 +119,89 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
         autocast_dtype=torch.bfloat16,
     )
     assert result["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"], rel=1e-4)
+
+
+PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(f"runs:/{sys.argv[1]}/model")
+listed = model.predict(["What is 2 + 2?", "Name a colour."], params={"max_new_tokens": 4})
+framed = model.predict(pd.DataFrame({"prompt": ["What is 2 + 2?"]}), params={"max_new_tokens": 4})
+print(json.dumps({"listed": listed, "framed": framed}))
+"""
+
+
+def test_the_run_logs_an_adapter_only_mlflow_model_that_answers_in_a_fresh_process(trained, mlflow_server):
+    import json
+
+    client, run = trained
+    (logged,) = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'"
+    )
+    assert logged.name == "model"
+    signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+    assert signature.inputs.input_types() == [mlflow.types.DataType.string]
+    assert signature.params.params[0].name == "max_new_tokens"
+    # adapter-only: the base's weights (the tiny one: ~13 MB) are referenced, not copied
+    weights = [f.path for f in _walk(client, logged.model_id, "") if f.path.endswith(".safetensors")]
+    assert weights == ["artifacts/adapter/adapter_model.safetensors"]
+    assert run.data.metrics["model/size_mb"] < 5  # the adapter's files, the tokenizer (3.4 MB) and this code
+    env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    proc = subprocess.run(
+        [sys.executable, "-c", PREDICT, run.info.run_id], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(answers["listed"]) == 2 and len(answers["framed"]) == 1
+    assert all(isinstance(a, str) for a in answers["listed"] + answers["framed"])
+    assert answers["framed"][0] == answers["listed"][0]  # greedy: the same prompt, the same answer
+
+
+def test_mlflow_models_serve_answers_a_request_over_loopback(trained, mlflow_server, tmp_path):
+    """A real `mlflow models serve` process (--env-manager local) on 127.0.0.1: a list and a DataFrame."""
+    import json
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from tests.conftest import _free_port
+
+    _, run = trained
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: dict) -> list:
+        request = urllib.request.Request(
+            f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        return json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        listed = post({"inputs": ["What is 2 + 2?"], "params": {"max_new_tokens": 4}})
+        framed = post({"dataframe_records": [{"prompt": "What is 2 + 2?"}], "params": {"max_new_tokens": 4}})
+        assert len(listed) == 1 and isinstance(listed[0], str) and framed == listed
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _walk(client, model_id, path):
+    for f in client.list_logged_model_artifacts(model_id, path or None):
+        yield from (_walk(client, model_id, f.path) if f.is_dir else [f])
 
 
 @pytest.mark.parametrize(

