@@ -240,13 +240,22 @@ def speed_setup(tiny_model_dir):
 
 def test_generation_speed_does_not_depend_on_answer_length(speed_setup):
     model, tokenizer, prompts = speed_setup
-    long_answers, long = _speed(model, tokenizer, prompts, fixed_length=True)
     handle = _eos_first(model, tokenizer)
     try:
         natural, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
-        _, short = _speed(model, tokenizer, prompts, fixed_length=True)
     finally:
         handle.remove()
+    # long and short answers measured in turn, so that a change in the machine's load touches both alike
+    long_runs, short_runs = [], []
+    for _ in range(5):
+        long_answers, long = _speed(model, tokenizer, prompts, fixed_length=True, repeats=1)
+        handle = _eos_first(model, tokenizer)
+        try:
+            short_runs.append(_speed(model, tokenizer, prompts, fixed_length=True, repeats=1)[1])
+        finally:
+            handle.remove()
+        long_runs.append(long)
+    long, short = (max(runs, key=lambda s: s["tokens_per_second"]) for runs in (long_runs, short_runs))
     assert all(answer == "" for answer in natural) and all(long_answers)  # the answers' lengths really differ
     # every row generated 16 tokens either way, and the speed is the same within timing noise
     assert short["generated_tokens"] == long["generated_tokens"] == 8 * 16
