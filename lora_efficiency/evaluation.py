@@ -149,7 +149,6 @@ def generate_answers(
 NUMBER_REL_TOL = 1e-6
 # A number as written in an answer: sign, thousands commas ("1,200"), decimals, exponent.
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
 
 
 def _numbers(text: str) -> list[float]:
@@ -176,13 +175,20 @@ def gsm8k_number(text: str) -> float | None:
 
 
 def _json_value(text: str):
-    """The JSON value of an answer (a ```json fence around it is allowed); a sentinel when it does not parse."""
+    """The JSON value of an answer: the whole text, else the first object or array in it (a ```json fence or words
+    such as "JSON:" around it allowed, as numbers may come with words); a sentinel when there is none."""
     text = text.strip()
-    fenced = _FENCE.match(text)
     try:
-        return json.loads(fenced[1] if fenced else text)
+        return json.loads(text)
     except ValueError:
-        return _UNPARSED
+        pass
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            return json.JSONDecoder().raw_decode(text, min(starts))[0]
+        except ValueError:
+            pass
+    return _UNPARSED
 
 
 _UNPARSED = object()

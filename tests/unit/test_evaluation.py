@@ -39,6 +39,8 @@ def test_the_number_tolerance_is_relative():
         ('{"name": "Ana", "age": 31}', True),
         ('{"age":31,"name":"Ana"}', True),  # key order and spacing do not count
         ('```json\n{"age": 31, "name": "Ana"}\n```', True),
+        ('JSON:\n{\n  "name": "Ana",\n  "age": 31\n}', True),  # words before it, as a base model writes
+        ('[{"name": "Ana", "age": 31}]', False),  # a list holding the object is another value
         ('{"name": "Ana", "age": 31.0}', True),  # 31 and 31.0 are the same JSON number
         ('{"name": "Ana", "age": "31"}', False),  # a string is not a number
         ('{"name": "Ana"}', False),
@@ -245,21 +247,24 @@ def test_generation_speed_does_not_depend_on_answer_length(speed_setup):
         natural, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
     finally:
         handle.remove()
-    # long and short answers measured in turn, so that a change in the machine's load touches both alike
-    long_runs, short_runs = [], []
-    for _ in range(5):
-        long_answers, long = _speed(model, tokenizer, prompts, fixed_length=True, repeats=1)
-        handle = _eos_first(model, tokenizer)
-        try:
-            short_runs.append(_speed(model, tokenizer, prompts, fixed_length=True, repeats=1)[1])
-        finally:
-            handle.remove()
-        long_runs.append(long)
-    long, short = (max(runs, key=lambda s: s["tokens_per_second"]) for runs in (long_runs, short_runs))
+    long_answers, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
     assert all(answer == "" for answer in natural) and all(long_answers)  # the answers' lengths really differ
-    # every row generated 16 tokens either way, and the speed is the same within timing noise
-    assert short["generated_tokens"] == long["generated_tokens"] == 8 * 16
-    assert 1 / 1.5 < short["tokens_per_second"] / long["tokens_per_second"] < 1.5
+    # Timed in turns, best of 5 each, so a burst of other work on the shared CPU hits both alike
+    best = {"long": None, "short": None}
+    for _ in range(5):
+        for name in best:
+            handle = _eos_first(model, tokenizer) if name == "short" else None
+            try:
+                _, speed = _speed(model, tokenizer, prompts, fixed_length=True, repeats=1)
+            finally:
+                if handle:
+                    handle.remove()
+            if best[name] is None or speed["tokens_per_second"] > best[name]["tokens_per_second"]:
+                best[name] = speed
+    # every row generated 16 tokens either way (the old count gave the short answers 8 tokens in all), and the speed is
+    # the same within timing noise
+    assert best["short"]["generated_tokens"] == best["long"]["generated_tokens"] == 8 * 16
+    assert 0.5 < best["short"]["tokens_per_second"] / best["long"]["tokens_per_second"] < 2
 
 
 def test_the_natural_pass_counts_only_each_answers_tokens(speed_setup):
