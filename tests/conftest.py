@@ -223,7 +223,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: str = "train"):
+def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: str = "train", sampling_s: float = 1):
+    """`mlflow run` of an entry point; MLflow's system metrics sampled every `sampling_s` and logged at once (a
+    run shorter than one interval logs none)."""
     cmd = [
         sys.executable,
         "-m",
@@ -241,7 +243,7 @@ def mlflow_run(tracking_uri: str, experiment: str, params: dict, entry_point: st
         cmd += ["-P", f"{k}={v}"]
     env = subprocess_env(
         MLFLOW_TRACKING_URI=tracking_uri,
-        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=str(sampling_s),
         MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
     )
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

@@ -21,6 +21,7 @@ def test_prepare_logs_its_manifest_and_train_accepts_its_run_id(mlflow_server, t
         experiment,
         {"dataset": tiny_data_file, "model": tiny_model_dir, "seq_len": 256},
         entry_point="prepare",
+        sampling_s=0.2,  # preparing the tiny set can take under a second
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prepared tiny: 72 train / 8 eval examples" in proc.stdout
