@@ -22,6 +22,7 @@ import torch
 
 from lora_efficiency.adapters import BASE_FILE
 from lora_efficiency.models import BUNDLED_HUB_ID, BUNDLED_MODEL, compute_dtype
+from lora_efficiency.tracking import redacted_copy
 
 ARTIFACT = "model"  # runs:/<id>/model
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -98,7 +99,7 @@ def log_adapter_model(adapter_dir: str | Path, *, quantization: str) -> dict[str
     info = mlflow.pyfunc.log_model(
         name=ARTIFACT,
         python_model=AdapterChatModel(),
-        artifacts={"adapter": str(adapter_dir)},
+        artifacts={"adapter": redacted_copy(str(adapter_dir))},  # no secret in a text file, as in run artifacts
         signature=chat_signature(),
         model_config={"quantization": quantization},
         pip_requirements=_requirements(),

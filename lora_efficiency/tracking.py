@@ -41,13 +41,13 @@ def git_commit() -> str:
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".jinja")
 
 
-def _redacted_copy(local_dir: str) -> str:
+def redacted_copy(local_dir: str) -> str:
     """`local_dir` itself, or a temporary copy whose text files have their secrets redacted."""
     files = [f for f in Path(local_dir).rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES]
     dirty = [f for f in files if redact(text := f.read_text(errors="replace")) != text]
     if not dirty:
         return local_dir
-    copy = Path(tempfile.mkdtemp(prefix="redacted-")) / "d"
+    copy = Path(tempfile.mkdtemp(prefix="redacted-")) / Path(local_dir).name  # the same name: it may be shown
     shutil.copytree(local_dir, copy)
     for f in dirty:
         target = copy / f.relative_to(local_dir)
@@ -113,7 +113,7 @@ class MlflowTracker:
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         with _artifact_storage(artifact_path):
-            mlflow.log_artifacts(_redacted_copy(local_dir), artifact_path)
+            mlflow.log_artifacts(redacted_copy(local_dir), artifact_path)
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         data = {k: [redact(v) if isinstance(v, str) else v for v in col] for k, col in data.items()}
@@ -140,16 +140,16 @@ def data_inputs(manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    origin = manifest.get("origin", "")
+    origin = redact(manifest.get("origin", ""))  # a path may hold a token, like any param
     if origin.startswith("hub:"):  # the hub's default revision: the origin records none
         source = HuggingFaceDatasetSource(path=origin.removeprefix("hub:"))
     elif origin.startswith("file:"):
         source = resolve_dataset_source(origin.removeprefix("file:"))
     else:
-        source = CodeDatasetSource({"origin": origin, "prepared_path": str(prepared_path)})
+        source = CodeDatasetSource({"origin": origin, "prepared_path": redact(str(prepared_path))})
     return [
         (
-            MetaDataset(source, name=f"{manifest['dataset']}-{split}", digest=manifest["fingerprint"]),
+            MetaDataset(source, name=redact(f"{manifest['dataset']}-{split}"), digest=manifest["fingerprint"]),
             manifest.get(split, {}).get("count", 0),
         )
         for split in splits
