@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_efficiency.models import BUNDLED_HUB_ID, ModelSource, hub_reference, provenance
+from lora_efficiency.redaction import redact
 
 BASE_FILE = "base_model.json"  # what the base really is, beside adapter_config.json (which peft owns)
 
@@ -101,7 +102,8 @@ def write_model_card(
         "## Metrics",
         _table(metrics) if metrics else "No metrics were recorded.",
     ]
-    ModelCard("\n\n".join(sections)).save(folder / "README.md")
+    # settings and the command may hold a token (a data URL with credentials): redacted like every param
+    ModelCard(redact("\n\n".join(sections))).save(folder / "README.md")
     return folder / "README.md"
 
 

@@ -249,10 +249,10 @@ def register_in_hub_cache(folder: Path, repo_id: str) -> Path:
         files = sorted((f for f in folder.iterdir() if f.is_file()), key=lambda f: f.name == "source.json")
         for f in files:
             target = snapshot / f.name
-            if target.exists():
-                continue
             try:
                 os.link(f, target)
+            except FileExistsError:  # linked before, or by a process doing the same right now
+                continue
             except OSError:  # another filesystem
                 shutil.copy2(f, target)
     ref = repo / "refs" / "main"

@@ -43,15 +43,16 @@ _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".jinja")
 
 
 @contextlib.contextmanager
-def _redacted_copy(local_dir: str) -> Iterator[str]:
-    """`local_dir` itself, or a temporary copy whose text files have their secrets redacted, removed on exit."""
+def redacted_copy(local_dir: str) -> Iterator[str]:
+    """`local_dir` itself, or a temporary copy of it (same folder name: it may be shown) whose text files have
+    their secrets redacted, removed on exit."""
     files = [f for f in Path(local_dir).rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES]
     dirty = [f for f in files if redact(text := f.read_text(errors="replace")) != text]
     if not dirty:
         yield local_dir
         return
     with tempfile.TemporaryDirectory(prefix="redacted-") as tmp:
-        copy = Path(tmp) / "d"
+        copy = Path(tmp) / Path(local_dir).name
         shutil.copytree(local_dir, copy)
         for f in dirty:
             target = copy / f.relative_to(local_dir)
@@ -116,7 +117,7 @@ class MlflowTracker:
             mlflow.log_text(redact(text), artifact_file)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        with _artifact_storage(artifact_path), _redacted_copy(local_dir) as clean:
+        with _artifact_storage(artifact_path), redacted_copy(local_dir) as clean:
             mlflow.log_artifacts(clean, artifact_path)
 
     def log_files(self, root: Path, files: list[Path], artifact_path: str = "") -> None:
@@ -153,16 +154,16 @@ def data_inputs(manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    origin = manifest.get("origin", "")
+    origin = redact(manifest.get("origin", ""))  # a path may hold a token, like any param
     if origin.startswith("hub:"):  # the hub's default revision: the origin records none
         source = HuggingFaceDatasetSource(path=origin.removeprefix("hub:"))
     elif origin.startswith("file:"):
         source = resolve_dataset_source(origin.removeprefix("file:"))
     else:
-        source = CodeDatasetSource({"origin": origin, "prepared_path": str(prepared_path)})
+        source = CodeDatasetSource({"origin": origin, "prepared_path": redact(str(prepared_path))})
     return [
         (
-            MetaDataset(source, name=f"{manifest['dataset']}-{split}", digest=manifest["fingerprint"]),
+            MetaDataset(source, name=redact(f"{manifest['dataset']}-{split}"), digest=manifest["fingerprint"]),
             manifest.get(split, {}).get("count", 0),
         )
         for split in splits

@@ -41,6 +41,11 @@ def test_study_tree_and_rerun(mlflow_server, tiny_model_dir, tiny_data_file, tmp
     assert report.data.tags["report_scope_run_id"] == study.info.run_id
     assert report.data.tags["report_configurations"] == "3"
     assert "rank" in (tmp_path / "report" / "report.md").read_text()
+    # and registers the winner: the child with the lowest perplexity, as version 1 of the model <experiment>
+    best = min(children, key=lambda r: r.data.metrics["eval/perplexity"])
+    registered = client.get_registered_model(experiment)
+    assert str(registered.aliases["best"]) == "1" and registered.tags["report_run_id"] == report.info.run_id
+    assert client.get_model_version_by_alias(experiment, "best").run_id == best.info.run_id
 
     again = mlflow_run(mlflow_server, experiment, params, entry_point="main")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -175,3 +175,21 @@ def test_study_settings_of_train_are_checked_at_parse_time(argv, message):
     with pytest.raises(ConfigError) as err:
         parse_args(TrainConfig, "train", argv, "")
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "uri, ok",
+    [
+        ("runs:/" + "a" * 32 + "/model", True),
+        ("models:/study-quick@best-under-3000mb", True),
+        ("models:/study-quick/3", True),
+        ("models:/study-quick", False),  # neither alias nor version
+        ("runs:/xyz/model", False),
+    ],
+)
+def test_run_id_takes_runs_and_models_uris(uri, ok, capsys):
+    if ok:
+        assert parse_args(GenerateConfig, "generate", ["--run_id", uri, "--prompt", "hi"], "").run_id == uri
+    else:
+        err = one_line_error(generate_entry.main, ["--run_id", uri, "--prompt", "hi"], capsys)
+        assert f"run_id={uri!r} is invalid: an MLflow run id (32 hexadecimal characters), runs:/" in err, err
