@@ -82,7 +82,7 @@ _LOG: list[Path] = []  # this process's log file, once something was written to 
 
 def write_log(text: str) -> Path | None:
     """Append `text` (redacted) to this process's log file; None when even that cannot be written."""
-    path = _LOG[0] if _LOG else log_file()
+    path = log_file() if os.environ.get("LORA_EFFICIENCY_LOG") or not _LOG else _LOG[0]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:

@@ -162,7 +162,11 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
     check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
     check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
-    check("num_processes", lambda x: x >= 1, "an integer >= 1 (1: this process; N: N DDP processes, one per GPU)")
+    check(
+        "num_processes",
+        lambda x: 1 <= x <= 256,
+        "an integer from 1 to 256 (1: this process; N: N DDP processes, one per GPU)",
+    )
     check("method", lambda x: x in METHODS, f"one of {', '.join(METHODS)}")
     check("attention", lambda x: x in ATTENTIONS, f"one of {', '.join(ATTENTIONS)}")
     check("val_samples", lambda x: x >= 1, "an integer >= 1")

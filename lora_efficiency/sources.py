@@ -272,6 +272,20 @@ class _TextRecord(dict):
         return value
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice in one record is an error (json keeps the last one silently)."""
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
 def _json_records(path: Path, dataset: str) -> tuple[list[dict], list[str]]:
     """(records, where each is: "line 3" or "record 3") of a .json (a list of objects) or .jsonl (one object a
     line) file. Hand-written, not datasets' JSON loader: pyarrow's reader crashed the process (exit 139, no
@@ -280,9 +294,11 @@ def _json_records(path: Path, dataset: str) -> tuple[list[dict], list[str]]:
     if not text.strip():
         raise UserError(f"dataset={dataset!r}: the file is empty")
     try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as exc:
+        whole = json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except (_DuplicateKey, json.JSONDecodeError) as exc:
         if text.lstrip().startswith("["):  # one JSON document: its own position
+            if isinstance(exc, _DuplicateKey):
+                raise UserError(f"dataset={dataset!r}: a record gives the key {exc.args[0]!r} twice") from None
             raise UserError(
                 f"dataset={dataset!r}: not JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
             ) from None
@@ -290,7 +306,9 @@ def _json_records(path: Path, dataset: str) -> tuple[list[dict], list[str]]:
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    parsed.append((json.loads(line), f"line {number}"))
+                    parsed.append((json.loads(line, object_pairs_hook=_refuse_duplicates), f"line {number}"))
+                except _DuplicateKey as exc:
+                    raise UserError(f"dataset={dataset!r}: line {number} gives the key {exc.args[0]!r} twice") from None
                 except json.JSONDecodeError as exc:
                     raise UserError(
                         f"dataset={dataset!r}: line {number} is not JSON ({exc.msg}, column {exc.colno})"

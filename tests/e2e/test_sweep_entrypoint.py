@@ -81,6 +81,9 @@ def test_killed_sweep_resumes_without_running_anything_twice(mlflow_server, tiny
     assert (tags["children_total"], tags["children_skipped"], tags["children_failed"]) == ("3", "1", "0")
     assert tags["children_finished"] == "2"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} >= {parent.info.run_id}
+    # the killed sweep's own parent run too: FAILED by the restart, not RUNNING for good
+    sweeps = [r for r in runs_of(client, experiment) if r.data.tags.get("entry_point") == "sweep"]
+    assert sorted(r.info.status for r in sweeps) == ["FAILED", "FINISHED"]
 
 
 def test_every_configuration_is_checked_before_the_first_runs(mlflow_server, tiny_model_dir, tiny_data_file, tmp_path):

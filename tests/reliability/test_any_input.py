@@ -57,6 +57,7 @@ def test_integers_of_any_size_are_one_problem_naming_the_field(cls):
         (["--alpha", "1e300"], "alpha=1e+300 is invalid: a number in (0, 65536]"),
         (["--weight_decay", "1e300"], "weight_decay=1e+300 is invalid: a number from 0 to 100"),
         (["--lr", "1e-400"], "lr=0.0 is invalid"),
+        (["--num_processes", "99999999"], "num_processes=99999999 is invalid: an integer from 1 to 256"),
     ],
 )
 def test_sizes_beyond_what_torch_takes_are_refused_when_parsed(argv, needle):

@@ -96,6 +96,25 @@ def test_a_broken_json_line_is_reported_with_its_number(content, where, tmp_path
 
 
 @pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "d.jsonl",
+            '{"prompt": "a", "response": "b"}\n{"prompt": "c", "prompt": "d", "response": "e"}\n',
+            "line 2 gives",
+        ),
+        ("d.jsonl", '{"prompt": "c", "response": "d", "response": "e"}\n', "line 1 gives the key 'response'"),
+        ("d.json", '[{"prompt": "a", "response": "b", "prompt": "x"}]', "a record gives the key 'prompt' twice"),
+    ],
+)
+def test_a_key_given_twice_in_a_data_record_is_an_error(name, content, message, tmp_path):
+    """json keeps the last of duplicate keys silently: the record would train on "d" and never say so."""
+    path = tmp_path / name
+    path.write_text(content)
+    assert message in user_error(load_source, str(path))
+
+
+@pytest.mark.parametrize(
     "content, key",
     [
         ("axes:\n  rank: [4]\n  rank: [8]\n  rank: [16]\n", "'rank' is given twice, on lines 2 and 3"),
