@@ -97,6 +97,7 @@ def _summary(results: dict, cpu: bool) -> list[str]:
 
         interval = x.get("tracking_overhead_interval")
         spread = f" ({interval[0]:+.1%} to {interval[1]:+.1%})" if interval else ""
+        overhead_verdict = _interval_verdict(interval, target("tracking_overhead")) if interval else None
         mfu = x["mfu_by_side"]
         lines.append(
             f"| {mode} | {x['tokens_per_second_ratio_strong']:.2f}"
@@ -107,7 +108,7 @@ def _summary(results: dict, cpu: bool) -> list[str]:
             f"{_verdict(x['peak_memory_ratio_strong'], target('peak_memory_ratio_strong'), False)} "
             f"| {x['per_example_attention_speedup']:.2f} "
             f"| {x['tracking_overhead']:+.1%}{spread}"
-            f"{_verdict(x['tracking_overhead'], target('tracking_overhead'), False)} "
+            f"{overhead_verdict or _verdict(x['tracking_overhead'], target('tracking_overhead'), False)} "
             f"| {_pct(mfu['project'])}{_verdict(mfu['project'], target('mfu'), True)} / "
             f"{_pct(mfu['reference_strong'])} / {_pct(mfu['reference'])} |"
         )
@@ -190,6 +191,16 @@ def _mode_section(mode: str, x: dict, s: dict) -> list[str]:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
+
+
+def _interval_verdict(interval: list[float], target: float | None) -> str:
+    """A lower-is-better target judged on a 95% interval: met when all of it is at or under the target, short when
+    all of it is over, cannot tell when it straddles the target."""
+    if target is None:
+        return ""
+    low, high = interval
+    word = "met" if high <= target else "short" if low > target else "cannot tell"
+    return f" ({word}: <= {target:g})"
 
 
 def _verdict(value: float, target: float | None, higher_is_better: bool) -> str:

@@ -70,3 +70,11 @@ def test_performed_flops_count_what_each_side_computes():
     # gradient checkpointing recomputes the layers' forward: 6 a frozen weight, 8 a LoRA weight, 16/12 a pair
     padded = {**packed, "head_positions_per_token": 1.1, "head_factor": 4, "gradient_checkpointing": True}
     assert performed_flops_per_token(parts, padded) == 1.1 * (600 + 80) + 1.1 * 4 * 1000 + 90 * 7 * 16 / 12
+
+
+def test_an_overhead_interval_that_straddles_the_target_cannot_tell():
+    from lora_efficiency.bench.render import _interval_verdict
+
+    assert _interval_verdict([-0.01, 0.015], 0.02) == " (met: <= 0.02)"
+    assert _interval_verdict([0.03, 0.05], 0.02) == " (short: <= 0.02)"
+    assert _interval_verdict([-1.18, 1.16], 0.02) == " (cannot tell: <= 0.02)"
