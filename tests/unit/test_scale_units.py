@@ -43,7 +43,7 @@ def _train_values(**over):
 @pytest.mark.parametrize(
     "over, message",
     [
-        ({"num_processes": 0}, "num_processes=0 is invalid: an integer >= 1"),
+        ({"num_processes": 0}, "num_processes=0 is invalid: an integer from 1 to 256"),
         ({"num_processes": 2, "checkpoint_every": 5}, "checkpoints are single-process only"),
         ({"num_processes": 2, "device": "cuda:1"}, "device='cuda:1' is invalid with num_processes=2"),
     ],
