@@ -80,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int
     resume_from: str
     num_processes: int
+    sharding: str
 
 
 def _checker(v: dict[str, Any], problems: list[str]):
@@ -138,6 +139,7 @@ INT_DIGITS = 18  # |n| < 10^18 fits int64 (torch, numpy, SQLite); Python refuses
 ATTENTIONS = ("auto", "per_example", "sdpa")  # attention.py; auto: per_example where the architecture allows it
 METHODS = ("lora", "full")  # full: every weight of the base trains (the reference LoRA is measured against)
 FULL_FT_STORAGES = ("bf16", "fp16", "fp32")
+SHARDINGS = ("none", "fsdp")  # none: DDP (a full copy of the base per process); fsdp: torch FSDP2 (distributed.py)
 
 
 def train_problems(v: dict[str, Any]) -> list[str]:
@@ -195,6 +197,9 @@ def train_problems(v: dict[str, Any]) -> list[str]:
                 f"device={v['device']!r} is invalid with num_processes={v['num_processes']}: auto, cpu or cuda "
                 "(each process takes the GPU of its local rank)"
             )
+    check("sharding", lambda x: x in SHARDINGS, f"one of {', '.join(SHARDINGS)}")
+    if v.get("sharding") == "fsdp":
+        p.extend(fsdp_problems(v))
     check(
         "resume_from",
         lambda x: not x or is_run_id(x) or is_path(Path(x) / "trainer_state.json", "file"),
@@ -207,6 +212,34 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     )
     if "model" in v and (problem := model_name_problem(v["model"])):
         p.append(problem)
+    return p
+
+
+def fsdp_problems(v: dict[str, Any]) -> list[str]:
+    """What sharding=fsdp cannot be combined with, each a line that says what is allowed."""
+    p: list[str] = []
+    if v.get("num_processes", 2) < 2:
+        p.append(
+            f"sharding='fsdp' is invalid with num_processes={v['num_processes']}: 2 to 256 processes (one process "
+            "has nothing to shard over)"
+        )
+    if v.get("method", "lora") != "lora":
+        p.append(f"sharding='fsdp' is invalid with method={v['method']!r}: lora (the base frozen, the adapter trains)")
+    if v.get("quantization") == "int8":
+        p.append(
+            "sharding='fsdp' is invalid with quantization='int8': bf16, fp16, fp32, or nf4/fp4 on CUDA "
+            "(bitsandbytes keeps int8 weights in int8 tensors FSDP cannot shard)"
+        )
+    elif v.get("quantization") in ("nf4", "fp4") and v.get("device") == "cpu":
+        p.append(
+            f"sharding='fsdp' is invalid with quantization={v['quantization']!r} on device='cpu': bf16, fp16 or fp32 "
+            "on the CPU (4-bit bases are sharded on CUDA only)"
+        )
+    if v.get("eval_every"):
+        p.append(
+            f"sharding='fsdp' is invalid with eval_every={v['eval_every']}: 0 (the validation curve runs on rank 0 "
+            "alone, which holds only a shard of the base)"
+        )
     return p
 
 

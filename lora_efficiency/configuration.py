@@ -60,13 +60,16 @@ RUN_SETTINGS = (
     "checkpoint_every",
     "resume_from",
     "num_processes",
+    "sharding",
 )
 TRAIN_SETTINGS = ADAPTER_SETTINGS + EVAL_SETTINGS + MONITOR_SETTINGS + NAME_SETTINGS + RUN_SETTINGS
 
 # Found when a run starts (logged as params beside the settings).
 RESOLVED = ("target_modules_resolved", "base_model", "base_model_revision", "data_name", "data_fingerprint")
 
-REPORT_SETTINGS = (*ADAPTER_SETTINGS, "world_size", "base_model", "data_fingerprint")
+# world_size and sharding: a run over 2 processes (or sharded) is not merged with one that is not (the same
+# global batch gives the same loss within float rounding, but memory per device and speed differ)
+REPORT_SETTINGS = (*ADAPTER_SETTINGS, "world_size", "sharding", "base_model", "data_fingerprint")
 PLANNER_SETTINGS = (
     "rank",
     "target_modules",
@@ -94,8 +97,8 @@ _NOT_IN_CONFIG_HASH = (
 # Out of sweep_key: the data enters by fingerprint; device, checkpointing and monitoring do not change the child.
 _NOT_IN_SWEEP_KEY = ("device", "attention", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
 # Settings added after runs were stored: they enter an identity only when not at their default, so the hashes
-# and keys of earlier runs (all of them LoRA) stay valid.
-_ONLY_WHEN_SET = {"method": "lora"}
+# and keys of earlier runs (all of them LoRA, none sharded) stay valid.
+_ONLY_WHEN_SET = {"method": "lora", "sharding": "none"}
 
 
 def _identity(settings: Mapping[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:

@@ -160,6 +160,7 @@ class Session:
     val_rows: D.Rows  # the validation curve's examples (the end of the held-out split)
     base: torch.nn.Module
     peft_model: torch.nn.Module  # what trains: peft's LoRA model, or the base itself for method=full
+    loss_model: torch.nn.Module  # TokenLoss(peft_model), under DDP or FSDP when there are several processes
     modules: list[str]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -232,12 +233,13 @@ def train(
     `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`;
     `resume_from` (a checkpoint folder of the same settings and seed) continues with the same batches and loss curve.
 
-    Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP: each process
-    takes `batch_size` rows of every micro-batch of batch_size x W, gradients are averaged, and only rank 0 logs,
-    evaluates and saves; other ranks return a TrainResult without metrics.
+    Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP (or FSDP2 with
+    sharding=fsdp: each process holds 1/W of the base and adapter): each process takes `batch_size` rows of every
+    micro-batch of batch_size x W, gradients are averaged, and only rank 0 logs, evaluates and saves; other ranks
+    return a TrainResult without metrics.
     """
     cfg = train_settings(config, model=model, **overrides)
-    group = distributed.setup(resolve_device(cfg.device))  # one process of one, unless a launcher started several
+    group = distributed.setup(resolve_device(cfg.device), cfg.sharding)  # one of one, unless launched as several
     tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
     torch.manual_seed(cfg.seed)
     session = setup(cfg, model=model, group=group, tracker=tracker)
@@ -258,6 +260,9 @@ def train(
     loop = fit(session, tracker=tracker, callbacks=hooks, sampler=(memory_sampler or MemorySampler)(group.device))
     for hook in hooks:
         getattr(hook, "close", lambda: None)()
+    if group.sharding == "fsdp":
+        unshard(session)
+    group.close()
     if not group.is_main:
         return TrainResult("FINISHED", session.losses, {}, session.tags, session.modules, "", loop.memory_trace)
     return finish(session, loop, tracker=tracker, output_dir=output_dir)
@@ -320,11 +325,17 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             trust_remote_code=cfg.trust_remote_code,
             **planner_inputs(dataclasses.asdict(cfg)),
         )
+    if group.sharding == "fsdp" and group.device.type != "cuda" and cfg.quantization in ("nf4", "fp4"):
+        raise UserError(
+            f"sharding='fsdp' is invalid with quantization={cfg.quantization!r} on {group.device}: bf16, fp16 or "
+            "fp32 on the CPU (4-bit bases are sharded on CUDA only)"
+        )
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
     if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
         trainable_params, total_params = trained.get_nb_trainable_parameters()
     else:  # every weight trains
         trainable_params = total_params = sum(p.numel() for p in trained.parameters())
+    loss_model = group.wrap(TokenLoss(trained))  # before the optimizer: FSDP swaps each parameter for its shard
     optimizer, scheduler = make_optimizer(
         [p for p in trained.parameters() if p.requires_grad],
         lr=cfg.lr,
@@ -344,6 +355,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         val_rows=val_rows,
         base=base,
         peft_model=trained,
+        loss_model=loss_model,
         modules=modules,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -503,7 +515,7 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
         rank=group.rank,
         world_size=group.size,
     )
-    loss_model, trainable = group.wrap(TokenLoss(s.peft_model)), s.trainable
+    loss_model, trainable = s.loss_model, s.trainable
     steady_s, steady_tokens = 0.0, 0
     sampler.start()
     t_start = time.perf_counter()
@@ -549,7 +561,8 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
     sampler.stop()
     memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
     memory_trace = (sampler.samples, sampler.trace_csv(), sampler.source)
-    return LoopStats(train_s, steady_s, steady_tokens, startup_s, gather_memory(memory, group), *memory_trace)
+    memory = gather_memory(memory, group, s.peft_model)
+    return LoopStats(train_s, steady_s, steady_tokens, startup_s, memory, *memory_trace)
 
 
 def step_metrics(stats: StepStats) -> dict[str, float]:
@@ -563,16 +576,32 @@ def step_metrics(stats: StepStats) -> dict[str, float]:
     }
 
 
-def gather_memory(memory: dict[str, float], group: distributed.Group) -> dict[str, float]:
-    """memory/peak_mb over W processes: the largest (one device each), and each one's as memory/rank_N/peak_mb.
-    Ends the process group: no collective comes after this one (rank 0 evaluates alone)."""
+def gather_memory(memory: dict[str, float], group: distributed.Group, model: torch.nn.Module) -> dict[str, float]:
+    """memory/peak_mb over W processes: the largest (one device each), and each one's as memory/rank_N/peak_mb;
+    memory/rank_N/params_mb: the weights that process holds (all of them under DDP, 1/W of each under FSDP)."""
     if group.size == 1:
         return memory
-    per_rank = group.gather(memory)
-    memory = {k: max(m.get(k, 0.0) for m in per_rank) for k in set().union(*per_rank)}  # keys differ by source
-    memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"] for r, m in enumerate(per_rank)})
-    torch.distributed.destroy_process_group()
+    params_mb = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters()) / 2**20
+    per_rank = group.gather({**memory, "params_mb": params_mb})
+    memory = {k: max(m.get(k, 0.0) for m in per_rank) for k in set().union(*per_rank) - {"params_mb"}}
+    for r, m in enumerate(per_rank):  # keys differ by source
+        memory.update({f"memory/rank_{r}/peak_mb": m["memory/peak_mb"], f"memory/rank_{r}/params_mb": m["params_mb"]})
     return memory
+
+
+def unshard(s: Session) -> None:
+    """After an FSDP training: every rank hands in its shard of the trained (adapter) weights, and rank 0 loads
+    them into a fresh unsharded model, which finish() saves (adapter only) and evaluates alone. The frozen base
+    is read again from its folder, not gathered: training never changed it."""
+    adapter = s.group.full_trainable_state(s.peft_model)
+    if not s.group.is_main:
+        return
+    with torch.random.fork_rng(devices=[]):  # peft's initialisation of the new LoRA weights draws no seed of ours
+        s.base, s.peft_model, _, _ = build_model(s.cfg, s.source, s.device)
+    loaded = s.peft_model.load_state_dict(adapter, strict=False)
+    if loaded.unexpected_keys or set(adapter) != {n for n, p in s.peft_model.named_parameters() if p.requires_grad}:
+        raise RuntimeError(f"FSDP: the gathered adapter does not fit the model ({loaded.unexpected_keys[:3]})")
+    s.loss_model = TokenLoss(s.peft_model)
 
 
 def progress_callback(max_steps: int, first_step: int, *, show: bool) -> Callback:

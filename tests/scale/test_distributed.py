@@ -76,6 +76,8 @@ def test_accelerate_launch_two_processes_is_one_run_matching_one_process(
     # memory per process (per device on GPUs); peak_mb is the largest of them
     per_rank = [metrics["memory/rank_0/peak_mb"], metrics["memory/rank_1/peak_mb"]]
     assert all(mb > 100 for mb in per_rank) and metrics["memory/peak_mb"] == max(per_rank)
+    whole_mb = single.data.metrics["params/total"] * 4 / 2**20  # fp32: DDP keeps every weight on every rank
+    assert metrics["memory/rank_1/params_mb"] == pytest.approx(whole_mb, rel=0.02)
     # tokens/s counts both processes' tokens: the run trained as many tokens as the single one
     assert metrics["train/tokens"] == single.data.metrics["train/tokens"]
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
@@ -107,3 +109,31 @@ def test_a_failing_launch_leaves_its_run_failed_with_one_error_line(mlflow_serve
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
     (run,) = runs_of(client, experiment)
     assert run.info.status == "FAILED" and "batch_size=500" in run.data.tags["error"]
+
+
+def test_fsdp_over_two_processes_matches_one_process_and_saves_the_adapter_only(
+    single, mlflow_server, tiny_model_dir, tiny_data_file
+):
+    """-P num_processes=2 -P sharding=fsdp (train relaunches itself): each rank holds half of every weight, the
+    losses are one process's with the same global batch, and the adapter rank 0 saves is the adapter alone."""
+    client = MlflowClient(mlflow_server)
+    experiment = f"fsdp-{uuid.uuid4().hex[:8]}"
+    settings = {"model": tiny_model_dir, "data": tiny_data_file, "batch_size": 2, **TINY}
+    done = _train([sys.executable], mlflow_server, experiment, {**settings, "num_processes": 2, "sharding": "fsdp"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = runs_of(client, experiment)
+    params, metrics = run.data.params, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert (params["sharding"], params["world_size"], params["global_batch_size"]) == ("fsdp", "2", "4")
+    assert run.data.tags["config_hash"] != single.data.tags["config_hash"]
+    assert _losses(client, run.info.run_id) == pytest.approx(_losses(client, single.info.run_id), rel=1e-4)
+    assert metrics["eval/loss"] == pytest.approx(single.data.metrics["eval/loss"], rel=1e-4)
+    per_rank = [metrics["memory/rank_0/peak_mb"], metrics["memory/rank_1/peak_mb"]]
+    assert all(mb > 100 for mb in per_rank) and metrics["memory/peak_mb"] == max(per_rank)
+    # each rank holds half of every weight (the tiny Llama in fp32: 2 layers, 49k x 64 tied embeddings, ~13 MB)
+    whole_mb = single.data.metrics["params/total"] * 4 / 2**20
+    for rank in (0, 1):
+        assert metrics[f"memory/rank_{rank}/params_mb"] == pytest.approx(whole_mb / 2, rel=0.02)
+    adapter = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in adapter and "adapter/model.safetensors" not in adapter
+    assert metrics["adapter/size_mb"] == single.data.metrics["adapter/size_mb"] < whole_mb / 10

@@ -39,3 +39,15 @@ def test_planner_inputs_are_taken_from_a_configuration():
     inputs = C.planner_inputs(dataclasses.asdict(_config(rank=8, quantization="bf16")))
     assert inputs["rank"] == 8 and inputs["quantization"] == "bf16"
     assert set(inputs) == set(C.PLANNER_SETTINGS)
+
+
+def test_sharding_enters_identities_only_when_set_and_the_report_tells_it_apart():
+    resolved = {**dataclasses.asdict(_config()), "base_model": "m", "data_fingerprint": "f"}
+    before = {k: v for k, v in resolved.items() if k != "sharding"}  # a run stored before the setting existed
+    assert C.config_hash(resolved) == C.config_hash(before)
+    sharded = {**resolved, "sharding": "fsdp", "world_size": 2}
+    assert C.config_hash(sharded) != C.config_hash({**resolved, "world_size": 2})
+    unsharded = {k: v for k, v in dataclasses.asdict(_config()).items() if k != "sharding"}
+    assert C.sweep_key(_config(), "fp") == C.sweep_key(unsharded, "fp")
+    assert C.sweep_key(_config(sharding="fsdp", num_processes=2), "fp") != C.sweep_key(_config(num_processes=2), "fp")
+    assert {"world_size", "sharding"} <= set(C.REPORT_SETTINGS)

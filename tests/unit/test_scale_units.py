@@ -46,6 +46,16 @@ def _train_values(**over):
         ({"num_processes": 0}, "num_processes=0 is invalid: an integer from 1 to 256"),
         ({"num_processes": 2, "checkpoint_every": 5}, "checkpoints are single-process only"),
         ({"num_processes": 2, "device": "cuda:1"}, "device='cuda:1' is invalid with num_processes=2"),
+        ({"sharding": "zero3"}, "sharding='zero3' is invalid: one of none, fsdp"),
+        ({"sharding": "fsdp"}, "sharding='fsdp' is invalid with num_processes=1: 2 to 256 processes"),
+        ({"sharding": "fsdp", "num_processes": 2, "resume_from": "/x"}, "checkpoints are single-process only"),
+        ({"sharding": "fsdp", "num_processes": 2, "method": "full"}, "sharding='fsdp' is invalid with method='full'"),
+        ({"sharding": "fsdp", "num_processes": 2, "quantization": "int8"}, "with quantization='int8': bf16, fp16"),
+        (
+            {"sharding": "fsdp", "num_processes": 2, "quantization": "nf4", "device": "cpu"},
+            "with quantization='nf4' on device='cpu': bf16, fp16 or fp32 on the CPU",
+        ),
+        ({"sharding": "fsdp", "num_processes": 2, "eval_every": 2}, "sharding='fsdp' is invalid with eval_every=2: 0"),
     ],
 )
 def test_train_num_processes_checks(over, message):
@@ -75,7 +85,8 @@ def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
     two = dataclasses.replace(one, num_processes=2)
     assert sweep_key(one, "fp") != sweep_key(two, "fp")
     # the key a single-process child had before num_processes existed: the same settings without it (and without
-    # the settings added since: method at its default lora, the monitoring ones and attention, which never enter a key)
+    # the settings added since: method at its default lora, sharding at its default none, the monitoring ones and
+    # attention, which never enter a key)
     import hashlib
     import json
 
@@ -83,7 +94,7 @@ def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
         k: v
         for k, v in dataclasses.asdict(one).items()
         if k not in ("device", "data", "checkpoint_every", "resume_from", "num_processes")
-        and k not in ("method", "eval_every", "val_samples", "converge_tol", "attention")
+        and k not in ("method", "sharding", "eval_every", "val_samples", "converge_tol", "attention")
     }
     payload = json.dumps({**settings, "data_fingerprint": "fp"}, sort_keys=True)
     assert sweep_key(one, "fp") == hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -111,7 +122,8 @@ def test_fsdp_launch_is_refused_with_one_line(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError) as err:
         setup(torch.device("cpu"))
-    assert "accelerate launch with FSDP: not supported yet" in str(err.value) and "\n" not in str(err.value)
+    assert "accelerate launch with FSDP: not supported" in str(err.value) and "--sharding fsdp" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_without_a_launcher_this_process_is_the_whole_group(monkeypatch):
