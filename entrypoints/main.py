@@ -4,6 +4,7 @@ then write the report (reports/<experiment>/report.md, .html and charts; also a 
     make study                                                   # = the line below
     mlflow run . -e main --env-manager local -P profile=quick
     mlflow run . -e main --env-manager local -P profile=full     # on a GPU
+    mlflow run . -e main --env-manager local -P backend=ray -P max_concurrent=2   # the sweeps' children on Ray
 Started again after an interruption, it runs only what is missing (finished runs are found by their keys).
 """
 
@@ -21,6 +22,12 @@ def main(argv: list[str]) -> None:
     from lora_efficiency.tracking import start_run
 
     hf_logging.disable_progress_bar()
+    if cfg.backend == "ray":  # what `sweep` refuses for a cluster, refused before anything is prepared
+        import mlflow
+
+        from lora_efficiency.ray_backend import check_cluster_settings
+
+        check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
     study = load_study(cfg)  # every sweep file and child checked, one data set prepared, before any run opens
     description = f"The study ({cfg.profile or 'default'} profile): baselines, sweeps and the report, as child runs"
     # no system metrics here: the parent waits; each child run samples its own

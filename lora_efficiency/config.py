@@ -366,6 +366,13 @@ def sweep_problems(v: dict[str, Any]) -> list[str]:
         "empty (the sweep file's), a known set name, a data file, a prepared folder or a prepare run's id",
     )
     check("device", lambda x: not x or DEVICE.fullmatch(x), "empty (the sweep file's), auto, cpu, cuda or cuda:N")
+    return p + backend_problems(v)
+
+
+def backend_problems(v: dict[str, Any]) -> list[str]:
+    """Where sweep children run: the settings `sweep` and `main` share."""
+    p: list[str] = []
+    check = _checker(v, p)
     check("backend", lambda x: x in ("local", "ray"), "local (one child after another here) or ray (Ray tasks)")
     if v.get("backend") == "local" and v.get("ray_address"):
         p.append(f"ray_address={v['ray_address']!r} is invalid with backend='local': empty, or set backend=ray")
@@ -388,6 +395,11 @@ class StudyConfig:
     baselines: str
     data: str
     output: str
+    backend: str  # the sweeps' children: as `sweep` runs them (local or ray), with the same Ray settings
+    ray_address: str
+    max_concurrent: int
+    cpus_per_trial: float
+    gpus_per_trial: str
 
 
 def study_problems(v: dict[str, Any]) -> list[str]:
@@ -419,7 +431,7 @@ def study_problems(v: dict[str, Any]) -> list[str]:
         lambda x: not x or is_output_path(x, "dir"),
         f"a folder (empty: reports/<experiment>), not a file or device, no name over {NAME_MAX} bytes",
     )
-    return p
+    return p + backend_problems(v)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The whole study (entry point `main`): the data prepared once, the base model evaluated alone (the baselines),
-the sweeps as child runs of one study run, then the report.
+the sweeps as child runs of one study run, then the report. With backend=ray the sweeps' children run as Ray
+tasks (sweep.run_sweep's Ray path, the same settings as `sweep`); the baselines run here.
 
     study = load_study(cfg)                       # every sweep file and child checked, the data prepared
     with start_run(...) as tracker:               # the study run (entrypoints/main.py opens it)
@@ -135,11 +136,17 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
             **owner_tags(),
         },
     )
+    cfg = study.config
     result = run_sweep(
         sweep,
         parent_run_id=parent.info.run_id,
         data_fingerprint=study.fingerprint,
         data_path=str(study.prepared.path),
+        backend=cfg.backend,
+        ray_address=cfg.ray_address,
+        max_concurrent=cfg.max_concurrent,
+        cpus_per_trial=cfg.cpus_per_trial,
+        gpus_per_trial=cfg.gpus_per_trial,
         log=log,
     )
     for key, value in result.tags().items():
