@@ -6,6 +6,7 @@ python -m entrypoints.train --max_steps 500 --checkpoint_every 50           # a 
 python -m entrypoints.train --max_steps 500 --resume_from <that run's id>   # after a crash: from its latest one
 python -m entrypoints.train --num_processes 2                # one DDP training over 2 GPUs (2 gloo processes on a CPU)
 accelerate launch --multi_gpu --num_processes 2 -m entrypoints.train      # the same, started by accelerate
+python -m entrypoints.train --num_processes 2 --sharding fsdp  # the base and adapter sharded over the 2 (FSDP2)
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from lora_efficiency.errors import UserError
 def main(argv: list[str]) -> None:
     cfg = parse_args(TrainConfig, "train", argv, description=__doc__)
     if cfg.num_processes > 1 and not distributed.launched():
+        import torch
+
+        on = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+        distributed.check_sharding(cfg.sharding, cfg.quantization, on)  # before any process starts
         return distributed.launch(cfg.num_processes, "entrypoints.train", argv)  # rank 0 logs the run
     if distributed.launched() and cfg.num_processes not in (1, distributed.world_size()):
         raise UserError(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_efficiency.errors import UserError
+
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK")  # set by accelerate launch, torchrun, and accelerate's mpirun path
 
 
@@ -94,6 +96,16 @@ class Group:
             torch.distributed.destroy_process_group()
 
 
+def check_sharding(sharding: str, quantization: str, device_type: str) -> None:
+    """A 4-bit base is sharded on CUDA only: device=auto on a machine without CUDA is known only here, not when
+    the settings are parsed (device=cpu is refused there)."""
+    if sharding == "fsdp" and quantization in ("nf4", "fp4") and device_type != "cuda":
+        raise UserError(
+            f"sharding='fsdp' is invalid with quantization={quantization!r} on the CPU (no CUDA device here): bf16, "
+            "fp16 or fp32 on the CPU (4-bit bases are sharded on CUDA only)"
+        )
+
+
 def shard(module: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 (`fully_shard`) over the group: every decoder layer is one unit, all-gathered only around its own
     forward and backward; the rest (embeddings, final norm, head: tied in most small models, so one unit) is the
@@ -123,8 +135,6 @@ def setup(device: torch.device, sharding: str = "none") -> Group:
 
     for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch --use_fsdp / --use_deepspeed set these
         if parse_bool(os.environ.get(f"ACCELERATE_USE_{engine}", "false")):
-            from lora_efficiency.errors import UserError
-
             raise UserError(
                 f"accelerate launch with {engine}: not supported, the trainer shards with its own FSDP2; launch "
                 "with --multi_gpu and pass --sharding fsdp --num_processes N (docs/scaling.md)"
@@ -166,8 +176,6 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from lora_efficiency.errors import UserError
 
     args = launch_command_parser().parse_args(
         [

@@ -16,6 +16,7 @@ each node and identical there by its content fingerprint); the Python environmen
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +74,15 @@ def _connect(address: str):
     return ray, True
 
 
+def _run_on_node(job: Job) -> Outcome:
+    """children.run_job on the node Ray placed the task on, the child's run tagged with that node: the host name
+    (owner_host) does not tell apart two nodes on one machine or two pods of one name."""
+    import ray
+
+    node = {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
+    return run_job(dataclasses.replace(job, tags={**job.tags, **node}))
+
+
 def _gpus(gpus_per_trial: str, num_processes: int, cluster_gpus: float) -> float:
     if gpus_per_trial == "auto":  # one per training process when the cluster has GPUs, else none
         return float(num_processes) if cluster_gpus > 0 else 0.0
@@ -116,7 +126,7 @@ def run_jobs(
         f"{cluster.get('GPU', 0):g} GPUs; {len(jobs)} task(s), {cpus_per_trial:g} CPU(s) each"
         + (f", at most {max_concurrent} at once" if max_concurrent else "")
     )
-    task = ray.remote(run_job)
+    task = ray.remote(_run_on_node)
     queue, pending = list(jobs), {}
     try:
         while queue or pending:

@@ -325,11 +325,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             trust_remote_code=cfg.trust_remote_code,
             **planner_inputs(dataclasses.asdict(cfg)),
         )
-    if group.sharding == "fsdp" and group.device.type != "cuda" and cfg.quantization in ("nf4", "fp4"):
-        raise UserError(
-            f"sharding='fsdp' is invalid with quantization={cfg.quantization!r} on {group.device}: bf16, fp16 or "
-            "fp32 on the CPU (4-bit bases are sharded on CUDA only)"
-        )
+    distributed.check_sharding(group.sharding, cfg.quantization, group.device.type)  # under accelerate launch
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
     if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
         trainable_params, total_params = trained.get_nb_trainable_parameters()

@@ -213,6 +213,7 @@ def _walk(client, model_id, path):
         ({"quantization": "q3"}, "error: quantization='q3' is invalid: one of nf4, fp4, int8, bf16, fp16, fp32"),
         ({"model": "/does/not/exist"}, "error: model='/does/not/exist' does not exist"),
         ({"target_modules": "qkv"}, "error: target_modules='qkv': qkv matches no linear module"),
+        ({"sharding": "fsdp"}, "error: sharding='fsdp' is invalid with num_processes=1: 2 to 256 processes"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run_running(

@@ -85,10 +85,10 @@ def test_a_cluster_address_with_a_local_tracking_file_is_refused_before_any_run(
 
 
 def test_the_study_runs_its_sweeps_children_on_ray(mlflow_server, tiny_model_dir, tiny_data_file, tmp_path):
-    """`-e main -P backend=ray`: the tiny study's children are Ray tasks (sweep.run_sweep's Ray path), its report
-    is written from them."""
+    """`-e main -P backend=ray`: the tiny study's child is a Ray task (sweep.run_sweep's Ray path), its report is
+    written from it."""
     path = tmp_path / "ranks.yaml"
-    spec = {"name": "ranks", "base": tiny_sweep_base(tiny_model_dir, tiny_data_file), "axes": {"rank": [2, 4]}}
+    spec = {"name": "ranks", "base": tiny_sweep_base(tiny_model_dir, tiny_data_file), "axes": {"rank": [2]}}
     path.write_text(yaml.safe_dump({**spec, "seeds": [0]}))
     experiment = f"ray-study-{uuid.uuid4().hex[:8]}"
     params = {"profile": "", "sweeps": str(path), "baselines": "fp32", "output": str(tmp_path / "report"), **RAY}
@@ -100,8 +100,8 @@ def test_the_study_runs_its_sweeps_children_on_ray(mlflow_server, tiny_model_dir
     study = next(r for r in runs if r.data.tags.get("entry_point") == "main")
     assert study.data.params["backend"] == "ray" and study.info.status == "FINISHED"
     children = _children(client, experiment)
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-    assert {r.data.tags["sweep_backend"] for r in children} == {"ray"}
-    assert {r.data.params["rank"] for r in children} == {"2", "4"}
+    (child,) = children  # one child keeps this test short: concurrency is test_ray_sweep_runs_children_...'s
+    assert child.info.status == "FINISHED" and child.data.params["rank"] == "2"
+    assert child.data.tags["sweep_backend"] == "ray" and child.data.tags["ray_node_id"]
     (report,) = [r for r in runs if r.data.tags.get("report") == "true"]
-    assert report.data.tags["report_configurations"] == "2" and (tmp_path / "report" / "report.md").is_file()
+    assert report.data.tags["report_configurations"] == "1" and (tmp_path / "report" / "report.md").is_file()
