@@ -27,9 +27,9 @@ test: setup
 test-scale: setup
 	$(VENV)/bin/python -m pytest -q tests/scale tests/unit/test_scale_units.py
 
-# the slow reliability cases (tests marked soak: concurrent load on one server, ...); docs/reliability.md
+# the slow cases (tests marked soak: concurrent load on one server, ..., QLoRA under FSDP); docs/reliability.md
 soak: setup
-	$(VENV)/bin/python -m pytest -q -m soak tests/reliability
+	$(VENV)/bin/python -m pytest -q -m soak tests/reliability tests/scale/test_distributed.py
 
 study: setup
 	mlflow run . -e main --env-manager local $(P)

@@ -24,10 +24,6 @@ from lora_efficiency.errors import UserError
 def main(argv: list[str]) -> None:
     cfg = parse_args(TrainConfig, "train", argv, description=__doc__)
     if cfg.num_processes > 1 and not distributed.launched():
-        import torch
-
-        on = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-        distributed.check_sharding(cfg.sharding, cfg.quantization, on)  # before any process starts
         return distributed.launch(cfg.num_processes, "entrypoints.train", argv)  # rank 0 logs the run
     if distributed.launched() and cfg.num_processes not in (1, distributed.world_size()):
         raise UserError(

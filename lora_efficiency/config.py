@@ -227,13 +227,8 @@ def fsdp_problems(v: dict[str, Any]) -> list[str]:
         p.append(f"sharding='fsdp' is invalid with method={v['method']!r}: lora (the base frozen, the adapter trains)")
     if v.get("quantization") == "int8":
         p.append(
-            "sharding='fsdp' is invalid with quantization='int8': bf16, fp16, fp32, or nf4/fp4 on CUDA "
-            "(bitsandbytes keeps int8 weights in int8 tensors FSDP cannot shard)"
-        )
-    elif v.get("quantization") in ("nf4", "fp4") and v.get("device") == "cpu":
-        p.append(
-            f"sharding='fsdp' is invalid with quantization={v['quantization']!r} on device='cpu': bf16, fp16 or fp32 "
-            "on the CPU (4-bit bases are sharded on CUDA only)"
+            "sharding='fsdp' is invalid with quantization='int8': nf4, fp4, bf16, fp16 or fp32 (bitsandbytes keeps "
+            "an int8 weight's scales on the parameter FSDP replaces: 'Parameter' object has no attribute 'CB')"
         )
     if v.get("eval_every"):
         p.append(

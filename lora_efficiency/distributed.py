@@ -96,16 +96,6 @@ class Group:
             torch.distributed.destroy_process_group()
 
 
-def check_sharding(sharding: str, quantization: str, device_type: str) -> None:
-    """A 4-bit base is sharded on CUDA only: device=auto on a machine without CUDA is known only here, not when
-    the settings are parsed (device=cpu is refused there)."""
-    if sharding == "fsdp" and quantization in ("nf4", "fp4") and device_type != "cuda":
-        raise UserError(
-            f"sharding='fsdp' is invalid with quantization={quantization!r} on the CPU (no CUDA device here): bf16, "
-            "fp16 or fp32 on the CPU (4-bit bases are sharded on CUDA only)"
-        )
-
-
 def shard(module: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 (`fully_shard`) over the group: every decoder layer is one unit, all-gathered only around its own
     forward and backward; the rest (embeddings, final norm, head: tied in most small models, so one unit) is the

@@ -357,9 +357,12 @@ def load_base_model(
     device: torch.device,
     trust_remote_code: bool = False,
     attention: str = "sdpa",
+    shardable: bool = False,
 ):
     """Load the frozen base model with its weights stored as `quantization`; the QLoRA branch is here.
-    attention: config.ATTENTIONS (attention.py); generation keeps transformers' sdpa."""
+    attention: config.ATTENTIONS (attention.py); generation keeps transformers' sdpa. shardable (FSDP): 4-bit
+    weights packed into tensors of the compute dtype instead of uint8, so that FSDP shards and all-gathers them
+    with the 16-bit weights beside them (what axolotl and HF's FSDP-QLoRA set: bnb_4bit_quant_storage)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(device)
@@ -370,6 +373,7 @@ def load_base_model(
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if shardable else {}),
         )
         kwargs["dtype"] = dtype
     elif quantization == "int8":

@@ -325,7 +325,6 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             trust_remote_code=cfg.trust_remote_code,
             **planner_inputs(dataclasses.asdict(cfg)),
         )
-    distributed.check_sharding(group.sharding, cfg.quantization, group.device.type)  # under accelerate launch
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
     if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
         trainable_params, total_params = trained.get_nb_trainable_parameters()
@@ -390,6 +389,7 @@ def build_model(
         device=device,
         trust_remote_code=cfg.trust_remote_code,
         attention=cfg.attention,
+        shardable=cfg.sharding == "fsdp",
     )
     modules = ["*"] if full else resolve_target_modules(base, cfg.target_modules)
     if cfg.gradient_checkpointing:
