@@ -115,11 +115,12 @@ def test_a_failing_launch_leaves_its_run_failed_with_one_error_line(mlflow_serve
 def test_fsdp_over_two_processes_matches_one_process_and_saves_the_adapter_only(
     single, mlflow_server, tiny_model_dir, tiny_data_file
 ):
-    """-P num_processes=2 -P sharding=fsdp (train relaunches itself): each rank holds half of every weight, the
-    losses are one process's with the same global batch, and the adapter rank 0 saves is the adapter alone."""
+    """--num_processes 2 --sharding fsdp (train relaunches itself), batch 1 x grad_accum 2 (the first micro-batch
+    without reduce-scatter): each rank holds half of every weight, the losses are one process's with the same
+    global batch, and the adapter rank 0 saves is the adapter alone."""
     client = MlflowClient(mlflow_server)
     experiment = f"fsdp-{uuid.uuid4().hex[:8]}"
-    settings = {"model": tiny_model_dir, "data": tiny_data_file, "batch_size": 2, **TINY}
+    settings = {"model": tiny_model_dir, "data": tiny_data_file, "batch_size": 1, "grad_accum": 2, **TINY}
     done = _train([sys.executable], mlflow_server, experiment, {**settings, "num_processes": 2, "sharding": "fsdp"})
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = runs_of(client, experiment)
