@@ -45,7 +45,9 @@ class RunData:
         in one axis are compared each at its own best rate (the chosen rates are in the report's Learning rates
         section), which is the point of tuning."""
         settings = {p: self.params.get(p, "") for p in REPORT_SETTINGS}
-        settings["sharding"] = settings["sharding"] or "none"  # runs from before the setting were not sharded
+        # logged only when they matter: a run without them trained in one process (before sharding existed: unsharded)
+        settings["world_size"] = settings["world_size"] or "1"
+        settings["sharding"] = settings["sharding"] or "none"
         if self.tags.get("lr_tuned") == "true":
             settings["lr"] = f"tuned over {self.tags.get('lr_chosen_from', '?')}"
         return settings

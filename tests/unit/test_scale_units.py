@@ -155,3 +155,27 @@ def test_a_sigterm_inside_mlflow_logging_is_held_until_the_next_step(monkeypatch
         errors._interrupt(signal.SIGTERM, None)  # held: nothing raised inside the block
     with pytest.raises(KeyboardInterrupt):
         errors.raise_if_terminated()
+
+
+def test_the_report_keeps_runs_apart_that_differ_only_in_world_size_or_sharding():
+    """Three runs of one configuration but for how they ran: one process (logged before sharding existed), DDP over
+    2, FSDP over 2. config_hash (the tag) and the report's settings both tell them apart."""
+    from lora_efficiency.configuration import config_hash
+    from lora_efficiency.report.findings import group_configurations
+    from lora_efficiency.report.runs import RunData
+    from tests.report_store import train_params
+
+    base = {k: str(v) for k, v in train_params(16, "nf4", 0).items()} | {"base_model": "m", "data_fingerprint": "f"}
+    how = {"one": {}, "ddp": {"world_size": "2", "sharding": "none"}, "fsdp": {"world_size": "2", "sharding": "fsdp"}}
+    runs = []
+    for name, extra in how.items():
+        params = base | extra
+        tags = {"config_hash": config_hash(params)}
+        runs.append(RunData(name.ljust(32, "0"), name, "FINISHED", 0, params, {"eval/perplexity": 5.0}, tags))
+    configs = group_configurations(runs)
+    assert len(configs) == 3
+    assert sorted(c.label for c in configs) == [
+        "r16 attention nf4 world_size=1 sharding=none",
+        "r16 attention nf4 world_size=2 sharding=fsdp",
+        "r16 attention nf4 world_size=2 sharding=none",
+    ]
