@@ -40,8 +40,8 @@ def _alive_nodes(address: str, env: dict[str, str]) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the node's process group, SIGKILL after 15 s (a node drains for up to 30 s on SIGTERM)."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+    """SIGTERM to the node's process group, SIGKILL after 5 s (a node drains for up to 30 s on SIGTERM)."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait_s)
