@@ -23,7 +23,8 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-# beyond one machine: a sweep on a local Ray instance, one training over 2 gloo processes (also in `make test`)
+# beyond one machine: a sweep on a local Ray instance and on two Ray nodes, the study on Ray, one training over 2
+# gloo processes with DDP and with FSDP (also in `make test`)
 test-scale: setup
 	$(VENV)/bin/python -m pytest -q tests/scale tests/unit/test_scale_units.py
 
