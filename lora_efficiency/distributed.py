@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_efficiency.errors import UserError
-
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK")  # set by accelerate launch, torchrun, and accelerate's mpirun path
 
 
@@ -125,6 +123,8 @@ def setup(device: torch.device, sharding: str = "none") -> Group:
 
     for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch --use_fsdp / --use_deepspeed set these
         if parse_bool(os.environ.get(f"ACCELERATE_USE_{engine}", "false")):
+            from lora_efficiency.errors import UserError
+
             raise UserError(
                 f"accelerate launch with {engine}: not supported, the trainer shards with its own FSDP2; launch "
                 "with --multi_gpu and pass --sharding fsdp --num_processes N (docs/scaling.md)"
@@ -166,6 +166,8 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from lora_efficiency.errors import UserError
 
     args = launch_command_parser().parse_args(
         [
