@@ -131,10 +131,10 @@ def check_grid_fits(grid: LrGrid, configs: Sequence[tuple[str, TrainConfig, Mapp
     return problems
 
 
-def group_id(config: TrainConfig, data_fingerprint: str) -> str:
+def group_id(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:
     """The configuration without learning rate and seed: what its pilots and its main runs share (tag lr_group)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("lr", "seed")}
-    return sweep_key(settings, data_fingerprint)
+    return sweep_key(settings, data_fingerprint, model_revision)
 
 
 def pilot_config(config: TrainConfig, lr: float, steps: int) -> TrainConfig:
@@ -143,9 +143,9 @@ def pilot_config(config: TrainConfig, lr: float, steps: int) -> TrainConfig:
     return dataclasses.replace(config, lr=lr, max_steps=steps, eval_every=steps, generate_samples=0)
 
 
-def pilot_key(config: TrainConfig, data_fingerprint: str) -> str:
+def pilot_key(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:
     """A pilot's sweep_key: never a main run's, even when the pilot trains exactly like one."""
-    return sweep_key({**dataclasses.asdict(config), ROLE: PILOT}, data_fingerprint)
+    return sweep_key({**dataclasses.asdict(config), ROLE: PILOT}, data_fingerprint, model_revision)
 
 
 @dataclass(frozen=True)

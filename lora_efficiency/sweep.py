@@ -357,6 +357,15 @@ class _Phase:
     shown: _Progress
     done: dict[str, str]  # sweep_key -> FINISHED run id, when the sweep started
     runs: Callable[[list[Job]], Iterable[tuple[Job, Outcome]]]
+    revisions: dict[str, str] = field(default_factory=dict)  # model setting -> local folder's content revision
+
+    def revision(self, config: TrainConfig) -> str:
+        """The content revision of the child's model when it is a local folder here (else ''), once per sweep."""
+        if config.model not in self.revisions:
+            from lora_efficiency.models import local_revision
+
+            self.revisions[config.model] = local_revision(config.model)
+        return self.revisions[config.model]
 
     def submit(self, todo: list[tuple[Child, str, dict[str, str]]], *, pilot: bool = False) -> dict[str, str | None]:
         """Run (child, sweep_key, tags) whose key is not FINISHED yet, each announced first if predicted not to fit;
@@ -386,13 +395,13 @@ def _run_pilots(phase: _Phase) -> dict[str, Choice | NoLearningRate]:
     planned: dict[str, tuple[str, list[tuple[float, str]]]] = {}  # lr_group -> (label, [(lr, pilot key)])
     todo = []
     for child in phase.sweep.first_seed_children():
-        group = group_id(child.config, fingerprint)
+        group = group_id(child.config, fingerprint, phase.revision(child.config))
         if group in planned:  # the same configuration twice in the file: tuned once
             continue
         planned[group] = (child.label, [])
         for lr in grid.for_method(child.config.method):
             config = pilot_config(child.config, lr, grid.steps(child.config))
-            key = pilot_key(config, fingerprint)
+            key = pilot_key(config, fingerprint, phase.revision(config))
             planned[group][1].append((lr, key))
             pilot = Child(f"{child.label},lr={fmt_lr(lr)},pilot", config, child.overrides)
             todo.append((pilot, key, pilot_tags(group, child.label)))
@@ -430,14 +439,15 @@ def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> Non
     (every pilot failed) fails its main runs without starting them."""
     todo = []
     for child in phase.sweep.children:
-        group = group_id(child.config, phase.fingerprint)
+        group = group_id(child.config, phase.fingerprint, phase.revision(child.config))
         choice = choices.get(group)
         if isinstance(choice, NoLearningRate):
             phase.shown.not_run(child.name, str(choice))
             continue
         config = replace(child.config, lr=choice.lr) if choice is not None else child.config
         main = Child(child.name, config, child.overrides)
-        todo.append((main, sweep_key(config, phase.fingerprint), main_tags(group, child.label, choice)))
+        key = sweep_key(config, phase.fingerprint, phase.revision(config))
+        todo.append((main, key, main_tags(group, child.label, choice)))
     phase.submit(todo)
 
 
