@@ -53,6 +53,7 @@ def test_a_dataset_another_run_inserted_meanwhile_is_linked_not_an_error(sqlite_
     from lora_efficiency.tracking import MlflowTracker
 
     manifest = {**MANIFEST, "origin": "bundled"}
+    mlflow.set_experiment("race")  # this test's store: not an experiment id another test left active
     with mlflow.start_run() as first:
         MlflowTracker(first.info.run_id).log_data_inputs(manifest, "/p")
     real_impl, real_all, missed = sqlalchemy_store.SqlAlchemyStore._log_inputs_impl, Query.all, []
@@ -90,6 +91,7 @@ def test_other_store_errors_are_not_retried(sqlite_tracking, monkeypatch):
         raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) attempt to write a readonly database")
 
     monkeypatch.setattr(mlflow, "log_inputs", failing)
+    mlflow.set_experiment("no-retry")
     with mlflow.start_run() as run, pytest.raises(mlflow.exceptions.MlflowException, match="readonly"):
         MlflowTracker(run.info.run_id).log_data_inputs({**MANIFEST, "origin": "bundled"}, "/p")
     assert len(calls) == 1

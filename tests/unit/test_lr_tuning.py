@@ -228,7 +228,7 @@ def test_one_more_rate_past_the_edge_only_when_the_best_is_on_it(pilots, expecte
     assert found == expected if expected is None else found == pytest.approx(expected)
 
 
-def test_a_sweep_extends_the_grid_until_its_choice_is_inside(tmp_path, monkeypatch):
+def test_a_sweep_extends_the_grid_until_its_choice_is_inside(sqlite_tracking, tmp_path, monkeypatch):
     """The sweep's pilot phase with a backend that logs a known val/loss per rate (lowest at 2.7e-2): from the grid
     1e-3, 3e-3 it adds 9e-3, then 2.7e-2, then 8.1e-2 (worse: 2.7e-2 is inside), and stops though 5 were allowed.
     The main run trains at 2.7e-2, tagged with every rate tried; rank 8, best at its lower edge, tries 3.3e-4 below."""
@@ -237,10 +237,7 @@ def test_a_sweep_extends_the_grid_until_its_choice_is_inside(tmp_path, monkeypat
     from lora_efficiency import sweep as sweep_mod
     from lora_efficiency.children import Outcome
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(sqlite_tracking)
     experiment_id = client.create_experiment("extend")
     loss = {1e-3: 3.0, 3e-3: 2.0, 9e-3: 1.5, 2.7e-2: 1.2, 8.1e-2: 1.4}  # rank 4
     loss_rank8 = {3.3e-4: 2.5, 1e-3: 1.0, 3e-3: 2.0}  # rank 8: best at its lower edge, 3.3e-4 worse
