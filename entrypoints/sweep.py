@@ -36,6 +36,11 @@ def main(argv: list[str]) -> None:
         f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
         f"{len(sweep.children)} runs"
         + (f" + {sweep.pilots} learning-rate pilots" if sweep.pilots else "")
+        + (
+            f" (+ up to {sweep.lr_grid.extend} per configuration past an edge)"
+            if sweep.pilots and sweep.lr_grid.extend
+            else ""
+        )
         + f"; data {prepared.manifest['dataset']} ({prepared.path})",
         flush=True,
     )

@@ -117,14 +117,17 @@ def config_hash(resolved: Mapping[str, Any]) -> str:
     return _digest(_identity(resolved, _NOT_IN_CONFIG_HASH))
 
 
-def sweep_key(settings: Any, data_fingerprint: str) -> str:
-    """What identifies one sweep child across restarts: its train settings (a TrainConfig, or its fields as a dict)
-    and the data's fingerprint. num_processes enters only when > 1, so keys made before that setting existed stay
-    valid."""
+def sweep_key(settings: Any, data_fingerprint: str, model_revision: str = "") -> str:
+    """What identifies one sweep child across restarts: its train settings (a TrainConfig, or its fields as a dict),
+    the data's fingerprint and, for a local model folder, its content revision (`models.local_revision`: other
+    weights under the same folder name are another child). num_processes enters only when > 1 and the revision
+    only when there is one, so keys made before either existed (hub and bundled models) stay valid."""
     settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
     keep = _identity(settings, _NOT_IN_SWEEP_KEY)
     if keep.get("num_processes") == 1:
         del keep["num_processes"]
+    if model_revision:
+        keep["model_revision"] = model_revision
     return _digest({**keep, "data_fingerprint": data_fingerprint})
 
 

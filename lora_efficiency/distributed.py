@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -137,10 +139,34 @@ def setup(device: torch.device, sharding: str = "none") -> Group:
     return Group(state.process_index, state.num_processes, state.device, sharding)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _loopback_store() -> Iterator[int]:
+    """torchrun's rendezvous key-value store, served from this process on 127.0.0.1 only; yields its port.
+
+    torch 2.13's TCPStore server listens on every interface (`::`) whatever host it is given (measured: a 2-rank
+    launch listened on `::` and on loopback only after this). It can instead serve a socket the caller bound
+    (`master_listen_fd`), and torchrun's static rendezvous opens its store with `multi_tenant=True`, which reuses
+    a server this process already runs on that port: this one. Accelerate's "port in use" check (which would
+    move the launch to another port, on every interface) is told the port is ours.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(  # noqa: F841 (kept alive for the launch: the server lives as long as the object)
+        "127.0.0.1",
+        port,
+        None,
+        True,
+        timedelta(minutes=30),
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=sock.detach(),  # the server owns the socket from here
+    )
+    yield port
 
 
 def loopback_interface() -> str:
@@ -159,8 +185,9 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
 
     `--multi_gpu` on a machine without CUDA gives gloo ranks on the CPU (setup() passes cpu=True): accelerate
     1.15's `--cpu --num_processes N` starts ONE process unless MPI is set up (`--mpirun_hostfile`). A free port
-    per launch keeps concurrent trainings (a sweep on Ray) off each other's rendezvous. Each failed rank has
-    printed its own error line; torchrun's traceback of the failure is replaced by one UserError line.
+    per launch keeps concurrent trainings (a sweep on Ray) off each other's rendezvous; the rendezvous store
+    listens on 127.0.0.1 only (`_loopback_store`). Each failed rank has printed its own error line; torchrun's
+    traceback of the failure is replaced by one UserError line.
     """
     import logging
 
@@ -169,34 +196,33 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
 
     from lora_efficiency.errors import UserError
 
-    args = launch_command_parser().parse_args(
-        [
-            "--multi_gpu",
-            "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",  # the trainer's own autocast decides the compute dtype
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            module,
-            *argv,
-        ]
-    )
     # One machine: torchrun's MASTER_ADDR is 127.0.0.1, and gloo's and NCCL's own sockets (the collectives, NCCL's
-    # bootstrap) go on loopback too, unless the caller chose an interface. (torch's TCPStore, the rendezvous
-    # key-value store, listens on every interface whatever its host: measured with torch 2.13; its port is a
-    # fresh random one per launch and it lives as long as the training.)
+    # bootstrap) go on loopback too, unless the caller chose an interface.
     for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         os.environ.setdefault(variable, loopback_interface())
     # torchrun's log lines (an OMP_NUM_THREADS banner, "failed (exitcode: 2)"): the UserError below says it all
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        launch_command(args)
+        with _loopback_store() as port, mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
+            args = launch_command_parser().parse_args(
+                [
+                    "--multi_gpu",
+                    "--num_processes",
+                    str(num_processes),
+                    "--num_machines",
+                    "1",
+                    "--mixed_precision",
+                    "no",  # the trainer's own autocast decides the compute dtype
+                    "--dynamo_backend",
+                    "no",
+                    "--main_process_port",
+                    str(port),
+                    "-m",
+                    module,
+                    *argv,
+                ]
+            )
+            launch_command(args)
     except ChildFailedError as exc:
         failed = ", ".join(f"rank {rank}: exit status {f.exitcode}" for rank, f in sorted(exc.failures.items()))
         raise UserError(

@@ -30,7 +30,8 @@ from lora_efficiency.config import METHODS, TrainConfig
 from lora_efficiency.configuration import sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid
 
-LR_KEYS = ("lr_grid", "pilot_steps")
+LR_KEYS = ("lr_grid", "pilot_steps", "lr_grid_extend")
+MAX_EXTEND = 5  # pilots past a grid's edge, per configuration
 ANY_METHOD = "*"  # the grid of a plain list: every method
 # Tags of the runs of a tuned sweep (and of main runs without a grid: sweep_role, lr_group, lr_tuned=false).
 ROLE, GROUP, GROUP_LABEL = "sweep_role", "lr_group", "lr_group_label"
@@ -47,10 +48,12 @@ def fmt_lr(lr: float) -> str:
 
 @dataclass(frozen=True)
 class LrGrid:
-    """The learning rates to try per training method, and how long a pilot trains (None: as long as its main runs)."""
+    """The learning rates to try per training method, how long a pilot trains (None: as long as its main runs),
+    and how many pilots may be added past the grid's edge when the best rate sits on it (`beyond_edge`)."""
 
     grids: Mapping[str, tuple[float, ...]]
     pilot_steps: int | None = None
+    extend: int = 0
 
     def for_method(self, method: str) -> tuple[float, ...] | None:
         return self.grids.get(method, self.grids.get(ANY_METHOD))
@@ -80,7 +83,7 @@ def _one_grid(value: Any, field: str) -> tuple[tuple[float, ...], list[str]]:
     return tuple(dict.fromkeys(lrs)), []  # in order, repeats once
 
 
-def parse_lr_grid(grid: Any, pilot_steps: Any = None) -> LrGrid | None:
+def parse_lr_grid(grid: Any, pilot_steps: Any = None, extend: Any = None) -> LrGrid | None:
     """The grid of a sweep file or profile (None when it declares none), checked.
 
     Raises:
@@ -91,6 +94,11 @@ def parse_lr_grid(grid: Any, pilot_steps: Any = None) -> LrGrid | None:
         isinstance(pilot_steps, bool) or not isinstance(pilot_steps, int) or pilot_steps < 1
     ):
         problems.append(invalid("pilot_steps", pilot_steps, "an integer >= 1 (the steps each pilot trains)"))
+    bad_extend = isinstance(extend, bool) or not isinstance(extend, int) or not 0 <= extend <= MAX_EXTEND
+    if extend is not None and bad_extend:
+        problems.append(
+            invalid("lr_grid_extend", extend, f"an integer from 0 to {MAX_EXTEND} (pilots added past the grid's edge)")
+        )
     grids: dict[str, tuple[float, ...]] = {}
     if isinstance(grid, dict):
         if not grid:
@@ -106,14 +114,15 @@ def parse_lr_grid(grid: Any, pilot_steps: Any = None) -> LrGrid | None:
         problems += problems_grid
     if problems:
         raise ConfigError(problems)
-    return LrGrid(grids, pilot_steps) if grid is not None else None
+    return LrGrid(grids, pilot_steps, extend or 0) if grid is not None else None
 
 
 def lr_settings(spec: Mapping[str, Any], profile: Mapping[str, Any]) -> LrGrid | None:
     """The grid of a sweep: each of lr_grid and pilot_steps from the profile if it has it, else the sweep file."""
     grid = profile.get("lr_grid", spec.get("lr_grid"))
     steps = profile.get("pilot_steps", spec.get("pilot_steps"))
-    return parse_lr_grid(grid, steps)
+    extend = profile.get("lr_grid_extend", spec.get("lr_grid_extend"))
+    return parse_lr_grid(grid, steps, extend)
 
 
 def check_grid_fits(grid: LrGrid, configs: Sequence[tuple[str, TrainConfig, Mapping[str, Any]]]) -> list[str]:
@@ -131,10 +140,10 @@ def check_grid_fits(grid: LrGrid, configs: Sequence[tuple[str, TrainConfig, Mapp
     return problems
 
 
-def group_id(config: TrainConfig, data_fingerprint: str) -> str:
+def group_id(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:
     """The configuration without learning rate and seed: what its pilots and its main runs share (tag lr_group)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("lr", "seed")}
-    return sweep_key(settings, data_fingerprint)
+    return sweep_key(settings, data_fingerprint, model_revision)
 
 
 def pilot_config(config: TrainConfig, lr: float, steps: int) -> TrainConfig:
@@ -143,9 +152,9 @@ def pilot_config(config: TrainConfig, lr: float, steps: int) -> TrainConfig:
     return dataclasses.replace(config, lr=lr, max_steps=steps, eval_every=steps, generate_samples=0)
 
 
-def pilot_key(config: TrainConfig, data_fingerprint: str) -> str:
+def pilot_key(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:
     """A pilot's sweep_key: never a main run's, even when the pilot trains exactly like one."""
-    return sweep_key({**dataclasses.asdict(config), ROLE: PILOT}, data_fingerprint)
+    return sweep_key({**dataclasses.asdict(config), ROLE: PILOT}, data_fingerprint, model_revision)
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,27 @@ def choose_lr(pilots: Sequence[PilotResult], *, label: str = "") -> Choice:
         )
     value, lr = min(usable)
     return Choice(lr, metric, value, grid, tuple(excluded))
+
+
+def beyond_edge(choice: Choice) -> float | None:
+    """The next rate to try when the chosen one is the highest (or lowest) the configuration's pilots tried: one
+    step past it, as large as the grid's outermost step there (1e-3, 3e-3 -> 9e-3), to 2 significant digits. None
+    when the choice lies inside what was tried (a higher rate that diverged or failed bounds it too), the grid has
+    one rate, or the next one would leave (0, 1).
+
+    A best rate on the grid's edge says only that the optimum may lie beyond it (the 2026-12-02 standard study
+    chose the top of every grid); a study that extends until the choice is interior can say where it is."""
+    tried = sorted(set(choice.grid))
+    if len(tried) < 2:
+        return None
+    if choice.lr == tried[-1]:
+        lr = tried[-1] * tried[-1] / tried[-2]
+    elif choice.lr == tried[0]:
+        lr = tried[0] * tried[0] / tried[1]
+    else:
+        return None
+    lr = float(f"{lr:.2g}")
+    return lr if 0 < lr < 1 and lr not in tried else None
 
 
 def pilot_tags(group: str, label: str) -> dict[str, str]:

@@ -262,6 +262,15 @@ def register_in_hub_cache(folder: Path, repo_id: str) -> Path:
     return snapshot
 
 
+def local_revision(name: str) -> str:
+    """The content revision of a model setting that names a local folder (`_folder_revision`), '' for the
+    bundled model and hub ids (their revision is their name's: the bundled package's file, the hub's main)."""
+    folder = Path(name).expanduser()
+    if name == BUNDLED_MODEL or not folder.is_dir():
+        return ""
+    return _folder_revision(folder)
+
+
 def _folder_revision(folder: Path) -> str:
     """A content hash of a local folder: its JSON files (config, tokenizer) and the sha256 of every weight file,
     so other weights under the same folder name never resume or hash (config_hash) as the same model. Names and

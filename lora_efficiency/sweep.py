@@ -30,11 +30,13 @@ from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_pat
 from lora_efficiency.configuration import planner_inputs, sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid
 from lora_efficiency.lr_tuning import (
+    GROUP,
     LR_KEYS,
     Choice,
     LrGrid,
     NoLearningRate,
     PilotResult,
+    beyond_edge,
     check_grid_fits,
     choose_lr,
     fmt_lr,
@@ -357,6 +359,15 @@ class _Phase:
     shown: _Progress
     done: dict[str, str]  # sweep_key -> FINISHED run id, when the sweep started
     runs: Callable[[list[Job]], Iterable[tuple[Job, Outcome]]]
+    revisions: dict[str, str] = field(default_factory=dict)  # model setting -> local folder's content revision
+
+    def revision(self, config: TrainConfig) -> str:
+        """The content revision of the child's model when it is a local folder here (else ''), once per sweep."""
+        if config.model not in self.revisions:
+            from lora_efficiency.models import local_revision
+
+            self.revisions[config.model] = local_revision(config.model)
+        return self.revisions[config.model]
 
     def submit(self, todo: list[tuple[Child, str, dict[str, str]]], *, pilot: bool = False) -> dict[str, str | None]:
         """Run (child, sweep_key, tags) whose key is not FINISHED yet, each announced first if predicted not to fit;
@@ -381,23 +392,49 @@ class _Phase:
 
 def _run_pilots(phase: _Phase) -> dict[str, Choice | NoLearningRate]:
     """Phase 1: one pilot per learning rate of each configuration (its first seed), then the choice per configuration
-    (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot failed."""
-    grid, fingerprint = phase.sweep.lr_grid, phase.fingerprint
-    planned: dict[str, tuple[str, list[tuple[float, str]]]] = {}  # lr_group -> (label, [(lr, pilot key)])
+    (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot failed. With `lr_grid_extend`
+    a configuration whose best rate is the highest or lowest it tried gets one more pilot past that edge
+    (`beyond_edge`), up to that many times, until its choice lies inside what it tried."""
+    grid = phase.sweep.lr_grid
+    planned: dict[str, tuple[Child, list[tuple[float, str]]]] = {}  # lr_group -> (child, [(lr, pilot key)])
     todo = []
     for child in phase.sweep.first_seed_children():
-        group = group_id(child.config, fingerprint)
+        group = group_id(child.config, phase.fingerprint, phase.revision(child.config))
         if group in planned:  # the same configuration twice in the file: tuned once
             continue
-        planned[group] = (child.label, [])
-        for lr in grid.for_method(child.config.method):
-            config = pilot_config(child.config, lr, grid.steps(child.config))
-            key = pilot_key(config, fingerprint)
-            planned[group][1].append((lr, key))
-            pilot = Child(f"{child.label},lr={fmt_lr(lr)},pilot", config, child.overrides)
-            todo.append((pilot, key, pilot_tags(group, child.label)))
+        planned[group] = (child, [])
+        todo += [_pilot(phase, planned[group], group, lr) for lr in grid.for_method(child.config.method)]
     errors = phase.submit(todo, pilot=True)
-    return {group: _choose(phase, label, pilots, errors) for group, (label, pilots) in planned.items()}
+    choices = {group: _choose(phase, child.label, pilots, errors) for group, (child, pilots) in planned.items()}
+    for _ in range(grid.extend):
+        todo = []
+        for group, choice in choices.items():
+            lr = beyond_edge(choice) if isinstance(choice, Choice) else None
+            if lr is not None:
+                phase.shown.say(
+                    f"[{phase.sweep.name}] [{planned[group][0].label}] lr={fmt_lr(choice.lr)} is the edge of what "
+                    f"was tried: one more pilot at lr={fmt_lr(lr)}"
+                )
+                todo.append(_pilot(phase, planned[group], group, lr))
+        if not todo:
+            break
+        phase.shown.add_pilots(len(todo))
+        errors |= phase.submit(todo, pilot=True)
+        for _, _, tags in todo:
+            child, pilots = planned[tags[GROUP]]
+            choices[tags[GROUP]] = _choose(phase, child.label, pilots, errors)
+    return choices
+
+
+def _pilot(
+    phase: _Phase, planned: tuple[Child, list[tuple[float, str]]], group: str, lr: float
+) -> tuple[Child, str, dict[str, str]]:
+    """One pilot of a configuration at `lr` (child, key, tags), recorded in its planned pilots."""
+    child, pilots = planned
+    config = pilot_config(child.config, lr, phase.sweep.lr_grid.steps(child.config))
+    key = pilot_key(config, phase.fingerprint, phase.revision(config))
+    pilots.append((lr, key))
+    return Child(f"{child.label},lr={fmt_lr(lr)},pilot", config, child.overrides), key, pilot_tags(group, child.label)
 
 
 def _choose(
@@ -430,14 +467,15 @@ def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> Non
     (every pilot failed) fails its main runs without starting them."""
     todo = []
     for child in phase.sweep.children:
-        group = group_id(child.config, phase.fingerprint)
+        group = group_id(child.config, phase.fingerprint, phase.revision(child.config))
         choice = choices.get(group)
         if isinstance(choice, NoLearningRate):
             phase.shown.not_run(child.name, str(choice))
             continue
         config = replace(child.config, lr=choice.lr) if choice is not None else child.config
         main = Child(child.name, config, child.overrides)
-        todo.append((main, sweep_key(config, phase.fingerprint), main_tags(group, child.label, choice)))
+        key = sweep_key(config, phase.fingerprint, phase.revision(config))
+        todo.append((main, key, main_tags(group, child.label, choice)))
     phase.submit(todo)
 
 
@@ -450,6 +488,15 @@ class _Progress:
         self.bar = progress.bar(total=total, desc=f"sweep {sweep.name}", unit="run", position=0) if bars else None
         self.say = self.bar.write if self.bar is not None else log
         self.result, self.eta = SweepResult(total, pilots=sweep.pilots), Eta(total)
+
+    def add_pilots(self, n: int) -> None:
+        """Pilots added past a grid's edge: counted in the totals (and the bar) once they are known."""
+        self.result.total += n
+        self.result.pilots += n
+        self.eta.total += n
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
 
     def skipped(self, child_name: str, key: str, run_id: str) -> None:
         self.result.skipped += 1

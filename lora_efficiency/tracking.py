@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,8 @@ from lora_efficiency.errors import TrackingError, UserError
 from lora_efficiency.redaction import redact
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+# a unique-key violation as SQLite, PostgreSQL and MySQL word it (through MLflow's store or its REST server)
+_UNIQUE_VIOLATION = re.compile(r"IntegrityError|UniqueViolation|UNIQUE constraint|duplicate key|Duplicate entry")
 DEFAULT_EXPERIMENT = "lora-efficiency"
 
 
@@ -137,11 +140,23 @@ class MlflowTracker:
     def log_data_inputs(self, manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("train", "eval")) -> None:
         """The prepared folder's splits as the run's dataset inputs (the UI's Datasets column)."""
         datasets = data_inputs(manifest, prepared_path, splits)
-        mlflow.log_inputs(
-            datasets=[d for d, _ in datasets],
-            contexts=list(splits),
-            tags_list=[{"rows": str(n)} for _, n in datasets],
-        )
+        # MLflow's SQL store looks the dataset up, then inserts it (mlflow 3.17.2, sqlalchemy_store
+        # `_log_inputs_impl`): two runs of one experiment logging the same new dataset at once can both miss
+        # it, and the second insert fails on UNIQUE(experiment_id, name, digest). Seen in 1 of 8 concurrent
+        # trainings (tests/reliability/test_load.py, CI 2026-12-02). The failed transaction is rolled back, so
+        # trying again finds the row the other run wrote.
+        for attempt in range(3):
+            try:
+                mlflow.log_inputs(
+                    datasets=[d for d, _ in datasets],
+                    contexts=list(splits),
+                    tags_list=[{"rows": str(n)} for _, n in datasets],
+                )
+                return
+            except mlflow.exceptions.MlflowException as exc:
+                if attempt == 2 or not _UNIQUE_VIOLATION.search(str(exc)):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
 
 def data_inputs(manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("train", "eval")) -> list:

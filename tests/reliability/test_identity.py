@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from entrypoints import train as train_entry
 from lora_efficiency import models
 from lora_efficiency.models import resolve_model
+from tests.conftest import tiny_sweep_base
 from tests.reliability.conftest import assert_one_line_error, run_entry_point, statuses
 
 TINY = ["--batch_size", "2", "--seq_len", "128", "--eval_samples", "2", "--generate_samples", "0", "--device", "cpu"]
@@ -70,3 +71,44 @@ def test_a_checkpoint_does_not_resume_on_other_weights(store, tiny_model_dir, ti
     code, out, err = run_entry_point(train_entry.main, [*argv, "--max_steps", "3", "--resume_from", checkpoint], capsys)
     assert_one_line_error(code, err, "was trained with other settings", "resume with the same settings")
     assert "step 2/" not in out and statuses(store) == ["FAILED", "FINISHED"]
+
+
+def main_keys(model: str, data_file: Path, tmp_path: Path) -> tuple[list[str], object]:
+    """The sweep_keys a sweep over `model` gives its main runs, as sweep.py computes them (nothing is trained), and
+    its one child's config."""
+    import yaml
+
+    from lora_efficiency import sweep as sweep_mod
+
+    spec = {"name": "identity", "base": tiny_sweep_base(Path(model), data_file), "axes": {"rank": [2]}, "seeds": [0]}
+    path = tmp_path / "identity.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = sweep_mod.load_sweep(path)
+    phase = sweep_mod._Phase(sweep, None, "fp", "", "", None, None, {}, None)
+    keys: list[str] = []
+    phase.submit = lambda todo, pilot=False: keys.extend(key for _, key, _ in todo) or {}
+    sweep_mod._run_main(phase, {})
+    return keys, sweep.children[0].config
+
+
+def test_a_restarted_sweep_does_not_skip_a_child_whose_local_weights_were_replaced(
+    tiny_model_dir, tiny_data_file, tmp_path
+):
+    """Was: the sweep_key held the folder's path, so a sweep started again after the weights in that folder were
+    replaced skipped the child as FINISHED."""
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, folder)
+    before, _ = main_keys(str(folder), tiny_data_file, tmp_path)
+    assert main_keys(str(folder), tiny_data_file, tmp_path)[0] == before  # unchanged weights: skipped as FINISHED
+    retrain_in_place(folder)
+    after, _ = main_keys(str(folder), tiny_data_file, tmp_path)
+    assert len(before) == len(after) == 1 and after != before
+
+
+def test_a_hub_models_sweep_key_is_unchanged(tiny_data_file, tmp_path):
+    """Keys stored before the revision entered (bundled and hub models) stay valid: no revision, no new field."""
+    from lora_efficiency.configuration import sweep_key
+
+    (key,), config = main_keys("meta-llama/Llama-3.2-1B", tiny_data_file, tmp_path)
+    assert key == sweep_key(config, "fp")
+    assert models.local_revision(models.BUNDLED_MODEL) == ""

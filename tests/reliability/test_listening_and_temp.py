@@ -56,6 +56,19 @@ def test_ddp_sockets_go_on_loopback_unless_an_interface_is_chosen(monkeypatch):
     assert seen["GLOO_SOCKET_IFNAME"] == "eth7"  # the caller's choice stands
 
 
+def test_a_two_rank_launch_listens_on_loopback_only(tmp_path, monkeypatch):
+    """torchrun's rendezvous store listened on `::` (every interface) before `_loopback_store`."""
+    import json
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", distributed.loopback_interface())
+    out = tmp_path / "listening.json"
+    distributed.launch(2, "tests.reliability.listeners_probe", [str(out)])
+    seen = json.loads(out.read_text())
+    assert [a for a, *_ in seen["listening"] if a != "127.0.0.1"] == [], seen
+    assert seen["store_port"] in {port for _, port, _ in seen["listening"]}, seen  # the store itself was seen
+    assert len({pid for *_, pid in seen["listening"]}) >= 2, seen  # and the ranks' own (gloo) sockets
+
+
 def test_loopback_interface_holds_127_0_0_1():
     import psutil
 

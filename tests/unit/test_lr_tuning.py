@@ -20,6 +20,7 @@ from lora_efficiency.lr_tuning import (
     LrGrid,
     NoLearningRate,
     PilotResult,
+    beyond_edge,
     choose_lr,
     group_id,
     lr_settings,
@@ -190,6 +191,10 @@ def test_a_sweep_file_with_a_grid_counts_its_pilots(tmp_path):
         ({"lr_grid": [1e-4, -1]}, "lr_grid=[0.0001, -1] is invalid"),
         ({"lr_grid": ["x"]}, "lr_grid=['x'] is invalid"),
         ({"lr_grid": [1e-4], "pilot_steps": 0}, "pilot_steps=0 is invalid: an integer >= 1"),
+        ({"lr_grid": [1e-4], "lr_grid_extend": -1}, "lr_grid_extend=-1 is invalid: an integer from 0 to 5"),
+        ({"lr_grid": [1e-4], "lr_grid_extend": "two"}, "lr_grid_extend='two' is invalid: an integer from 0 to 5"),
+        ({"lr_grid": [1e-4], "lr_grid_extend": True}, "lr_grid_extend=True is invalid"),
+        ({"lr_grid": [1e-4], "lr_grid_extend": 6}, "lr_grid_extend=6 is invalid"),
     ],
 )
 def test_bad_grids_in_a_sweep_file_exit_2_before_any_run(spec, message, tmp_path, monkeypatch, capsys):
@@ -201,6 +206,70 @@ def test_bad_grids_in_a_sweep_file_exit_2_before_any_run(spec, message, tmp_path
     assert exit_info.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "mlflow.db").exists()  # no store opened: no run, let alone a RUNNING one
+
+
+# --- past the grid's edge ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pilots, expected",
+    [
+        ([pilot(1e-3, val_loss=2.0), pilot(3e-3, val_loss=1.5)], 9e-3),  # best at the top: one step (x3) above
+        ([pilot(1e-3, val_loss=1.0), pilot(3e-3, val_loss=1.5), pilot(1e-2, val_loss=1.9)], 3.3e-4),  # bottom: / 3
+        ([pilot(1e-3, val_loss=2.0), pilot(3e-3, val_loss=1.5), pilot(1e-2, val_loss=1.9)], None),  # inside
+        ([pilot(1e-3, val_loss=2.0), pilot(3e-3, val_loss=1.5), pilot(1e-2, val_loss=math.nan)], None),  # diverged
+        ([pilot(1e-3, val_loss=2.0), pilot(3e-3, val_loss=1.5), pilot(1e-2, status="FAILED")], None),  # failed
+        ([pilot(3e-3, val_loss=1.5)], None),  # one rate: no step size, no direction
+        ([pilot(0.1, val_loss=2.0), pilot(0.5, val_loss=1.0)], None),  # 2.5 is no learning rate
+    ],
+)
+def test_one_more_rate_past_the_edge_only_when_the_best_is_on_it(pilots, expected):
+    found = beyond_edge(choose_lr(pilots))
+    assert found == expected if expected is None else found == pytest.approx(expected)
+
+
+def test_a_sweep_extends_the_grid_until_its_choice_is_inside(sqlite_tracking, tmp_path, monkeypatch):
+    """The sweep's pilot phase with a backend that logs a known val/loss per rate (lowest at 2.7e-2): from the grid
+    1e-3, 3e-3 it adds 9e-3, then 2.7e-2, then 8.1e-2 (worse: 2.7e-2 is inside), and stops though 5 were allowed.
+    The main run trains at 2.7e-2, tagged with every rate tried; rank 8, best at its lower edge, tries 3.3e-4 below."""
+    import mlflow
+
+    from lora_efficiency import sweep as sweep_mod
+    from lora_efficiency.children import Outcome
+
+    client = mlflow.MlflowClient(sqlite_tracking)
+    experiment_id = client.create_experiment("extend")
+    loss = {1e-3: 3.0, 3e-3: 2.0, 9e-3: 1.5, 2.7e-2: 1.2, 8.1e-2: 1.4}  # rank 4
+    loss_rank8 = {3.3e-4: 2.5, 1e-3: 1.0, 3e-3: 2.0}  # rank 8: best at its lower edge, 3.3e-4 worse
+    tried = []
+
+    def fake_runs(jobs):
+        for job in jobs:
+            lr, rank = float(job.args[job.args.index("--lr") + 1]), int(job.args[job.args.index("--rank") + 1])
+            tried.append((rank, lr, job.tags.get("sweep_role")))
+            run = client.create_run(experiment_id, tags=job.tags)
+            client.log_param(run.info.run_id, "lr", str(lr))
+            client.log_metric(run.info.run_id, "val/loss", (loss if rank == 4 else loss_rank8).get(lr, 0.5))
+            client.set_terminated(run.info.run_id, "FINISHED")
+            yield job, Outcome(run.info.run_id, 0, "", 0.1)
+
+    monkeypatch.setattr(sweep_mod, "_backend", lambda *args: fake_runs)
+    monkeypatch.setattr(sweep_mod, "predicted_peaks", lambda *args: {})
+    sweep = load_sweep(sweep_file(tmp_path, lr_grid=[1e-3, 3e-3], lr_grid_extend=5, seeds=[0]))
+    parent = client.create_run(experiment_id)
+    lines = []
+    result = sweep_mod.run_sweep(
+        sweep, parent_run_id=parent.info.run_id, data_fingerprint="fp", data_path="", log=lines.append
+    )
+    pilots4 = [lr for rank, lr, role in tried if rank == 4 and role == "pilot"]
+    assert pilots4 == pytest.approx([1e-3, 3e-3, 9e-3, 2.7e-2, 8.1e-2])
+    assert [lr for rank, lr, role in tried if rank == 8 and role == "pilot"] == pytest.approx([1e-3, 3e-3, 3.3e-4])
+    mains = {rank: lr for rank, lr, role in tried if role == "main"}
+    assert mains == pytest.approx({4: 2.7e-2, 8: 1e-3})
+    assert (result.total, result.pilots, result.finished, result.failed) == (10, 8, 10, 0)
+    main4 = client.search_runs([experiment_id], "tags.sweep_role = 'main' and params.lr = '0.027'")[0]
+    assert main4.data.tags["lr_chosen_from"] == "0.001,0.003,0.009,0.027,0.081"
+    assert sum("is the edge of what was tried" in line for line in lines) == 4, lines
 
 
 # --- the report's section -----------------------------------------------------------------------------------------
@@ -283,6 +352,7 @@ def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tunin
     }
     assert all(c.eval_every and c.max_steps % c.eval_every == 0 and c.eval_every <= c.max_steps / 2 for c in configs)
     assert sweep.pilots == 4 * 3  # one pilot per configuration and learning rate
+    assert sweep.lr_grid.extend == 2  # and up to two more past an edge
     assert sweep.lr_grid.for_method("full") != sweep.lr_grid.for_method("lora")
 
 
