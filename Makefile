@@ -21,10 +21,11 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15 --ignore=tests/scale
 
-# beyond one machine: a sweep on a local Ray instance and on two Ray nodes, the study on Ray, one training over 2
-# gloo processes with DDP and with FSDP (also in `make test`)
+# the scale tier, apart from `make test` (which stays under 20 min on a 2-core machine; this tier adds ~4 min;
+# .ci/run runs both): a sweep on a local Ray instance and on two Ray nodes, the study on Ray, one training over
+# 2 gloo processes with DDP and with FSDP
 test-scale: setup
 	$(VENV)/bin/python -m pytest -q tests/scale tests/unit/test_scale_units.py
 
