@@ -1,5 +1,7 @@
 """Answers compared by kind: numbers as numbers, JSON as values, GSM8K by its final number, text normalised."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -221,14 +223,21 @@ def _speed(model, tokenizer, prompts, *, fixed_length, repeats=3):
     return runs[0][0], max((speed for _, speed in runs), key=lambda s: s["tokens_per_second"])
 
 
-def _eos_first(model, tokenizer):
-    """The same model and the same work per token, but end of sequence made the greedy choice: answers end at once."""
+@contextlib.contextmanager
+def _eos_first(model, tokenizer, on: bool = True):
+    """The same model and the same work per token, but end of sequence made the greedy choice: answers end at once
+    (with `on`; without, the model as it is)."""
 
     def hook(module, args, logits):
         logits[..., tokenizer.eos_token_id] += 1e4
         return logits
 
-    return model.lm_head.register_forward_hook(hook)
+    handle = model.lm_head.register_forward_hook(hook) if on else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -242,23 +251,16 @@ def speed_setup(tiny_model_dir):
 
 def test_generation_speed_does_not_depend_on_answer_length(speed_setup):
     model, tokenizer, prompts = speed_setup
-    handle = _eos_first(model, tokenizer)
-    try:
+    with _eos_first(model, tokenizer):
         natural, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
-    finally:
-        handle.remove()
     long_answers, _ = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
     assert all(answer == "" for answer in natural) and all(long_answers)  # the answers' lengths really differ
     # Timed in turns, best of 5 each, so a burst of other work on the shared CPU hits both alike
     best = {"long": None, "short": None}
     for _ in range(5):
         for name in best:
-            handle = _eos_first(model, tokenizer) if name == "short" else None
-            try:
+            with _eos_first(model, tokenizer, on=name == "short"):
                 _, speed = _speed(model, tokenizer, prompts, fixed_length=True, repeats=1)
-            finally:
-                if handle:
-                    handle.remove()
             if best[name] is None or speed["tokens_per_second"] > best[name]["tokens_per_second"]:
                 best[name] = speed
     # every row generated 16 tokens either way (the old count gave the short answers 8 tokens in all), and the speed is
@@ -270,9 +272,6 @@ def test_generation_speed_does_not_depend_on_answer_length(speed_setup):
 def test_the_natural_pass_counts_only_each_answers_tokens(speed_setup):
     """What the speed used to be: answers that end at once count one token each, whatever the batch's wall time."""
     model, tokenizer, prompts = speed_setup
-    handle = _eos_first(model, tokenizer)
-    try:
+    with _eos_first(model, tokenizer):
         _, speed = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
-    finally:
-        handle.remove()
     assert speed["generated_tokens"] == 8  # one end-of-sequence token per row
