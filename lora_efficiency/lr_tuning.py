@@ -118,7 +118,8 @@ def parse_lr_grid(grid: Any, pilot_steps: Any = None, extend: Any = None) -> LrG
 
 
 def lr_settings(spec: Mapping[str, Any], profile: Mapping[str, Any]) -> LrGrid | None:
-    """The grid of a sweep: each of lr_grid and pilot_steps from the profile if it has it, else the sweep file."""
+    """The grid of a sweep: each of lr_grid, pilot_steps and lr_grid_extend from the profile if it has it, else the
+    sweep file."""
     grid = profile.get("lr_grid", spec.get("lr_grid"))
     steps = profile.get("pilot_steps", spec.get("pilot_steps"))
     extend = profile.get("lr_grid_extend", spec.get("lr_grid_extend"))
