@@ -347,12 +347,13 @@ def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tunin
     assert {(c.method, c.target_modules, c.quantization) for c in configs} == {
         ("full", "attention", "bf16"),  # target_modules is not used by full fine-tuning
         ("lora", "all_linear", "bf16"),
-        ("lora", "attention", "bf16"),
         ("lora", "all_linear", "nf4"),
     }
+    assert all(c.dropout == 0.0 for c in configs)
     assert all(c.eval_every and c.max_steps % c.eval_every == 0 and c.eval_every <= c.max_steps / 2 for c in configs)
-    assert sweep.pilots == 4 * 3  # one pilot per configuration and learning rate
-    assert sweep.lr_grid.extend == 2  # and up to two more past an edge
+    assert sweep.pilots == 3 * 2  # one pilot per configuration and learning rate
+    assert sweep.lr_grid.extend == 1  # and one more past whichever edge wins
+    assert all(sweep.lr_grid.steps(c) == c.max_steps for c in configs)  # pilots as long as the main runs
     assert sweep.lr_grid.for_method("full") != sweep.lr_grid.for_method("lora")
 
 
