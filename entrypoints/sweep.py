@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
             {
                 "sweep_name": sweep.name,
                 "sweep_file": cfg.config,
+                "sweep_axes": sweep.axes,
                 "profile": cfg.profile,
                 "data_fingerprint": prepared.manifest["fingerprint"],
                 "sweep_backend": cfg.backend,

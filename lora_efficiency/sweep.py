@@ -89,6 +89,14 @@ class Sweep:
         return [c for c in self.children if first is None or c.config.seed == first]
 
     @property
+    def axes(self) -> str:
+        """What varies between this sweep's configurations (every key of any configuration's label, `lr` when
+        the learning rate is tuned per configuration), comma-separated: the sweep run's `sweep_axes` tag. The
+        report holds everything else fixed when it joins runs a resumed sweep skipped (report.runs)."""
+        keys = {k for c in self.children for k in c.overrides} | ({"lr"} if self.lr_grid is not None else set())
+        return ",".join(sorted(keys))
+
+    @property
     def pilots(self) -> int:
         """Pilot runs of the learning-rate grid: one per configuration and learning rate."""
         if self.lr_grid is None:

@@ -35,7 +35,9 @@ EVAL_SETTINGS = '{"data_fingerprint": "fp0", "eval_samples": 8, "generate_sample
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def train_params(rank: int, quantization: str, seed: int, *, model: str = "smollm2-135m", max_steps: int = 3) -> dict:
+def train_params(
+    rank: int, quantization: str, seed: int, *, model: str = "smollm2-135m", max_steps: int = 3, lr: float = 0.0002
+) -> dict:
     """What a train run logs as params (the settings the report reads)."""
     return {
         "model": model,
@@ -52,7 +54,7 @@ def train_params(rank: int, quantization: str, seed: int, *, model: str = "smoll
         "max_steps": max_steps,
         "batch_size": 4,
         "grad_accum": 1,
-        "lr": 0.0002,
+        "lr": lr,
         "warmup_ratio": 0.1,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,

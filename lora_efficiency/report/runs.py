@@ -197,6 +197,9 @@ def _joined_from_other_sweeps(
     axes = {
         part.split("=")[0] for r in training for part in r.tags.get("sweep_configuration", "").split(",") if "=" in part
     }
+    # ... nor is what the sweep runs say varies between all their configurations (sweep_axes: the keys of the
+    # configurations that were skipped, `lr` when it is tuned per configuration), nor the seed
+    axes |= {axis for r in tree for axis in r.tags.get("sweep_axes", "").split(",") if axis} | {"seed"}
     fixed = {p: v for p, v in _fixed_settings(finished).items() if p not in axes}
     fixed = fixed or {"data_fingerprint": root.tags.get("data_fingerprint", "")}  # every child skipped
     return [

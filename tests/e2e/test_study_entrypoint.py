@@ -36,6 +36,10 @@ def test_study_tree_and_rerun(mlflow_server, tiny_model_dir, tiny_data_file, tmp
     # rank=4 with attention is in both sweeps: trained once, skipped by the second sweep
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
     assert parents["mods"].data.tags["children_skipped"] == "1"
+    assert (parents["ranks"].data.tags["sweep_axes"], parents["mods"].data.tags["sweep_axes"]) == (
+        "rank",
+        "target_modules",
+    )
     # the study ends with its report: a run tagged report=true and the files, from exactly these runs
     (report,) = [r for r in runs if r.data.tags.get("report") == "true"]
     assert report.data.tags["report_scope_run_id"] == study.info.run_id

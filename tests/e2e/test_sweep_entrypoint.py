@@ -79,7 +79,7 @@ def test_killed_sweep_resumes_without_running_anything_twice(mlflow_server, tiny
     )
     tags = parent.data.tags
     assert (tags["children_total"], tags["children_skipped"], tags["children_failed"]) == ("3", "1", "0")
-    assert tags["children_finished"] == "2"
+    assert tags["children_finished"] == "2" and tags["sweep_axes"] == "rank"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} >= {parent.info.run_id}
     # the killed sweep's own parent run too: FAILED by the restart, not RUNNING for good
     sweeps = [r for r in runs_of(client, experiment) if r.data.tags.get("entry_point") == "sweep"]

@@ -55,3 +55,29 @@ def test_nothing_to_report_is_a_one_line_user_error(store):
         fetch_scope(client, experiment="nope")
     with pytest.raises(UserError, match="is not a run of experiment 'study'"):
         fetch_scope(client, experiment="study", sweep_run_id="0" * 32)
+
+
+def test_a_resumed_tuned_study_gets_back_every_configuration_its_first_try_finished(tmp_path):
+    # A study resumed after three runs were deleted trains only those (here r16 nf4, at its own tuned lr): the
+    # configurations it skipped differ in what its own runs hold fixed (quantization, lr), so only the sweep
+    # run's sweep_axes tag tells the report they belong to it.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("resumed")
+    ids = {}
+    for attempt, names in (("first", ("r16", "bf16")), ("second", ("r16",))):
+        study = client.create_run(experiment, run_name=f"study-{attempt}", tags={"entry_point": "main"}).info.run_id
+        sweep = client.create_run(
+            experiment,
+            run_name="sweep-standard",
+            tags={"mlflow.parentRunId": study, "entry_point": "sweep", "sweep_axes": "lr,quantization,rank"},
+        ).info.run_id
+        ids[attempt] = [
+            add_child(client, experiment, sweep, name, seed, lr=3e-3 if name == "r16" else 3e-4)
+            for name in names
+            for seed in range(3)
+        ]
+        for run in (sweep, study):
+            client.set_terminated(run, "FINISHED")
+    scope = fetch_scope(client, experiment="resumed")  # the latest study run: the second
+    assert sorted(r.run_id for r in scope.runs) == sorted(ids["second"] + ids["first"][3:])
+    assert {r.params["lr"] for r in scope.runs} == {"0.003", "0.0003"}

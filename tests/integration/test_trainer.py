@@ -286,3 +286,17 @@ def test_a_run_on_scaled_logits_logs_the_models_own_eval_loss(model_dir, tiny_da
         total, count = total + float(loss) * n, count + n
     assert result.metrics["eval/tokens"] == count
     assert result.metrics["eval/loss"] == pytest.approx(total / count, abs=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "bf16"])
+def test_a_validation_during_training_leaves_the_training_unchanged(
+    tiny_model_dir, tiny_data_file, tmp_path, quantization
+):
+    # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel on the first forward in eval mode
+    # (AVX512-BF16 CPUs) and never unpacks it; that kernel has no backward, so every later step trained on cut
+    # gradients (the 2026-12-02/03 standard studies: QLoRA's validation loss rose after its first validation).
+    kwargs = dict(quantization=quantization, max_steps=4, seed=3, val_samples=4, generate_samples=0)
+    validated, tracker = run(tiny_model_dir, tiny_data_file, tmp_path / "a", eval_every=1, **kwargs)
+    plain, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "b", eval_every=4, **kwargs)
+    assert [step for step, m in tracker.steps if "val/loss" in m] == [1, 2, 3, 4]
+    assert validated.losses == plain.losses

@@ -177,6 +177,7 @@ def test_a_sweep_file_with_a_grid_counts_its_pilots(tmp_path):
     assert sweep.lr_grid.pilot_steps == 5 and sweep.pilots == 3 * 2  # 3 rates x 2 configurations
     assert [c.name for c in sweep.first_seed_children()] == ["rank=4,seed=0", "rank=8,seed=0"]
     assert load_sweep(sweep_file(tmp_path)).pilots == 0
+    assert (sweep.axes, load_sweep(sweep_file(tmp_path)).axes) == ("lr,rank", "rank")  # tuned: lr varies too
     by_method = sweep_file(tmp_path, lr_grid={"lora": [1e-4]}, base={"method": "full", "quantization": "bf16"})
     with pytest.raises(ConfigError, match=r"has no grid for method='full'"):
         load_sweep(by_method)
@@ -355,6 +356,7 @@ def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tunin
     assert sweep.lr_grid.extend == 1  # and one more past whichever edge wins
     assert all(sweep.lr_grid.steps(c) == c.max_steps for c in configs)  # pilots as long as the main runs
     assert sweep.lr_grid.for_method("full") != sweep.lr_grid.for_method("lora")
+    assert sweep.axes == "lr,method,quantization,target_modules"  # the sweep run's sweep_axes tag
 
 
 def test_every_profile_names_its_sweeps():
