@@ -399,6 +399,7 @@ def load_base_model(
     except (OSError, ValueError, SafetensorError) as exc:
         raise _load_error(source, exc) from None
     model.requires_grad_(False)
+    no_cpu_inference_repacking(model)  # one 4-bit kernel for training and evaluation (the function says why)
     # No prepare_model_for_kbit_training: it upcasts every non-quantized weight to fp32 (SmolLM2's tied
     # embedding alone is 28.3 M params, +57 MB) although frozen weights need no fp32 copy; the trainable LoRA
     # weights are kept in fp32 by peft (autocast_adapter_dtype) and the forward runs under autocast.
@@ -407,15 +408,17 @@ def load_base_model(
     return model
 
 
-def keep_4bit_layout_for_training(model: torch.nn.Module) -> int:
+def no_cpu_inference_repacking(model: torch.nn.Module) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers changed.
 
     bitsandbytes 0.50's Linear4bit, on a CPU with AVX512-BF16, repacks its weight on the first forward in eval
-    mode and never unpacks it; the packed kernel (gemv_4bit) has no backward, so every step after a mid-run
-    validation trained on cut gradients, with only torch's "silently incorrect" warning. Measured: QLoRA r16 at
-    lr 3e-3 reached val/loss 0.724 validated once at the end, 1.347 validated every 15 of 60 steps (same seed,
-    same batches; standard study of 2026-12-03). The flag only turns the repacking off: a model that is only
-    evaluated keeps it. Upstream issue bitsandbytes#2078 is the same repacking leaking through Params4bit.to()."""
+    mode and never unpacks it; the packed kernel (gemv_4bit) has no backward, so every training step after a
+    mid-run validation ran on cut gradients, with only torch's "silently incorrect" warning. Measured: QLoRA r16
+    at lr 3e-3 reached val/loss 0.724 validated once at the end, 1.347 validated every 15 of 60 steps (same seed,
+    same batches; standard study of 2026-12-03). Every 4-bit model is loaded without it, evaluation included, so
+    that every number comes from the kernel training runs through: the packed one scored the same weights 0.4%
+    apart (val/loss 0.7238 against 0.7265, the pilot and seed-0 main run of that study). Upstream issue
+    bitsandbytes#2078 is the same repacking leaking through Params4bit.to()."""
     changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):

@@ -43,7 +43,6 @@ from lora_efficiency.models import (
     ModelSource,
     check_packing,
     compute_dtype,
-    keep_4bit_layout_for_training,
     load_base_model,
     load_tokenizer,
     max_positions,
@@ -392,7 +391,6 @@ def build_model(
         attention=cfg.attention,
         shardable=cfg.sharding == "fsdp",
     )
-    keep_4bit_layout_for_training(base)  # a mid-run validation must not cut the gradients (models.py says how)
     modules = ["*"] if full else resolve_target_modules(base, cfg.target_modules)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

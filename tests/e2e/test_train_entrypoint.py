@@ -106,17 +106,25 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
     _, run = trained
     adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
     source = resolve_model(str(tiny_model_dir))
-    base = load_base_model(source, quantization="nf4", double_quant=True, device=torch.device("cpu"))
+    base = load_base_model(
+        source,
+        quantization="nf4",
+        double_quant=True,
+        device=torch.device("cpu"),
+        attention=run.data.params["attention"],  # as the run scored it
+    )
     model = PeftModel.from_pretrained(base, adapter)
     tokenizer = load_tokenizer(source)
-    rows = unpacked(load_prepared(run.data.params["data_path"]).eval)
-    result = evaluate_loss(
+    prepared = load_prepared(run.data.params["data_path"])
+    rows = unpacked(prepared.eval)
+    result = evaluate_loss(  # the batches the run scored: 4-bit kernels round per batch shape (~3e-4 of the loss)
         model,
         rows,
-        batch_size=8,
+        batch_size=int(run.data.params["eval_batch_size"]),
         pad_id=tokenizer.pad_token_id,
         device=torch.device("cpu"),
         autocast_dtype=torch.bfloat16,
+        families=[e.task for e in prepared.eval_examples],
     )
     assert result["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"], rel=1e-4)
 
