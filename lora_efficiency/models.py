@@ -408,8 +408,8 @@ def load_base_model(
     return model
 
 
-def no_cpu_inference_repacking(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers changed.
+def no_cpu_inference_repacking(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel (a no-op without 4-bit layers).
 
     bitsandbytes 0.50's Linear4bit, on a CPU with AVX512-BF16, repacks its weight on the first forward in eval
     mode and never unpacks it; the packed kernel (gemv_4bit) has no backward, so every training step after a
@@ -419,12 +419,9 @@ def no_cpu_inference_repacking(model: torch.nn.Module) -> int:
     that every number comes from the kernel training runs through: the packed one scored the same weights 0.4%
     apart (val/loss 0.7238 against 0.7265, the pilot and seed-0 main run of that study). Upstream issue
     bitsandbytes#2078 is the same repacking leaking through Params4bit.to()."""
-    changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def set_attention(model, attention: str) -> str:
