@@ -70,6 +70,7 @@ def main(argv: list[str]) -> None:
             max_concurrent=cfg.max_concurrent,
             cpus_per_trial=cfg.cpus_per_trial,
             gpus_per_trial=cfg.gpus_per_trial,
+            warm_children=cfg.warm_children,
             log=lambda line: print(line, flush=True),
         )
         tracker.set_tags(result.tags())

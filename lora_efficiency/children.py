@@ -7,10 +7,11 @@ The local backend (`run_here`, one child after another in this process) and lora
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,34 +68,84 @@ class Outcome:
     seconds: float
 
 
-def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run one child; its stderr (its step bar, warnings, a traceback) is passed through as it comes, and its
-    tail kept to name the error. Returns the exit status and the last STDERR_TAIL_BYTES of stderr."""
+class _Stderr:
+    """Reads a child's stderr (its step bar, warnings, a traceback) to its end, passing it through as it comes and
+    keeping its last STDERR_TAIL_BYTES to name the error."""
+
+    def __init__(self) -> None:
+        self.tail = bytearray()
+
+    def __call__(self, fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            self.tail.extend(chunk)
+            del self.tail[:-STDERR_TAIL_BYTES]
+
+    def text(self) -> str:
+        return self.tail.decode("utf-8", errors="replace")
+
+
+def _run_child(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `python -m entrypoints.train args` as a fresh process. Returns its exit status and its stderr's tail."""
     import subprocess
     import threading
 
-    proc = subprocess.Popen(command, env=env, preexec_fn=die_with_parent, stderr=subprocess.PIPE)
-    tail = bytearray()
-
-    def forward() -> None:
-        while chunk := os.read(proc.stderr.fileno(), 65536):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
-            tail.extend(chunk)
-            del tail[:-STDERR_TAIL_BYTES]
-
-    reader = threading.Thread(target=forward, daemon=True)
+    proc = subprocess.Popen(_python_train(args), env=env, preexec_fn=die_with_parent, stderr=subprocess.PIPE)
+    stderr = _Stderr()
+    reader = threading.Thread(target=stderr, args=(proc.stderr.fileno(),), daemon=True)
     reader.start()
     returncode = proc.wait()
     reader.join()
     proc.stderr.close()
-    return returncode, tail.decode("utf-8", errors="replace")
+    return returncode, stderr.text()
 
 
-def run_job(job: Job) -> Outcome:
+class WarmChildren:
+    """Runs children as forks of one lora_efficiency.forkserver (the training stack imported once), started at the
+    first child and again whenever a child's environment differs from its; fresh processes where the server finds
+    forking unsafe (said once on stderr). A context manager: the server ends with it."""
+
+    def __init__(self, preload: tuple[str, ...] | None = None) -> None:
+        self.server = None
+        self.unsafe = ""
+        self.preload = preload  # None: forkserver.PRELOAD
+
+    def __call__(self, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+        from lora_efficiency.forkserver import ForkServer
+
+        if self.unsafe:
+            return _run_child(args, env)
+        if self.server is None or not self.server.serves(env):
+            self.close()
+            self.server = ForkServer(env) if self.preload is None else ForkServer(env, self.preload)
+            if self.server.unsafe:
+                self.unsafe = self.server.unsafe
+                print(f"warm children off ({self.unsafe}): each child starts a fresh process", file=sys.stderr)
+                self.close()
+                return _run_child(args, env)
+        stderr = _Stderr()
+        return self.server.run(TRAIN_MODULE, args, env, stderr), stderr.text()
+
+    def close(self, stop_child: bool = False) -> None:
+        if self.server is not None:
+            self.server.close(stop_child)
+            self.server = None
+
+    def __enter__(self) -> WarmChildren:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        # interrupted (Ctrl-C, SIGTERM, the sweep's generator closed early): the running child gets a SIGTERM and
+        # marks its run FAILED (a fresh child dies with its parent by SIGKILL, its run left to the next command)
+        self.close(stop_child=exc_type is not None)
+
+
+def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, str]] = _run_child) -> Outcome:
     """Create the child's run here, on the host that trains it (so its start time and owner are the real ones),
-    then run `python -m entrypoints.train` in a process of its own. The same function runs in the sweep's process
-    (backend local) and as a Ray task (backend ray)."""
+    then run `python -m entrypoints.train` in a process of its own: a fresh one (`_run_child`, what a Ray task
+    does) or a fork of a warm server (WarmChildren, the local backend's default). The same function runs in the
+    sweep's process (backend local) and as a Ray task (backend ray)."""
     import mlflow
 
     from lora_efficiency.tracking import owner_tags
@@ -104,11 +155,13 @@ def run_job(job: Job) -> Outcome:
     # the project root on PYTHONPATH: `-m entrypoints.train` from any working folder (a Ray worker's)
     env = child_env({**os.environ, **job.env}, MLFLOW_RUN_ID=run.info.run_id, MLFLOW_EXPERIMENT_ID=job.experiment_id)
     t0 = time.perf_counter()
-    returncode, stderr = _run_child(_python_train(job.args), env)
+    returncode, stderr = launch(job.args, env)
     return Outcome(run.info.run_id, returncode, stderr, time.perf_counter() - t0)
 
 
-def run_here(jobs: Iterable[Job]) -> Iterator[tuple[Job, Outcome]]:
-    """The local backend: every job in this process's host, one after another, yielded as each one ends."""
-    for job in jobs:
-        yield job, run_job(job)
+def run_here(jobs: Iterable[Job], *, warm: bool = True) -> Iterator[tuple[Job, Outcome]]:
+    """The local backend: every job in this process's host, one after another, yielded as each one ends; each a
+    fork of a warm server (`warm`, WarmChildren) or a fresh process."""
+    with WarmChildren() if warm else contextlib.nullcontext(_run_child) as launch:
+        for job in jobs:
+            yield job, run_job(job, launch)

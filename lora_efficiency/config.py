@@ -349,6 +349,7 @@ class SweepConfig:
     max_concurrent: int
     cpus_per_trial: float
     gpus_per_trial: str
+    warm_children: bool  # backend local: each child a fork of a warm server (lora_efficiency.forkserver)
 
 
 def sweep_problems(v: dict[str, Any]) -> list[str]:
@@ -395,6 +396,7 @@ class StudyConfig:
     max_concurrent: int
     cpus_per_trial: float
     gpus_per_trial: str
+    warm_children: bool  # backend local: each child a fork of a warm server (lora_efficiency.forkserver)
 
 
 def study_problems(v: dict[str, Any]) -> list[str]:

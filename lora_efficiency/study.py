@@ -148,6 +148,7 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
         max_concurrent=cfg.max_concurrent,
         cpus_per_trial=cfg.cpus_per_trial,
         gpus_per_trial=cfg.gpus_per_trial,
+        warm_children=cfg.warm_children,
         log=log,
     )
     for key, value in result.tags().items():

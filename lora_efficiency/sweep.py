@@ -311,14 +311,17 @@ def run_sweep(
     max_concurrent: int = 0,
     cpus_per_trial: float = 1.0,
     gpus_per_trial: str = "auto",
+    warm_children: bool = True,
     log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Run every child not already FINISHED, each in its own process, as a child run of `parent_run_id`.
 
-    One process per child costs ~7 s (imports, model load) but keeps memory figures honest: in one long process
-    the heap a bf16 child leaves behind raises the next child's measured peak RSS. A child that fails (an
-    exception, an out-of-memory kill) is marked FAILED with its error and the sweep goes on. A child the memory
-    planner predicts will not fit the device's available memory is announced with a warning, then tried.
+    A process per child keeps memory figures honest: in one long process the heap a bf16 child leaves behind
+    raises the next child's measured peak RSS. Starting one costs ~7 s of imports on a 2-core CPU, so the local
+    backend forks each child from a server that imported them once (`warm_children`, lora_efficiency.forkserver).
+    A child that fails (an exception, an out-of-memory kill) is marked FAILED with its error and the sweep goes on.
+    A child the memory planner predicts will not fit the device's available memory is announced with a warning,
+    then tried.
 
     backend "local" runs the children one after another here; "ray" runs them as Ray tasks, concurrently as far
     as `cpus_per_trial`/`gpus_per_trial` and `max_concurrent` (0: no cap) allow, on a local Ray instance
@@ -346,7 +349,7 @@ def run_sweep(
         place=place,
         shown=shown,
         done=finished_keys(client, experiment_id),
-        runs=_backend(backend, ray_address, max_concurrent, cpus_per_trial, gpus_per_trial, shown.say),
+        runs=_backend(backend, ray_address, max_concurrent, cpus_per_trial, gpus_per_trial, warm_children, shown.say),
     )
     choices = _run_pilots(phase) if sweep.lr_grid is not None else {}
     _run_main(phase, choices)
@@ -595,11 +598,12 @@ def _backend(
     max_concurrent: int,
     cpus_per_trial: float,
     gpus_per_trial: str,
+    warm_children: bool,
     say: Callable[[str], None],
 ) -> Callable[[list[Job]], Iterable[tuple[Job, Outcome]]]:
     """What runs the jobs and yields (job, outcome) as each one ends: children.run_here, or Ray tasks."""
     if backend != "ray":
-        return run_here
+        return functools.partial(run_here, warm=warm_children)
     # imported only for backend ray: importing ray_backend sets RAY_DEDUP_LOGS, which local children need not see
     from lora_efficiency.ray_backend import run_jobs
 

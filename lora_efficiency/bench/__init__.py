@@ -32,8 +32,9 @@ Real tokens: non-padding input tokens, on both sides (the reference's attention_
 Trainer's own include_num_input_tokens_seen="non_padding"; the project's packed-row lengths). A step's time is
 the wall clock from one optimizer step's end to the next's, so data loading, logging and callbacks count.
 
-Startup (startup.py): `python -m entrypoints.train` launched as a sweep launches a child; the trainer's
-`time/startup_s` (process start to first step) is read back from the launch's MLflow run. render.py writes
+Startup (startup.py): a one-step training launched as a local sweep launches a child, forked from the warm server
+(children.WarmChildren) and as a fresh `python -m entrypoints.train`; the trainer's `time/startup_s` (process
+start, or fork, to first step) is read back from the launch's MLflow run. render.py writes
 docs/bench-results.json and the block of docs/benchmarks.md.
 """
 

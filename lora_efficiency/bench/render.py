@@ -116,7 +116,8 @@ def _summary(results: dict, cpu: bool) -> list[str]:
 
 
 def _startup(startup: dict | None, cpu: bool) -> list[str]:
-    """The second run of a sweep, launch to first step, and its import time; nothing without two launches."""
+    """The second run of a sweep, launch to first step (forked from the warm server, and as a fresh process),
+    and a fresh one's import time; nothing without two launches."""
     if not startup or startup.get("second_run_s") is None:
         return []
     target = TARGETS["startup_s"] if cpu else None
@@ -124,13 +125,21 @@ def _startup(startup: dict | None, cpu: bool) -> list[str]:
     lines = [
         "",
         f"Second run of a sweep, launch to first step: **{startup['second_run_s']:.1f} s**"
-        f"{_verdict(startup['second_run_s'], target, False)} (`python -m entrypoints.train` as the sweep "
-        f"launches it, caches warm; launches: {launches} s).",
+        f"{_verdict(startup['second_run_s'], target, False)} (a child forked from the warm server, as a local sweep "
+        f"launches it, caches warm; launches: {launches} s; the server's own start, once a sweep: "
+        f"{startup['server_start_s']:.1f} s).",
     ]
+    if startup.get("fresh_second_run_s") is not None:
+        fresh = ", ".join(f"{t:.1f}" for t in startup["fresh_launches_s"])
+        lines.append(
+            f"As a fresh `python -m entrypoints.train` (`warm_children=false`, and every Ray task): "
+            f"{startup['fresh_second_run_s']:.1f} s (launches: {fresh} s)."
+        )
     if "imports" in startup:
         packages = ", ".join(f"{k} {t:.1f}" for k, t in startup["imports"]["packages_s"].items())
         lines.append(
-            f"Imports take {startup['imports']['total_s']:.1f} s of it (`-X importtime`, by package: {packages} s)."
+            f"Imports take {startup['imports']['total_s']:.1f} s of a fresh one (`-X importtime`, by package: "
+            f"{packages} s)."
         )
     return lines
 

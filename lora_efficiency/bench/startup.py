@@ -1,16 +1,17 @@
-"""The second run of a sweep: how long `python -m entrypoints.train`, launched as a sweep launches a child, takes
-from its start to its first training step, and how much of that is imports."""
+"""The second run of a sweep: how long a child, launched as a sweep launches it, takes from its start to its first
+training step. Measured both ways a local sweep can launch one: forked from the warm server (children.WarmChildren,
+the default) and as a fresh `python -m entrypoints.train` (`warm_children=false`, and every Ray task), with how much
+of the fresh one is imports."""
 
 from __future__ import annotations
 
 import statistics
-import subprocess
+import time
 from pathlib import Path
 
 from lora_efficiency.bench.figures import import_times
 from lora_efficiency.bench.recipe import model_path
 from lora_efficiency.bench.workers import worker_env
-from lora_efficiency.subprocesses import ROOT, die_with_parent
 
 
 def measure_startup(
@@ -25,14 +26,15 @@ def measure_startup(
     work: Path,
     log=print,
 ) -> dict:
-    """Launch `python -m entrypoints.train` exactly as a sweep launches a child (its command, an MLflow run made
-    for it, the prepared data folder) `launches` times, and read each launch's `time/startup_s` back from its run:
-    the trainer's seconds from the process's start to the start of its first step. The first launch may meet
-    cold caches; the later ones are the "second run of a sweep". One more launch with `python -X importtime`
-    says how much of it is imports."""
+    """Launch a one-step training exactly as a sweep launches a child (its arguments, an MLflow run made for it,
+    the prepared data folder) `launches` times each way, and read each launch's `time/startup_s` back from its
+    run: the trainer's seconds from the process's start (a fork's start, for a warm child) to the start of its
+    first step. The first launch may meet cold caches; the later ones are the "second run of a sweep". The warm
+    server's own start (its imports, once a sweep) is timed apart. One more fresh launch with `python -X
+    importtime` says how much of a fresh one is imports."""
     import mlflow
 
-    from lora_efficiency.children import train_command
+    from lora_efficiency.children import WarmChildren, _run_child, train_args
     from lora_efficiency.config import TrainConfig, build_config, read_defaults
 
     uri = f"sqlite:///{work}/startup.db"
@@ -49,44 +51,63 @@ def measure_startup(
         max_new_tokens=1,
         device=device,
     )
-    command = train_command(build_config(TrainConfig, {**read_defaults("train"), **overrides}), data_path)
+    args = train_args(build_config(TrainConfig, {**read_defaults("train"), **overrides}), data_path)
     launch = _Launcher(client, experiment_id, uri, work)
-    launched = []
-    for i in range(launches):
-        launched.append(launch(command, i))
-        log(f"startup launch {i + 1}: {launched[-1]:.1f} s from launch to the first step")
-    if launches < 2:
-        return {"launches_s": launched, "second_run_s": None}
-    first = launch([command[0], "-X", "importtime", *command[1:]], launches)
-    imports = import_times(launch.stderr(launches))
-    log(f"startup with -X importtime: {first:.1f} s, of which imports {imports['total_s']:.1f} s")
-    return {"launches_s": launched, "second_run_s": statistics.median(launched[1:]), "imports": imports}
+    fresh = [launch(_run_child, args, f"fresh-{i}") for i in range(launches)]
+    log(f"startup, fresh processes: {', '.join(f'{t:.1f}' for t in fresh)} s from launch to the first step")
+    with WarmChildren() as warm_children:
+        t0 = time.perf_counter()
+        warm = [launch(warm_children, args, "warm-0")]
+        server_s = time.perf_counter() - t0 - launch.wall_s  # the server's start: what the first child waited for
+        warm += [launch(warm_children, args, f"warm-{i}") for i in range(1, launches)]
+    log(f"startup, forks of the warm server: {', '.join(f'{t:.1f}' for t in warm)} s (server start {server_s:.1f} s)")
+    result = {
+        "launches_s": warm,
+        "second_run_s": statistics.median(warm[1:]) if launches > 1 else None,
+        "server_start_s": server_s,
+        "fresh_launches_s": fresh,
+        "fresh_second_run_s": statistics.median(fresh[1:]) if launches > 1 else None,
+    }
+    if launches > 1:
+        first = launch(_run_child, ["-X", "importtime", "-m", "entrypoints.train", *args], "importtime", raw=True)
+        result["imports"] = import_times(launch.stderr("importtime"))
+        log(f"startup with -X importtime: {first:.1f} s, of which imports {result['imports']['total_s']:.1f} s")
+    return result
 
 
 class _Launcher:
-    """Runs one launch of the train command in an MLflow run made for it (as a sweep makes one per child) and
-    returns the run's time/startup_s; the launch's stderr stays in work/startup-N.stderr."""
+    """Runs one launch in an MLflow run made for it (as a sweep makes one per child) and returns the run's
+    time/startup_s; the launch's stderr stays in work/startup-NAME.stderr."""
 
     def __init__(self, client, experiment_id: str, uri: str, work: Path):
         self.client, self.experiment_id, self.uri, self.work = client, experiment_id, uri, work
+        self.wall_s = 0.0  # the last launch's wall clock from the sweep's side: start to exit
 
-    def stderr(self, i: int) -> str:
-        return (self.work / f"startup-{i}.stderr").read_text(errors="replace")
+    def stderr(self, name: str) -> str:
+        return (self.work / f"startup-{name}.stderr").read_text(errors="replace")
 
-    def __call__(self, command: list[str], i: int) -> float:
-        run_id = self.client.create_run(self.experiment_id, run_name=f"startup-{i}").info.run_id
+    def __call__(self, launcher, args: list[str], name: str, raw: bool = False) -> float:
+        """`launcher(args, env)` as children.run_job calls it; `raw`: args are python's own (a fresh process)."""
+        import subprocess
+        import sys
+
+        run_id = self.client.create_run(self.experiment_id, run_name=f"startup-{name}").info.run_id
         env = worker_env(
             MLFLOW_TRACKING_URI=self.uri,
             MLFLOW_RUN_ID=run_id,
             MLFLOW_EXPERIMENT_ID=self.experiment_id,
             MLFLOW_LOGGING_LEVEL="WARNING",
         )
-        with open(self.work / f"startup-{i}.stderr", "w") as err:
-            proc = subprocess.run(
-                command, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env, preexec_fn=die_with_parent
-            )
+        t0 = time.perf_counter()
+        if raw:
+            proc = subprocess.run([sys.executable, *args], capture_output=True, env=env, text=True)
+            returncode, stderr = proc.returncode, proc.stderr
+        else:
+            returncode, stderr = launcher(args, env)
+        self.wall_s = time.perf_counter() - t0
+        (self.work / f"startup-{name}.stderr").write_text(stderr)
         startup = self.client.get_run(run_id).data.metrics.get("time/startup_s")
-        if proc.returncode != 0 or startup is None:
-            tail = "\n".join(self.stderr(i).splitlines()[-25:])
-            raise RuntimeError(f"startup launch {i} failed (exit status {proc.returncode}):\n{tail}")
+        if returncode != 0 or startup is None:
+            tail = "\n".join(stderr.splitlines()[-25:])
+            raise RuntimeError(f"startup launch {name} failed (exit status {returncode}):\n{tail}")
         return startup

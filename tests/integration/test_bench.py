@@ -52,7 +52,9 @@ def test_bench_writes_json_and_markdown(tiny_model_dir, tiny_data_file, tmp_path
     for side in ("reference", "reference_strong"):
         assert 0.5 < bf16["project"]["tokens_per_step"] / bf16[side]["tokens_per_step"] < 2
     assert results["matmul"]["bf16_flops"] > 0 and results["matmul"]["fp32_flops"] > 0
-    assert results["startup"]["launches_s"][0] > 0
+    startup = results["startup"]
+    assert startup["launches_s"][0] > 0 and startup["fresh_launches_s"][0] > 0  # forked from the warm server; fresh
+    assert startup["server_start_s"] > 0
 
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nNotes the benchmark must keep.\n")

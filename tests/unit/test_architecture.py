@@ -14,6 +14,7 @@ ORCHESTRATION = (
     "lora_efficiency.lr_tuning",
     "lora_efficiency.study",
     "lora_efficiency.children",
+    "lora_efficiency.forkserver",
     "lora_efficiency.ray_backend",
     "lora_efficiency.report",
     "lora_efficiency.bench",
