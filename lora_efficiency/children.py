@@ -111,11 +111,12 @@ class WarmChildren:
         self.unsafe = ""
         self.preload = preload  # None: forkserver.PRELOAD
 
-    def __call__(self, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    def start(self, env: dict[str, str]) -> bool:
+        """A server for children of environment `env` (run ids aside) up and ready; False where forking is off."""
         from lora_efficiency.forkserver import ForkServer
 
         if self.unsafe:
-            return _run_child(args, env)
+            return False
         if self.server is None or not self.server.serves(env):
             self.close()
             self.server = ForkServer(env) if self.preload is None else ForkServer(env, self.preload)
@@ -123,7 +124,12 @@ class WarmChildren:
                 self.unsafe = self.server.unsafe
                 print(f"warm children off ({self.unsafe}): each child starts a fresh process", file=sys.stderr)
                 self.close()
-                return _run_child(args, env)
+                return False
+        return True
+
+    def __call__(self, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+        if not self.start(env):
+            return _run_child(args, env)
         stderr = _Stderr()
         return self.server.run(TRAIN_MODULE, args, env, stderr), stderr.text()
 

@@ -127,7 +127,8 @@ def _startup(startup: dict | None, cpu: bool) -> list[str]:
         f"Second run of a sweep, launch to first step: **{startup['second_run_s']:.1f} s**"
         f"{_verdict(startup['second_run_s'], target, False)} (a child forked from the warm server, as a local sweep "
         f"launches it, caches warm; launches: {launches} s; the server's own start, once a sweep: "
-        f"{startup['server_start_s']:.1f} s).",
+        f"{startup['server_start_s']:.1f} s)."
+        + ("" if startup.get("forked", True) else " Forking was off (unsafe): these launches were fresh processes."),
     ]
     if startup.get("fresh_second_run_s") is not None:
         fresh = ", ".join(f"{t:.1f}" for t in startup["fresh_launches_s"])

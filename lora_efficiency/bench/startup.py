@@ -57,14 +57,15 @@ def measure_startup(
     log(f"startup, fresh processes: {', '.join(f'{t:.1f}' for t in fresh)} s from launch to the first step")
     with WarmChildren() as warm_children:
         t0 = time.perf_counter()
-        warm = [launch(warm_children, args, "warm-0")]
-        server_s = time.perf_counter() - t0 - launch.wall_s  # the server's start: what the first child waited for
-        warm += [launch(warm_children, args, f"warm-{i}") for i in range(1, launches)]
+        forked = warm_children.start(launch.env())  # what a sweep's first child waits for, once a sweep
+        server_s = time.perf_counter() - t0
+        warm = [launch(warm_children, args, f"warm-{i}") for i in range(launches)]
     log(f"startup, forks of the warm server: {', '.join(f'{t:.1f}' for t in warm)} s (server start {server_s:.1f} s)")
     result = {
         "launches_s": warm,
         "second_run_s": statistics.median(warm[1:]) if launches > 1 else None,
         "server_start_s": server_s,
+        "forked": forked,  # False: the server found forking unsafe and the "warm" launches were fresh processes
         "fresh_launches_s": fresh,
         "fresh_second_run_s": statistics.median(fresh[1:]) if launches > 1 else None,
     }
@@ -81,7 +82,10 @@ class _Launcher:
 
     def __init__(self, client, experiment_id: str, uri: str, work: Path):
         self.client, self.experiment_id, self.uri, self.work = client, experiment_id, uri, work
-        self.wall_s = 0.0  # the last launch's wall clock from the sweep's side: start to exit
+
+    def env(self, **run: str) -> dict[str, str]:
+        """A launch's environment: the store, quiet MLflow logging, and the `run` ids of the launch."""
+        return worker_env(MLFLOW_TRACKING_URI=self.uri, MLFLOW_LOGGING_LEVEL="WARNING", **run)
 
     def stderr(self, name: str) -> str:
         return (self.work / f"startup-{name}.stderr").read_text(errors="replace")
@@ -92,19 +96,12 @@ class _Launcher:
         import sys
 
         run_id = self.client.create_run(self.experiment_id, run_name=f"startup-{name}").info.run_id
-        env = worker_env(
-            MLFLOW_TRACKING_URI=self.uri,
-            MLFLOW_RUN_ID=run_id,
-            MLFLOW_EXPERIMENT_ID=self.experiment_id,
-            MLFLOW_LOGGING_LEVEL="WARNING",
-        )
-        t0 = time.perf_counter()
+        env = self.env(MLFLOW_RUN_ID=run_id, MLFLOW_EXPERIMENT_ID=self.experiment_id)
         if raw:
             proc = subprocess.run([sys.executable, *args], capture_output=True, env=env, text=True)
             returncode, stderr = proc.returncode, proc.stderr
         else:
             returncode, stderr = launcher(args, env)
-        self.wall_s = time.perf_counter() - t0
         (self.work / f"startup-{name}.stderr").write_text(stderr)
         startup = self.client.get_run(run_id).data.metrics.get("time/startup_s")
         if returncode != 0 or startup is None:

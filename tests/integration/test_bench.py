@@ -54,7 +54,7 @@ def test_bench_writes_json_and_markdown(tiny_model_dir, tiny_data_file, tmp_path
     assert results["matmul"]["bf16_flops"] > 0 and results["matmul"]["fp32_flops"] > 0
     startup = results["startup"]
     assert startup["launches_s"][0] > 0 and startup["fresh_launches_s"][0] > 0  # forked from the warm server; fresh
-    assert startup["server_start_s"] > 0
+    assert startup["server_start_s"] > 0 and startup["forked"]
 
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nNotes the benchmark must keep.\n")
