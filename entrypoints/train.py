@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 
 from lora_efficiency import distributed
@@ -63,7 +64,9 @@ def main(argv: list[str]) -> None:
         if main_rank and cfg.method == "lora":  # runs:/<id>/model: the adapter as a pyfunc (base by hub id)
             from lora_efficiency.mlflow_model import log_adapter_model
 
-            tracker.log_metrics(log_adapter_model(result.adapter_dir, quantization=cfg.quantization))
+            t0 = time.perf_counter()
+            logged = log_adapter_model(result.adapter_dir, quantization=cfg.quantization)
+            tracker.log_metrics({**logged, "time/model_logging_s": time.perf_counter() - t0})
     if not main_rank:
         return
     m = result.metrics

@@ -6,11 +6,11 @@ transformers, peft and bitsandbytes (docs/benchmarks.md, 2026-12-02, this 2-core
 28 children. Each child is still a process of its own (its pid, its RSS and NVML figures, its exit status, its
 stderr), forked from a server that has only imported modules: no thread started, no CUDA context, no MLflow call.
 The server checks that before it forks anything and, if it does not hold (a library started a Python thread or
-touched CUDA at import), says so and the caller launches fresh processes instead.
+loaded the CUDA driver at import), says so and the caller launches fresh processes instead.
 
 Why not multiprocessing's forkserver (`set_forkserver_preload`): its children write to the server's stderr (a
 child's own stderr, read to its end, is how a sweep names a child's error), they re-import the caller's
-`__main__`, and it has no way to refuse to fork an unsafe server; the protocol below is ~20 lines of it.
+`__main__`, and it has no way to refuse to fork an unsafe server; the protocol below takes ~20 lines.
 
 Protocol, over an AF_UNIX SOCK_SEQPACKET pair (one message is one job): the server sends {"unsafe": reason or ""}
 once its imports are done; then, per job, the caller sends {"module", "args", "env", "cwd"} (what `python -m module
@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from lora_efficiency.subprocesses import die_with_parent
 
@@ -118,6 +119,10 @@ def _why_unsafe() -> str:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "CUDA initialized by an import (a forked child cannot use it)"
+    # the CUDA driver is loaded only by a CUDA call (torch.cuda.is_available() counting devices counts), which
+    # torch.cuda.is_initialized() does not see; a forked child cannot initialize it again. Not tried on a GPU yet.
+    if any("libcuda.so" in line for line in Path("/proc/self/maps").read_text().splitlines()):
+        return "the CUDA driver loaded by an import (a forked child cannot use it)"
     return ""
 
 

@@ -645,6 +645,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     elif output_dir:
         s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     model_mb = s.base.get_memory_footprint() / 2**20
+    t0 = time.perf_counter()
     evaluation = evaluate_model(
         s.peft_model,
         s.tokenizer,
@@ -661,6 +662,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         answer_kinds=answer_kinds(s.prepared.manifest),
     )
     metrics = {**evaluation.metrics, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
+    metrics["time/evaluation_s"] = time.perf_counter() - t0  # held-out loss, exact match, generation speed
     if s.validator:
         converged = s.validator.result()
         metrics.update({**converged.metrics(), "time/validation_s": s.validator.elapsed_s})

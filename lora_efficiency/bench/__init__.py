@@ -3,7 +3,7 @@
 make bench
 python -m entrypoints.bench --modes bf16,nf4,int8 --steps 8 --warmup_steps 2 --repeats 3     # = make bench
 
-Every side trains the same model, data, LoRA config (r=16, alpha 32, dropout 0.05 on q,k,v,o), learning-rate
+Every side trains the same model, data, LoRA config (r=16, alpha 32, dropout 0 on q,k,v,o), learning-rate
 schedule and number of optimizer steps (recipe.py). Every measurement runs in its own process (`python -m
 lora_efficiency.bench WORKER SPEC OUT`, started by orchestration.run_benchmark), so each peak memory belongs to
 one run; the sides of a mode are interleaved repeat by repeat (orchestration.SIDES):

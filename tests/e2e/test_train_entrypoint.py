@@ -154,6 +154,10 @@ def test_the_run_logs_an_adapter_only_mlflow_model_that_answers_in_a_fresh_proce
     weights = [f.path for f in _walk(client, logged.model_id, "") if f.path.endswith(".safetensors")]
     assert weights == ["artifacts/adapter/adapter_model.safetensors"]
     assert run.data.metrics["model/size_mb"] < 5  # the adapter's files, the tokenizer (3.4 MB) and this code
+    # where the run's time went: phases that follow one another inside the run's own wall clock
+    phases = [run.data.metrics[f"time/{p}_s"] for p in ("train", "evaluation", "model_logging")]
+    assert all(t > 0 for t in phases) and run.data.metrics["time/startup_s"] > 0
+    assert sum(phases) < (run.info.end_time - run.info.start_time) / 1000
     env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     proc = subprocess.run(
         [sys.executable, "-c", PREDICT, run.info.run_id], capture_output=True, text=True, env=env, timeout=300

@@ -29,3 +29,20 @@ def test_trains_on_cuda_and_reports_nvml_and_torch_peaks(tiny_model_dir, tiny_da
     assert m["memory/sampled_peak_mb"] >= m["memory/torch_peak_allocated_mb"]
     assert m["memory/peak_mb"] == max(m["memory/sampled_peak_mb"], m["memory/torch_peak_allocated_mb"])
     assert not result.tags["device_name"].startswith("cpu")
+
+
+def test_a_sweep_child_from_the_warm_server_can_use_cuda(tmp_path, monkeypatch):
+    """On a GPU machine the imports may load the CUDA driver (bitsandbytes counts devices): the server must then
+    refuse to fork (forkserver._why_unsafe), and the child, fresh or forked, computes on the GPU."""
+    from lora_efficiency import children
+    from lora_efficiency.subprocesses import child_env
+
+    (tmp_path / "cuda_child.py").write_text(
+        "import torch\nassert (torch.ones(2, device='cuda') * 2).sum().item() == 4\nprint('cuda ok')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(children, "TRAIN_MODULE", "cuda_child")
+    with children.WarmChildren() as launch:
+        code, err = launch([], child_env())
+        assert code == 0, err
+        print("forked" if launch.server is not None else f"fresh: {launch.unsafe}")
