@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from lora_efficiency.forkserver import PRELOAD, ForkServer
 from lora_efficiency.subprocesses import child_env, die_with_parent
 
 if TYPE_CHECKING:  # a Ray worker unpickling run_job imports this module alone, not config's model registry
@@ -106,20 +107,18 @@ class WarmChildren:
     first child and again whenever a child's environment differs from its; fresh processes where the server finds
     forking unsafe (said once on stderr). A context manager: the server ends with it."""
 
-    def __init__(self, preload: tuple[str, ...] | None = None) -> None:
-        self.server = None
+    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
+        self.server: ForkServer | None = None
         self.unsafe = ""
-        self.preload = preload  # None: forkserver.PRELOAD
+        self.preload = preload
 
     def start(self, env: dict[str, str]) -> bool:
         """A server for children of environment `env` (run ids aside) up and ready; False where forking is off."""
-        from lora_efficiency.forkserver import ForkServer
-
         if self.unsafe:
             return False
         if self.server is None or not self.server.serves(env):
             self.close()
-            self.server = ForkServer(env) if self.preload is None else ForkServer(env, self.preload)
+            self.server = ForkServer(env, self.preload)
             if self.server.unsafe:
                 self.unsafe = self.server.unsafe
                 print(f"warm children off ({self.unsafe}): each child starts a fresh process", file=sys.stderr)

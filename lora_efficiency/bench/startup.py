@@ -70,7 +70,7 @@ def measure_startup(
         "fresh_second_run_s": statistics.median(fresh[1:]) if launches > 1 else None,
     }
     if launches > 1:
-        first = launch(_run_child, ["-X", "importtime", "-m", "entrypoints.train", *args], "importtime", raw=True)
+        first = launch(_python, ["-X", "importtime", "-m", "entrypoints.train", *args], "importtime")
         result["imports"] = import_times(launch.stderr("importtime"))
         log(f"startup with -X importtime: {first:.1f} s, of which imports {result['imports']['total_s']:.1f} s")
     return result
@@ -90,21 +90,24 @@ class _Launcher:
     def stderr(self, name: str) -> str:
         return (self.work / f"startup-{name}.stderr").read_text(errors="replace")
 
-    def __call__(self, launcher, args: list[str], name: str, raw: bool = False) -> float:
-        """`launcher(args, env)` as children.run_job calls it; `raw`: args are python's own (a fresh process)."""
-        import subprocess
-        import sys
-
+    def __call__(self, launcher, args: list[str], name: str) -> float:
+        """`launcher(args, env) -> (exit status, stderr)`, as children.run_job calls its launchers."""
         run_id = self.client.create_run(self.experiment_id, run_name=f"startup-{name}").info.run_id
         env = self.env(MLFLOW_RUN_ID=run_id, MLFLOW_EXPERIMENT_ID=self.experiment_id)
-        if raw:
-            proc = subprocess.run([sys.executable, *args], capture_output=True, env=env, text=True)
-            returncode, stderr = proc.returncode, proc.stderr
-        else:
-            returncode, stderr = launcher(args, env)
+        returncode, stderr = launcher(args, env)
         (self.work / f"startup-{name}.stderr").write_text(stderr)
         startup = self.client.get_run(run_id).data.metrics.get("time/startup_s")
         if returncode != 0 or startup is None:
             tail = "\n".join(stderr.splitlines()[-25:])
             raise RuntimeError(f"startup launch {name} failed (exit status {returncode}):\n{tail}")
         return startup
+
+
+def _python(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """`python ARGS` (python's own options first) as a fresh process: its exit status and stderr."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, *args]
+    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    return proc.returncode, proc.stderr
