@@ -112,7 +112,7 @@ def test_rows(report: Report, comp: Comparison) -> tuple[list[str], list[list[st
         comp.name,
         "against",
         "pairs (n)",
-        f"perplexity ratio [{1 - alpha:.0%} interval]",
+        f"perplexity ratio, {1 - alpha:.0%} interval, {1 - 2 * alpha:.0%} interval (the TOST's)",
         "Holm p (difference)",
         "Holm p (equivalence)",
         "verdict",

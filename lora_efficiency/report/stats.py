@@ -307,11 +307,21 @@ class Judgement:
         return replace(self, effect=replace(self.effect, diff=diff))
 
     def size(self) -> str:
-        """'ratio 0.994 [0.989, 0.999]' (log-scale metrics) or '+20.0 points [+5.0, +35.0]' (fractions)."""
+        """'ratio 0.994 [0.989, 0.999]' (log-scale metrics) or '+20.0 points [+5.0, +35.0]' (fractions): the
+        (1 - alpha) interval; where an equivalence test ran, also the (1 - 2 alpha) interval its TOST decides on
+        ('ratio 0.994, 95% [0.989, 0.999], 90% [0.990, 0.998]'): equivalent exactly when that one lies inside the margin
+        (before Holm)."""
         e = self.effect
         if self.ratio is not None:
             r, low, high = self.ratio
-            return f"ratio {r:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+            tost = e.interval(1 - 2 * self.alpha) if e.delta is not None else None
+            if tost is None:
+                return f"ratio {r:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+            level = round(100 * (1 - self.alpha))
+            return (
+                f"ratio {r:.3f}, {level}% [{low:.3f}, {high:.3f}], "
+                f"{round(100 * (1 - 2 * self.alpha))}% [{math.exp(tost[0]):.3f}, {math.exp(tost[1]):.3f}]"
+            )
         interval = e.interval(1 - self.alpha)
         return f"{e.diff * 100 + 0.0:+.1f} points" + (
             "" if interval is None else f" [{interval[0] * 100:+.1f}, {interval[1] * 100:+.1f}]"

@@ -51,14 +51,14 @@ def test_report_tables_intervals_front_and_noise_match_the_known_values(mlflow_s
     # r8 is 0.02 below r16 at every seed (equivalent within the margin), r4 is 13 % worse
     lines = {line.split(":")[0]: line for line in md.splitlines() if line.startswith("- r")}
     assert lines["- r8 vs r16"].startswith(
-        "- r8 vs r16: perplexity ratio 0.994 [0.994, 0.995] (3 pairs by seed; Holm p"
+        "- r8 vs r16: perplexity ratio 0.994, 95% [0.994, 0.995], 90% [0.994, 0.995] (3 pairs by seed; Holm p"
     )
     assert "): equivalent within ±2% (better beyond noise, by less than the margin);" in lines["- r8 vs r16"]
     assert lines["- r4 vs r16"].startswith(
-        "- r4 vs r16: perplexity ratio 1.133 [1.124, 1.142] (3 pairs by seed; Holm p"
+        "- r4 vs r16: perplexity ratio 1.133, 95% [1.124, 1.142], 90% [1.126, 1.139] (3 pairs by seed; Holm p"
     )
     assert "): worse;" in lines["- r4 vs r16"]
-    assert "| r8 | r16 | 3 | 0.994 [0.994, 0.995] |" in md  # the comparison's table of tests
+    assert "| r8 | r16 | 3 | 0.994, 95% [0.994, 0.995], 90% [0.994, 0.995] |" in md  # the comparison's table of tests
     assert "paired by seed" in md and "margin 1.02" in md and "Holm-Bonferroni at alpha = 0.05" in md
     assert "unpaired: the base is one evaluation" in md  # the baseline cannot be paired, and the report says so
     assert "exact match not measured" in md.split("- nf4 vs bf16:")[1].splitlines()[0]

@@ -97,7 +97,8 @@ def test_paired_difference_its_ratio_and_the_ratio_interval_by_hand():
         pytest.approx(math.exp(mean + half), abs=1e-9),
     )
     assert j.text().startswith(
-        "perplexity ratio 0.994 [0.994, 0.995] (3 pairs by seed; Holm p < 0.001, equivalence Holm p"
+        "perplexity ratio 0.994, 95% [0.994, 0.995], 90% [0.994, 0.995] (3 pairs by seed; Holm p < 0.001, "
+        "equivalence Holm p"
     )
     # TOST at 5 %: the 90 % interval (t = 2.919986 for 2 degrees of freedom) lies inside +-ln(1.02)
     half90 = 2.919986 * sd / math.sqrt(3)
@@ -115,6 +116,15 @@ def test_equivalent_only_with_a_tight_interval_inside_the_margin():
     wide = {s: v * f for (s, v), f in zip(base.items(), (1.03, 0.97, 1.02, 0.985), strict=True)}
     j = judge(effect(wide, base, metric=PERPLEXITY, delta=math.log(1.02)))
     assert not j.beyond_noise and not j.equivalent and j.verdict == "cannot tell"
+    # the table shows the 90 % interval the TOST decides on beside the 95 % one: [0.978, 1.027] reaches past
+    # +-2 %, which is why this is "cannot tell" (t = 3.182446 and 2.353363 for 3 degrees of freedom)
+    ds = [math.log(f) for f in (1.03, 0.97, 1.02, 0.985)]
+    mean, sd = sum(ds) / 4, math.sqrt(sum((d - sum(ds) / 4) ** 2 for d in ds) / 3)
+    ci95, ci90 = ([math.exp(mean + s * t * sd / 2) for s in (-1, 1)] for t in (3.182446, 2.353363))
+    assert j.size() == (
+        f"ratio {math.exp(mean):.3f}, 95% [{ci95[0]:.3f}, {ci95[1]:.3f}], 90% [{ci90[0]:.3f}, {ci90[1]:.3f}]"
+    )
+    assert ci90[1] > 1.02
     # no margin (exact match): never equivalent, whatever the interval
     em = judge(effect({0: 0.30, 1: 0.31, 2: 0.30}, {0: 0.30, 1: 0.30, 2: 0.31}, metric=EXACT_MATCH_METRIC))
     assert em.p_equivalence is None and em.verdict == "cannot tell"
@@ -233,6 +243,23 @@ def test_findings_front_budgets_and_anchors_from_known_values():
     # Perplexity: r4-r16, r8-r16, nf4-bf16 (findings), r4-r8 (anchor), r4-bf16, r8-bf16 (budget 2,000 MB): 6 tests
     # of each kind; peak memory of the 3 findings: 3 more differences; exact match: none (seeds without noise)
     assert report.family.equivalence_tests == 6 and report.family.difference_tests == 9
+
+
+def test_adapters_against_the_base_alone_are_difference_tests_only():
+    from lora_efficiency.report import Scope
+
+    # the nf4 base alone, evaluated once: the three nf4 adapters (r4, r8, r16) are each tested against it on
+    # perplexity (its only metric here), as differences; an equivalence test against an untrained base cannot
+    # pass and would only raise the Holm multiplier of the declared ones, so there is none
+    params = {**{k: str(v) for k, v in train_params(16, "nf4", 0).items()}, "quantization": "nf4"}
+    base = RunData(
+        "b".ljust(32, "0"), "baseline", "FINISHED", 0, params, {"eval/perplexity": 6.0}, {"baseline": "true"}
+    )
+    report = build_report(
+        Scope("toy", None, known_runs(), [], [base], []), defaults=DEFAULTS, budgets_mb=[995, 1012, 1020, 2000]
+    )
+    assert report.family.equivalence_tests == 6 and report.family.difference_tests == 9 + 3
+    assert all(report.family[k].p_equivalence is None for k in report.family._effects if k[1].startswith("baseline:"))
 
 
 def scaled(values: dict[int, float], factors: tuple[float, ...]) -> dict[int, float]:
