@@ -152,6 +152,16 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
     ]
 
 
+# The quick profile (`make study`: 16 steps, 2 seeds) checks that every part of the pipeline runs; on 2026-12-04 its
+# report read "cannot tell" on all 72 of its tests. Its first line says so, before any table can be read as an answer.
+SMOKE_TEST = (
+    "**A smoke test of the pipeline, not an answer.** These runs used the `quick` profile (a few steps, two seeds), "
+    "sized to show that every part of the study runs, not to decide rank, target modules or quantization: read "
+    "every verdict below as a check of the machinery. The `standard` profile's study (docs/RESULTS.md) is the one "
+    "that answers."
+)
+
+
 def _scope_blocks(report: Report) -> list[Block]:
     """The title, what the report covers, the method, and the sweeps and notes."""
     s = report.scope
@@ -161,6 +171,7 @@ def _scope_blocks(report: Report) -> list[Block]:
     devices = sorted({r.tags.get("device_name", "?") for r in s.runs})
     blocks: list[Block] = [
         ("h1", f"LoRA efficiency report: {s.experiment}"),
+        *([("p", SMOKE_TEST)] if any(r.tags.get("profile") == "quick" for r in s.sweeps) else []),
         (
             "p",
             f"Scope: experiment {s.experiment}, {root or 'every sweep run (no study run)'}: {len(s.runs)} FINISHED "

@@ -262,6 +262,21 @@ def test_adapters_against_the_base_alone_are_difference_tests_only():
     assert all(report.family[k].p_equivalence is None for k in report.family._effects if k[1].startswith("baseline:"))
 
 
+def test_a_quick_profile_report_opens_by_saying_it_is_a_smoke_test():
+    from lora_efficiency.report import Scope
+    from lora_efficiency.report.render import SMOKE_TEST, _scope_blocks
+
+    def sweep(profile):
+        return RunData("s".ljust(32, "0"), "sweep-rank", "FINISHED", 0, {}, {}, {"profile": profile})
+
+    def first_lines(profile):
+        scope = Scope("toy", None, known_runs(), [], [], [sweep(profile)])
+        return _scope_blocks(build_report(scope, defaults=DEFAULTS))[:2]
+
+    assert first_lines("quick") == [("h1", "LoRA efficiency report: toy"), ("p", SMOKE_TEST)]
+    assert "smoke test" not in first_lines("standard")[1][1]
+
+
 def scaled(values: dict[int, float], factors: tuple[float, ...]) -> dict[int, float]:
     return {s: v * f for (s, v), f in zip(values.items(), factors, strict=True)}
 
