@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(EvaluateConfig, "evaluate", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
-    from lora_efficiency.evaluation import eval_settings_tag, use_exact_match
+    from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, eval_settings_tag, use_exact_match
     from lora_efficiency.inference import download_adapter, load_for_inference, resolve_run_ref
     from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import resolve_data
@@ -85,6 +85,7 @@ def main(argv: list[str]) -> None:
         tracker.log_metrics(result.metrics)
         if result.samples["prompt"]:
             tracker.log_table(result.samples, "eval_samples.json")
+        tracker.log_table(result.per_example, PER_EXAMPLE_LOSSES)
         if cfg.run_id:
             _into_train_run(cfg.run_id, settings, result)
     m = result.metrics
@@ -171,6 +172,8 @@ def _into_train_run(run_id: str, settings: str, result) -> None:
     import mlflow
     from mlflow.entities import Metric
 
+    from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES
+
     client = mlflow.MlflowClient()
     if client.get_run(run_id).data.tags.get("eval_settings") == settings:
         print(f"run {run_id} already holds an evaluation with these settings: left as it is")
@@ -180,6 +183,7 @@ def _into_train_run(run_id: str, settings: str, result) -> None:
     client.set_tag(run_id, "eval_settings", settings)
     if result.samples["prompt"]:
         mlflow.log_table(result.samples, "eval_samples.json", run_id=run_id)
+    mlflow.log_table(result.per_example, PER_EXAMPLE_LOSSES, run_id=run_id)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from lora_efficiency.data import Rows, collate
-from lora_efficiency.loss import token_loss_sum
+from lora_efficiency.loss import token_loss_by_row
 from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING
 
 
-@torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module,
     rows: Rows,
@@ -28,7 +27,32 @@ def evaluate_loss(
     families: list[str] | None = None,
 ) -> dict[str, float]:
     """eval/loss (mean cross-entropy per target token), eval/perplexity = exp(loss), eval/tokens; with `families`
-    (each row's task family) of two or more names, eval/loss/<family> and eval/perplexity/<family> beside them.
+    (each row's task family) of two or more names, eval/loss/<family> and eval/perplexity/<family> beside them."""
+    return evaluate_losses(
+        model,
+        rows,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        families=families,
+    )[0]
+
+
+@torch.no_grad()
+def evaluate_losses(
+    model: torch.nn.Module,
+    rows: Rows,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    families: list[str] | None = None,
+) -> tuple[dict[str, float], dict[str, list]]:
+    """evaluate_loss's metrics, and the loss of every held-out example: a table with one row per example (its
+    index in the held-out order, task family, target tokens, mean cross-entropy per target token), so that a report
+    can count the examples' sampling noise and pair two runs example by example.
 
     Token weighting lets families with long answers dominate eval/loss (bundled set, SmolLM2's tokenizer, with the
     end-of-sequence token: JSON answers 28-31 tokens, arithmetic 3-5): the per-family numbers show each on its own.
@@ -41,6 +65,7 @@ def evaluate_loss(
     for i, family in enumerate(families):
         groups.setdefault(family, []).append(i)
     sums: dict[str, tuple[float, int]] = {}
+    per_example: dict[int, tuple[float, int]] = {}
     for family, members in groups.items():  # batches never mix families, so each family's sum is exact
         # Batches of similar length pad less: the first 100 held-out examples of the bundled set (47-137 tokens)
         # took 8.8 s in their own order and 5.1 s sorted by length (SmolLM2 nf4, batches of 8, 2-core CPU), with
@@ -48,11 +73,14 @@ def evaluate_loss(
         order = sorted(members, key=lambda i: len(rows.input_ids[i]))
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
-            batch = collate(rows, order[start : start + batch_size], pad_id=pad_id)
+            chosen = order[start : start + batch_size]
+            batch = collate(rows, chosen, pad_id=pad_id)
             with autocast:
-                loss_sum, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-            total += float(loss_sum)
-            count += n
+                row_sums, row_counts = token_loss_by_row(model, {k: v.to(device) for k, v in batch.items()})
+            for i, row_sum, n in zip(chosen, row_sums.tolist(), row_counts.tolist(), strict=True):
+                per_example[i] = (row_sum, n)
+                total += row_sum
+                count += n
         sums[family] = (total, count)
     model.train(was_training)
     total, count = sum(t for t, _ in sums.values()), sum(n for _, n in sums.values())
@@ -63,7 +91,15 @@ def evaluate_loss(
             family_loss = total / max(count, 1)
             metrics[family_metric("eval/loss", family)] = family_loss
             metrics[family_metric("eval/perplexity", family)] = math.exp(family_loss)
-    return metrics
+    indices = sorted(per_example)
+    table = {
+        "example": indices,
+        "task": [families[i] for i in indices],
+        "tokens": [per_example[i][1] for i in indices],
+        # an example whose answer seq_len cut off entirely has no target: no loss (None), not a zero
+        "loss": [per_example[i][0] / per_example[i][1] if per_example[i][1] else None for i in indices],
+    }
+    return metrics, table
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,10 +290,16 @@ SPEED_NEW_TOKENS = 32
 # report shows it apart, labelled, where runs have it.
 
 
+# The artifact holding every held-out example's loss (evaluate_losses' table), in MLflow's table format
+# (mlflow.load_table reads it back; the UI shows it beside the run)
+PER_EXAMPLE_LOSSES = "per_example_losses.json"
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
     samples: dict[str, list]  # prompt, reference, output, correct, task: one entry per generated answer
+    per_example: dict[str, list]  # example, task, tokens, loss: one entry per held-out example scored
 
 
 def evaluate_model(
@@ -283,7 +325,7 @@ def evaluate_model(
     a last speed pass: `model` must not be used afterwards. answer_kinds maps a task family to how its answers
     are compared (sources.answer_kinds; "" for every other family).
     """
-    metrics = evaluate_loss(
+    metrics, per_example = evaluate_losses(
         model,
         eval_rows,
         batch_size=batch_size,
@@ -323,7 +365,7 @@ def evaluate_model(
             _, speed = generate_answers(merged, tokenizer, prompts, **timed)
             metrics["inference/merged_decode_tokens_per_second"] = speed["tokens_per_second"]
             metrics["inference/merged_decode_latency_ms_per_token"] = speed["latency_ms_per_token"]
-    return EvalResult(metrics, samples)
+    return EvalResult(metrics, samples, per_example)
 
 
 def use_exact_match(setting: str, manifest: dict, data: str) -> bool:

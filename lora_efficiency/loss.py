@@ -48,17 +48,33 @@ def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def _own_logits_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """The loss through the model's own forward; logits only at target positions where the model allows it."""
+def _own_target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The logits of the target positions (row by row, in order) through the model's own forward; only those
+    positions' logits are computed where the model allows it."""
     lm = _causal_lm(model)
-    targets = batch["labels"][:, 1:][mask]
     inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if _keeps_masked_logits(lm):
         keep = F.pad(mask, (0, 1), value=False)  # position t predicts label t + 1; the last one predicts nothing
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, :-1][mask]
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, :-1][mask]
+
+
+def _own_logits_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The loss through the model's own forward."""
+    targets = batch["labels"][:, 1:][mask]
+    return F.cross_entropy(_own_target_logits(model, batch, mask).float(), targets, reduction="sum")
+
+
+def _target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The last hidden states at the target positions (row by row, in order), for the chunked head."""
+    # use_cache=False matters beyond memory: transformers builds the block-diagonal mask of a packed row from
+    # position_ids only when there is no KV cache; with one, packed examples silently attend to each other.
+    hidden = (
+        _causal_lm(model)
+        .base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        .last_hidden_state
+    )
+    return hidden[:, :-1][mask]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -68,19 +84,13 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     PLAIN_HEAD_CLASSES they are computed here in chunks of LOSS_CHUNK_TOKENS; any other model runs its own
     forward (all target logits at once), so the loss stays the model's own.
     """
-    lm = _causal_lm(model)
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     count = int(mask.sum())
     if not uses_chunked_head(model):
         return _own_logits_ce_sum(model, batch, mask), count
-    # use_cache=False matters beyond memory: transformers builds the block-diagonal mask of a packed row from
-    # position_ids only when there is no KV cache; with one, packed examples silently attend to each other.
-    hidden = lm.base_model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-    ).last_hidden_state
-    hidden, targets = hidden[:, :-1][mask], targets[mask]
-    head = lm.get_output_embeddings()
+    hidden, targets = _target_hidden(model, batch, mask), targets[mask]
+    head = _causal_lm(model).get_output_embeddings()
     # A micro-batch whose responses were all cut off by seq_len has no target: a zero that is still part of the
     # graph (the sum of an empty selection), so backward() adds nothing instead of failing ("element 0 of
     # tensors does not require grad"). Data with no target at all is refused before training (trainer.setup).
@@ -92,3 +102,23 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
         else:
             total = total + _head_ce_sum(head, h, y)
     return total, count
+
+
+@torch.no_grad()
+def token_loss_by_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `batch` (evaluation, no gradient): the sum of next-token cross-entropy over the row's target
+    positions (float32) and their count. Summed over the rows: token_loss_sum's two numbers, to float rounding."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)[0]  # the row of each target position, in the order the logits come
+    sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
+    if not uses_chunked_head(model):
+        losses = F.cross_entropy(_own_target_logits(model, batch, mask).float(), targets[mask], reduction="none")
+        return sums.index_add_(0, rows, losses), mask.sum(dim=1)
+    hidden, targets = _target_hidden(model, batch, mask), targets[mask]
+    head = _causal_lm(model).get_output_embeddings()
+    for start in range(0, len(targets), LOSS_CHUNK_TOKENS):
+        end = start + LOSS_CHUNK_TOKENS
+        losses = F.cross_entropy(head(hidden[start:end]).float(), targets[start:end], reduction="none")
+        sums.index_add_(0, rows[start:end], losses)
+    return sums, mask.sum(dim=1)

@@ -36,7 +36,7 @@ from lora_efficiency.cli import raise_if_terminated
 from lora_efficiency.config import TrainConfig, build_config, read_defaults
 from lora_efficiency.configuration import config_hash, planner_inputs
 from lora_efficiency.errors import UserError
-from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
+from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import (
@@ -679,6 +679,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     tracker.set_tags({"eval_settings": eval_tag, "memory_source": loop.memory_source})
     if evaluation.samples["prompt"]:
         tracker.log_table(evaluation.samples, "eval_samples.json")
+    tracker.log_table(evaluation.per_example, PER_EXAMPLE_LOSSES)
     if cfg.method == "lora":
         write_model_card(
             adapter_dir,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 import uuid
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -92,7 +94,20 @@ def test_artifacts_hold_the_adapter_only(trained):
     assert set(files) == {f"adapter/{f}" for f in adapter_files | tokenizer_files}
     assert files["adapter/adapter_model.safetensors"] < 100_000  # the tiny base alone is ~13 MB
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config.json", "memory_trace.csv"} <= top
+    assert {"adapter", "config.json", "memory_trace.csv", "per_example_losses.json"} <= top
+
+
+def test_every_held_out_example_is_logged_with_its_loss(trained):
+    _, run = trained
+    logged = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/per_example_losses.json"))
+    table = pd.DataFrame(logged["data"], columns=logged["columns"])  # MLflow's table format (mlflow.log_table)
+    assert list(table.columns) == ["example", "task", "tokens", "loss"]
+    m = run.data.metrics
+    # every scored example once (their target tokens add up to the run's), at most eval_samples of them
+    assert 0 < len(table) <= int(run.data.params["eval_samples"]) and table["example"].is_unique
+    assert table["tokens"].sum() == m["eval/tokens"]
+    # token-weighted, the examples give back the run's eval/loss
+    assert (table["loss"] * table["tokens"]).sum() / table["tokens"].sum() == pytest.approx(m["eval/loss"], rel=1e-6)
 
 
 def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_data_file):

@@ -199,6 +199,33 @@ def test_loss_per_family_sums_to_the_overall_loss():
     assert weighted / split["eval/tokens"] == pytest.approx(split["eval/loss"], rel=1e-6)
 
 
+def test_every_held_out_example_has_its_own_loss():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lora_efficiency.data import Rows
+    from lora_efficiency.evaluation import evaluate_loss, evaluate_losses
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    families = ["json", "math", "json", "math", "math", "json", "date"]
+    rows = _tiny_rows(families)
+    kwargs = dict(batch_size=2, pad_id=0, device=torch.device("cpu"), autocast_dtype=None)
+    metrics, table = evaluate_losses(model, rows, families=families, **kwargs)
+    assert metrics == evaluate_loss(model, rows, families=families, **kwargs)
+    # one row per example, in the held-out order (scored in batches sorted by length within a family)
+    assert table["example"] == list(range(7)) and table["task"] == families
+    for i in range(7):
+        alone = evaluate_loss(model, Rows([rows.input_ids[i]], [rows.labels[i]], [rows.position_ids[i]]), **kwargs)
+        assert table["loss"][i] == pytest.approx(alone["eval/loss"], rel=1e-5)
+        assert table["tokens"][i] == alone["eval/tokens"]
+    # token-weighted, the examples give back eval/loss
+    weighted = sum(loss * n for loss, n in zip(table["loss"], table["tokens"], strict=True))
+    assert weighted / sum(table["tokens"]) == pytest.approx(metrics["eval/loss"], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generation speed: the model's, not its answers' lengths
 

@@ -173,3 +173,19 @@ def test_packed_rows_through_the_own_logits_path():
         "position_ids": batch["position_ids"].reshape(1, 40),
     }
     assert _ours(model, packed) == pytest.approx(_ours(model, batch), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "granite"])  # the chunked head and the model's own logits
+def test_loss_by_row_is_each_rows_own_loss(kind, monkeypatch):
+    """Each row's loss equals transformers' loss of that row alone, and the rows add up to token_loss_sum: with
+    chunks smaller than a row, so a row's targets are split across chunks (the index_add that joins them)."""
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 7)
+    model, batch = _tiny_model(kind), _batch(rows=3)
+    sums, counts = loss_module.token_loss_by_row(model, batch)
+    for r in range(3):
+        alone = {k: v[r : r + 1] for k, v in batch.items()}
+        assert int(counts[r]) == int((alone["labels"][:, 1:] != -100).sum())
+        assert float(sums[r]) / int(counts[r]) == pytest.approx(_theirs(model, alone), abs=1e-5)
+    with torch.no_grad():
+        total, count = token_loss_sum(model, batch)
+    assert float(sums.sum()) == pytest.approx(float(total), rel=1e-6) and int(counts.sum()) == count
