@@ -12,7 +12,7 @@ import json
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import SweepConfig, parse_args
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, printable
 
 
 def main(argv: list[str]) -> None:
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
             if sweep.pilots and sweep.lr_grid.extend
             else ""
         )
-        + f"; data {prepared.manifest['dataset']} ({prepared.path})",
+        + f"; data {printable(prepared.manifest['dataset'])} ({printable(prepared.path)})",
         flush=True,
     )
     description = f"Sweep {sweep.name}: the parent of {len(sweep.children)} train runs (+ {sweep.pilots} pilots)"
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
             cpus_per_trial=cfg.cpus_per_trial,
             gpus_per_trial=cfg.gpus_per_trial,
             warm_children=cfg.warm_children,
-            log=lambda line: print(line, flush=True),
+            log=lambda line: print(printable(line), flush=True),
         )
         tracker.set_tags(result.tags())
         tracker.log_text(json.dumps(result.runs, indent=2), "sweep_runs.json")
