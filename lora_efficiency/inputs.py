@@ -115,6 +115,8 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
     text = read_text_file(path, what, as_what="YAML")
     try:
         return load_yaml(text)
+    except RecursionError:  # 1 MiB of `[` nests 500,000 levels; PyYAML composes them recursively
+        raise UserError(f"{what}={shown(str(path))} could not be read as YAML: nested too deeply") from None
     except (ValueError, yaml.YAMLError) as exc:  # ValueError: an int of 4,300+ digits
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{what}={shown(str(path))} could not be read as YAML: {first[:300]}") from None

@@ -168,12 +168,16 @@ def test_seeds_and_axes_are_echoed_bounded(tmp_path):
 
 
 def test_settings_files_that_are_not_regular_files(tmp_path):
-    """`--defaults /dev/zero` reached 8.8 GB in 17 s; a FIFO with no writer hung for good; a folder; a 2 MB file."""
+    """`--defaults /dev/zero` reached 8.8 GB in 17 s; a FIFO with no writer hung for good; a folder; a 2.4 MB file;
+    400,000 levels of nesting (was a RecursionError line)."""
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
     big = tmp_path / "big.yaml"
     big.write_text("train:\n" + "  # padding\n" * 200_000)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train:\n  rank: " + "[" * 400_000)  # PyYAML composes nesting recursively
     cases = {
+        str(deep): "nested too deeply",
         "/dev/zero": "a character device",
         str(fifo): "a FIFO",
         str(tmp_path): "a folder",
