@@ -356,7 +356,10 @@ class SweepConfig:
 def sweep_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
-    check("config", lambda x: is_path(x, "file"), "an existing sweep file, such as configs/sweeps/rank.yaml")
+    kind = path_kind(v["config"]) if v.get("config") else None
+    if kind not in (None, "a regular file"):  # a folder, a FIFO, a device: say which
+        p.append(f"config={shown(v['config'])} is {kind}, not a file: an existing sweep file")
+    check("config", lambda x: kind or is_path(x, "file"), "an existing sweep file, such as configs/sweeps/rank.yaml")
     check(
         "data",
         lambda x: not x or data_reference_ok(x),

@@ -164,6 +164,9 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
     if problems:
         raise ConfigError(problems)
     prof = load_profile(profile)
+    for where, part in (("base", spec.get("base")), (f"profile={profile!r}: train", prof.get("train"))):
+        if part is not None and not isinstance(part, dict):  # `{**part}` of a list was a TypeError line
+            raise ConfigError([invalid(where, part, "a mapping of setting -> value")])
     grid = lr_settings(spec, prof)  # checked before the configurations: a bad grid is one line
     base = {**read_defaults("train"), **(spec.get("base") or {}), **(prof.get("train") or {}), **(overrides or {})}
     seeds = prof.get("seeds", spec.get("seeds", [base["seed"]]))

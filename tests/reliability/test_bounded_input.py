@@ -309,6 +309,21 @@ def test_devices_and_fifos_given_as_data_are_named(kind, store, tiny_model_dir, 
     assert_one_line_error(code, err, f"is a {kind}", "not a file")
 
 
+def test_a_sweep_file_that_is_not_a_file_and_a_base_that_is_not_a_mapping(tmp_path):
+    """Was: "is invalid: an existing sweep file" for a FIFO or a folder, and a TypeError line for `base: [1, 2]`."""
+    from lora_efficiency.config import SweepConfig
+
+    fifo = tmp_path / "sweep.yaml"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), (tmp_path, "a folder")):
+        with pytest.raises(ConfigError, match=f"config='{path}' is {kind}.*, not a file"):
+            parse_args(SweepConfig, "sweep", ["--config", str(path)], "")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(json.dumps({"base": [1, 2], "axes": {"rank": [8]}}))
+    with pytest.raises(ConfigError, match=r"base=\[1, 2\] is invalid: a mapping"):
+        load_sweep(listed)
+
+
 # 11. An empty module name -------------------------------------------------------------------------------------
 
 
