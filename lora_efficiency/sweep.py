@@ -507,7 +507,8 @@ class _Progress:
     def __init__(self, sweep: Sweep, *, bars: bool, log: Callable[[str], None]):
         self.name, total = sweep.name, len(sweep.children) + sweep.pilots
         self.bar = progress.bar(total=total, desc=f"sweep {sweep.name}", unit="run", position=0) if bars else None
-        self.say = self.bar.write if self.bar is not None else log
+        show = self.bar.write if self.bar is not None else log
+        self.say = lambda line: show(printable(line))  # labels hold values from the sweep file, file names included
         self.result, self.eta = SweepResult(total, pilots=sweep.pilots), Eta(total)
 
     def add_pilots(self, n: int) -> None:
