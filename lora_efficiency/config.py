@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from lora_efficiency.errors import ConfigError, UserError, invalid, shown
-from lora_efficiency.inputs import load_yaml, path_kind, read_yaml_file  # noqa: F401 - load_yaml: sweep.py's and the tests'
+from lora_efficiency.inputs import load_yaml, path_kind, read_yaml_file  # noqa: F401 - load_yaml: kept for its callers
 from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
