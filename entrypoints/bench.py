@@ -16,6 +16,7 @@ import shlex
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import BenchConfig, parse_args
+from lora_efficiency.errors import printable
 
 
 def main(argv: list[str]) -> None:
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
     print(block)
     bench.write_markdown(cfg.output, block, bench.block_key(results))
     bench.write_json(results, cfg.json, command)
-    print(f"wrote {cfg.output} and {cfg.json}")
+    print(printable(f"wrote {cfg.output} and {cfg.json}"))
 
 
 if __name__ == "__main__":

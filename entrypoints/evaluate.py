@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import EvaluateConfig, parse_args, parse_bool
+from lora_efficiency.errors import printable
 
 
 @dataclass
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
             _into_train_run(cfg.run_id, settings, result)
     m = result.metrics
     em = f", exact match {m['eval/exact_match']:.1%}" if "eval/exact_match" in m else ""
-    print(f"{name}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}{em}")
+    print(f"{printable(name)}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}{em}")
 
 
 def _target(cfg: EvaluateConfig) -> _Target:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import MergeConfig, parse_args
+from lora_efficiency.errors import printable
 
 
 def main(argv: list[str]) -> None:
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> None:
     else:
         adapter = check_adapter_folder(cfg.adapter)
     out = merge(model=model or BUNDLED_MODEL, adapter=adapter, output_dir=cfg.output, dtype=cfg.dtype)
-    print(f"merged model written to {out}")
+    print(f"merged model written to {printable(out)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     from transformers import AutoConfig
 
     from lora_efficiency.configuration import planner_inputs
-    from lora_efficiency.errors import UserError
+    from lora_efficiency.errors import UserError, printable
     from lora_efficiency.models import resolve_model
     from lora_efficiency.planner import MB, estimate
 
@@ -46,8 +46,10 @@ def main(argv: list[str]) -> None:
         budget, budget_name = psutil.virtual_memory().available / MB, "available RAM"
 
     print(
-        f"{source.model_id}: rank {cfg.rank}, {cfg.target_modules}, {cfg.quantization}, "
-        f"{cfg.batch_size} x {cfg.seq_len} tokens, {device}, {result.trainable_params:,} LoRA parameters"
+        printable(
+            f"{source.model_id}: rank {cfg.rank}, {cfg.target_modules}, {cfg.quantization}, "
+            f"{cfg.batch_size} x {cfg.seq_len} tokens, {device}, {result.trainable_params:,} LoRA parameters"
+        )
     )
     for name, mb in result.components().items():
         print(f"  {name.removesuffix('_mb'):<18}{mb:>10,.0f} MB")

@@ -11,6 +11,7 @@ import sys
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import PrepareConfig, parse_args
+from lora_efficiency.errors import printable
 
 
 def main(argv: list[str]) -> None:
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
         )
         m = prepared.manifest
         for warning in m["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"warning: {printable(warning)}", file=sys.stderr)
         t.set_tags(
             {
                 "prepared_path": str(prepared.path),
@@ -64,10 +65,10 @@ def main(argv: list[str]) -> None:
         t.log_text(json.dumps(m, indent=2), "manifest.json")
         t.log_data_inputs(m, str(prepared.path))
     print(
-        f"prepared {m['dataset']}: {m['train']['count']} train / {m['eval']['count']} eval examples, "
+        f"prepared {printable(m['dataset'])}: {m['train']['count']} train / {m['eval']['count']} eval examples, "
         f"{m['train']['truncated']} truncated, padding {m['packing']['padding_fraction_unpacked']:.0%} unpacked -> "
         f"{m['packing']['padding_fraction_packed']:.0%} packed{' (cached)' if prepared.cached else ''}\n"
-        f"  {prepared.path}"
+        f"  {printable(prepared.path)}"
     )
 
 

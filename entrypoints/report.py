@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import ReportConfig, parse_args, read_defaults, report_folder
+from lora_efficiency.errors import printable
 
 
 def main(argv: list[str]) -> None:
@@ -77,10 +78,12 @@ def main(argv: list[str]) -> None:
         )
         tracker.set_tags({"registered_model": experiment, "registered_aliases": len(registered)})
     for r in registered:
-        print(f"models:/{experiment}@{r.alias} -> version {r.version}: {r.label} (run {r.run_id})")
+        print(printable(f"models:/{experiment}@{r.alias} -> version {r.version}: {r.label} (run {r.run_id})"))
     print(
-        f"report of {experiment}: {len(report.configurations)} configurations, {len(scope.runs)} runs, "
-        f"{len(report.findings)} findings -> {paths['markdown']}, {paths['html']} (run {report_run_id})"
+        printable(
+            f"report of {experiment}: {len(report.configurations)} configurations, {len(scope.runs)} runs, "
+            f"{len(report.findings)} findings -> {paths['markdown']}, {paths['html']} (run {report_run_id})"
+        )
     )
 
 

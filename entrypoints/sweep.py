@@ -12,7 +12,7 @@ import json
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import SweepConfig, parse_args
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, printable
 
 
 def main(argv: list[str]) -> None:
@@ -33,15 +33,17 @@ def main(argv: list[str]) -> None:
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
     prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
     print(
-        f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
-        f"{len(sweep.children)} runs"
-        + (f" + {sweep.pilots} learning-rate pilots" if sweep.pilots else "")
-        + (
-            f" (+ up to {sweep.lr_grid.extend} per configuration past an edge)"
-            if sweep.pilots and sweep.lr_grid.extend
-            else ""
-        )
-        + f"; data {prepared.manifest['dataset']} ({prepared.path})",
+        printable(
+            f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
+            f"{len(sweep.children)} runs"
+            + (f" + {sweep.pilots} learning-rate pilots" if sweep.pilots else "")
+            + (
+                f" (+ up to {sweep.lr_grid.extend} per configuration past an edge)"
+                if sweep.pilots and sweep.lr_grid.extend
+                else ""
+            )
+            + f"; data {prepared.manifest['dataset']} ({prepared.path})"
+        ),
         flush=True,
     )
     description = f"Sweep {sweep.name}: the parent of {len(sweep.children)} train runs (+ {sweep.pilots} pilots)"
@@ -71,13 +73,15 @@ def main(argv: list[str]) -> None:
             cpus_per_trial=cfg.cpus_per_trial,
             gpus_per_trial=cfg.gpus_per_trial,
             warm_children=cfg.warm_children,
-            log=lambda line: print(line, flush=True),
+            log=lambda line: print(printable(line), flush=True),
         )
         tracker.set_tags(result.tags())
         tracker.log_text(json.dumps(result.runs, indent=2), "sweep_runs.json")
     print(
-        f"[{sweep.name}] {result.finished} finished, {result.skipped} skipped (already FINISHED), "
-        f"{result.failed} failed"
+        printable(
+            f"[{sweep.name}] {result.finished} finished, {result.skipped} skipped (already FINISHED), "
+            f"{result.failed} failed"
+        )
     )
     if result.failed:
         raise UserError(

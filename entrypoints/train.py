@@ -19,7 +19,7 @@ from pathlib import Path
 from lora_efficiency import distributed
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import TrainConfig, parse_args
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, printable
 
 
 def main(argv: list[str]) -> None:
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
         return
     m = result.metrics
     print(
-        f"finished {name}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}, "
+        f"finished {printable(name)}: eval/loss {m['eval/loss']:.4f}, eval/perplexity {m['eval/perplexity']:.3f}, "
         f"peak {m['memory/peak_mb']:.0f} MB, {m['perf/train_tokens_per_second']:.0f} tokens/s"
     )
 

@@ -153,10 +153,12 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
     sweep's process (backend local) and as a Ray task (backend ray)."""
     import mlflow
 
+    from lora_efficiency.redaction import mask_stored
     from lora_efficiency.tracking import owner_tags
 
     client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
-    run = client.create_run(job.experiment_id, run_name=job.name, tags={**job.tags, **owner_tags()})
+    tags = {k: mask_stored(str(v)) for k, v in {**job.tags, **owner_tags()}.items()}  # as MlflowTracker stores them
+    run = client.create_run(job.experiment_id, run_name=mask_stored(job.name), tags=tags)
     # the project root on PYTHONPATH: `-m entrypoints.train` from any working folder (a Ray worker's)
     env = child_env({**os.environ, **job.env}, MLFLOW_RUN_ID=run.info.run_id, MLFLOW_EXPERIMENT_ID=job.experiment_id)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_efficiency.errors import TrackingError, UserError
+from lora_efficiency.errors import TrackingError, UserError, cause_line, printable
 from lora_efficiency.redaction import redact
 
 
@@ -35,7 +35,7 @@ def _fail_active_run(message: str) -> None:
         else:
             client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # the store itself may be what failed; the exit status still says so
-        print(f"warning: could not mark run {run_id} FAILED: {redact(_one_line(exc))}", file=sys.stderr)
+        print(f"warning: could not mark run {run_id} FAILED: {terminal_line(_one_line(exc))}", file=sys.stderr)
 
 
 _TERMINATED: list[int] = []  # the signal that asked this process to stop, once one has
@@ -104,7 +104,7 @@ class _TracebacksToLog(logging.Filter):
             write_log(logging.Formatter().format(record))
             message = (message.splitlines() or [""])[0]
             record.exc_info, record.exc_text, record.stack_info = None, None, None
-        record.msg, record.args = redact(message), ()
+        record.msg, record.args = printable(redact(message)), ()  # a run name may hold ESC or a newline
         return True
 
 
@@ -122,8 +122,22 @@ def quiet_log_records() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, MemoryError):  # its message is empty or a size: say what happened and what to do
+        return "out of memory (MemoryError): lower seq_len, batch_size or num_samples, or use a machine with more"
+    first = cause_line(exc) if str(exc).strip() else ""  # the cause, not a wrapper ("Query-invoked autoflush")
     return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
+# An `error:` line names values, never echoes them whole (errors.shown); a line that still grows past this (a
+# problem per child of a 200-configuration sweep, a store listing a thousand names) is cut here.
+MAX_ERROR_LINE = 2000
+
+
+def terminal_line(message: str) -> str:
+    """A message as the one line the terminal gets: secrets masked, control and bidirectional characters escaped
+    (a newline or ESC in a name forged a second `error:` line), cut to MAX_ERROR_LINE characters."""
+    line = printable(redact(message))
+    return line if len(line) <= MAX_ERROR_LINE else f"{line[: MAX_ERROR_LINE - 40]}...<cut: {len(line):,} characters>"
 
 
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
@@ -174,7 +188,7 @@ def _run(main: Callable[[list[str]], object], argv: list[str]) -> None:
     try:
         main(argv)
     except UserError as exc:
-        message = redact(str(exc).replace("\n", " "))
+        message = terminal_line(str(exc).replace("\n", " "))
         if os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ:  # one rank of a distributed training
             message = f"rank {os.environ['RANK']}: {message}"
         if not isinstance(exc, TrackingError):  # else start_run has tried already; the store may be down
@@ -186,7 +200,7 @@ def _run(main: Callable[[list[str]], object], argv: list[str]) -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # what no check foresaw: still one line, the details in the log file
-        message = redact(_one_line(exc))
+        message = terminal_line(_one_line(exc))
         log = write_log("".join(traceback.format_exception(exc)))
         _fail_active_run(message)
         print(f"error: {message}" + (f" (traceback in {log})" if log else ""), file=sys.stderr)

@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
-from lora_efficiency.errors import ConfigError, UserError, invalid
+from lora_efficiency.errors import ConfigError, UserError, invalid, shown
+from lora_efficiency.inputs import load_yaml, path_kind, read_yaml_file  # noqa: F401 - load_yaml: kept for its callers
 from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -161,7 +160,8 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     check("weight_decay", lambda x: 0 <= x <= 100, "a number from 0 to 100")
     check("max_grad_norm", lambda x: x > 0, "a number > 0")
     check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
-    check("target_modules", is_valid_target_spec, f"one of {', '.join(PRESETS)} or a comma list of module names")
+    modules = f"one of {', '.join(PRESETS)} or a comma list of module names, none empty"
+    check("target_modules", is_valid_target_spec, modules)
     check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
     check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
     check(
@@ -266,11 +266,12 @@ def prepare_problems(v: dict[str, Any]) -> list[str]:
 
     p: list[str] = []
     check = _checker(v, p)
-    check(
-        "dataset",
-        lambda x: x in KNOWN_SETS or x == "" or is_path(x, "file"),
-        f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file",
-    )
+    allowed = f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file"
+    kind = path_kind(v["dataset"]) if v.get("dataset") and v["dataset"] not in KNOWN_SETS else None
+    if kind not in (None, "a regular file"):  # a folder, a FIFO, a device: say which
+        p.append(f"dataset={shown(v['dataset'])} is {kind}, not a file: {allowed}")
+    else:
+        check("dataset", lambda x: x in KNOWN_SETS or x == "" or is_path(x, "file"), allowed)
     check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
     check("num_samples", lambda x: x >= 0, "an integer >= 0 (0: all)")
     check("eval_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
@@ -355,7 +356,10 @@ class SweepConfig:
 def sweep_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
-    check("config", lambda x: is_path(x, "file"), "an existing sweep file, such as configs/sweeps/rank.yaml")
+    kind = path_kind(v["config"]) if v.get("config") else None
+    if kind not in (None, "a regular file"):  # a folder, a FIFO, a device: say which
+        p.append(f"config={shown(v['config'])} is {kind}, not a file: an existing sweep file")
+    check("config", lambda x: kind or is_path(x, "file"), "an existing sweep file, such as configs/sweeps/rank.yaml")
     check(
         "data",
         lambda x: not x or data_reference_ok(x),
@@ -629,6 +633,8 @@ BASE_SECTIONS = {PlanConfig: "train"}
 
 def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     """Turn a YAML or command-line value into `kind`; returns (value, problem)."""
+    if isinstance(raw, (list, tuple, dict, set)):  # checked before str(raw) builds it: every field is one value
+        return None, invalid(field, raw, f"one {kind.__name__} value, not a {type(raw).__name__}")
     if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) >= 10**INT_DIGITS:  # from YAML
         return None, invalid(field, raw, f"an integer of at most {INT_DIGITS} digits")
     text = str(raw).strip()
@@ -654,40 +660,10 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     return text if isinstance(raw, str) else str(raw), None
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error: safe_load keeps the last one
-    silently (a sweep file with `rank:` three times ran 1 configuration instead of 3)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key!r} is given twice, on lines {seen[key]} and {key_node.start_mark.line + 1}",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
-
-
-def load_yaml(text: str) -> Any:
-    """yaml.safe_load that refuses a key given twice in a mapping (every YAML file of this project goes here)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-
-
 def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
-    try:
-        loaded = load_yaml(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: undecodable bytes, a NUL in the name
-        raise UserError(f"defaults={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
+    loaded = read_yaml_file(path, "defaults")  # a regular file of at most 1 MiB, no YAML aliases (inputs.py)
     if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
-        raise UserError(f"defaults={str(path)!r} has no mapping named {section!r}")
+        raise UserError(f"defaults={shown(str(path))} has no mapping named {section!r}")
     return loaded[section]
 
 

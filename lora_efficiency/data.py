@@ -304,14 +304,32 @@ class TokenizedSplit:
     num_truncated: int = 0
 
 
+def text_bound(tokenizer, seq_len: int) -> int:
+    """How many characters of one text can matter to its first seq_len + 1 tokens: a token covers at most as many
+    characters as its longest vocabulary entry (81 for SmolLM2's byte-level vocabulary: one entry character per
+    byte, and a character is at least one byte), so (seq_len + 1) x that many characters hold more tokens than a
+    row keeps, and truncation is still seen and counted. Twice that leaves room for a normalizer that drops
+    characters. Texts are cut to this before the tokenizer sees them: a 20 MB JSONL line peaked at 3.5 GB at
+    seq_len 128 and a 200 MB one aborted the Rust tokenizer (exit 134); at seq_len 128 the bound is 20,898."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+    except (AttributeError, NotImplementedError, TypeError):  # a tokenizer without a vocabulary to list
+        longest = 128
+    return 2 * (seq_len + 1) * max(longest, 1)
+
+
 def tokenize(tokenizer, examples: list[Example], *, seq_len: int, train_on_prompt: bool = False) -> TokenizedSplit:
     """Token ids and labels per example; labels are IGNORE_INDEX on the prompt unless train_on_prompt.
 
     Rows longer than seq_len are truncated and counted. The first token is never a target, so that packing an
-    example after another never asks the model to predict across the boundary.
+    example after another never asks the model to predict across the boundary. The prompt and the response are
+    each cut to text_bound() characters first: what lies beyond can never reach the row.
     """
     out = TokenizedSplit([], [])
+    bound = text_bound(tokenizer, seq_len)
     for ex in examples:
+        if len(ex.prompt) > bound or len(ex.response) > bound:
+            ex = Example(ex.prompt[:bound], ex.response[:bound], ex.task)
         prompt_text, full_text = format_example(tokenizer, ex)
         prompt_len = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
         ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
@@ -328,8 +346,9 @@ def tokenize(tokenizer, examples: list[Example], *, seq_len: int, train_on_promp
 def tokenize_texts(tokenizer, texts: list[str], *, seq_len: int) -> TokenizedSplit:
     """Plain text for causal-LM perplexity: every token is a target but the first; one row per text."""
     out = TokenizedSplit([], [])
+    bound = text_bound(tokenizer, seq_len)  # what lies beyond can never reach the row
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(text[:bound], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(ids) > seq_len:
             ids = ids[:seq_len]
             out.num_truncated += 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 
-# Secrets never reach the tracking store: the values of these variables, of every variable whose name says it holds
-# a secret (SECRET_NAME), a URI's password (`scheme://user:password@host`), and anything shaped like a Hugging Face,
-# OpenAI or GitHub token are replaced by `***` (`<prefix>***` for a token) in every param, tag, text, artifact,
-# `error:` line and log record this project writes.
+# Secrets never reach a terminal, a log file or an error tag: the values of these variables, of every variable whose
+# name says it holds a secret (SECRET_NAME), a URI's password (`scheme://user:password@host`), and anything shaped
+# like a Hugging Face, OpenAI or GitHub token are replaced by `***` (`<prefix>***` for a token) in every `error:`
+# line, log record, error tag, description and model card (redact). Values the project stores and reads back
+# (params, tags, run names, logged files) are masked by shape only (mask_stored): a variable's value may be any word.
 SECRET_ENV = (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
@@ -35,7 +36,19 @@ def secret_values() -> list[str]:
 
 
 def redact(text: str) -> str:
+    """`text` for a person to read (a terminal line, a log record, an error tag, a description, a model card): every
+    secret masked, a variable's value wherever it occurs, however short. Never for a value the project reads back
+    (mask_stored): with DB_PASSWORD=probe, the stored path /data/probe/x became /data/***/x and broke for good."""
     for value in secret_values():
         text = text.replace(value, "***")
-    text = _URI_PASSWORD.sub(r"\1:***@", text)
-    return _TOKEN.sub(lambda m: m.group(1) + "***", text)
+    return mask_stored(text)
+
+
+def mask_stored(value: str) -> str:
+    """A value the project stores and reads back (params, tags such as prepared_path, run names, dataset sources,
+    logged settings and adapter files): only what is a secret by its shape is masked, a URI's password and an
+    access token (hf_, sk-, ghp_... followed by 16+ token characters), which no folder or setting holds by chance.
+    A secret variable's value has no shape: it may be `probe`, `root` or `cache`, any path component, so masking it
+    here corrupts what is read back; it is masked wherever the project writes text instead (redact)."""
+    value = _URI_PASSWORD.sub(r"\1:***@", value)
+    return _TOKEN.sub(lambda m: m.group(1) + "***", value)

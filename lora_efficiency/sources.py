@@ -20,6 +20,7 @@ import datasets
 
 from lora_efficiency.data import BUNDLED_DATA, Example, bundled_instruct
 from lora_efficiency.errors import ConfigError, UserError, invalid, shown
+from lora_efficiency.inputs import path_kind
 
 INSTRUCTION = "instruction"  # prompt/response pairs
 TEXT = "text"  # plain text for causal-LM perplexity
@@ -466,8 +467,8 @@ def load_source(dataset: str, *, prompt_field: str = "", response_field: str = "
         raise UserError(f"dataset={dataset!r}: a {path.suffix or 'suffix-less'} file is not read; {allowed}")
     if is_file:
         return _load_file(path, dataset, prompt_field, response_field, text_field)
-    if path.exists():
-        raise UserError(f"dataset={dataset!r} is a folder, not a file; {allowed}")
+    if kind := path_kind(path):  # a folder, a FIFO, a device: named as what it is
+        raise UserError(f"dataset={shown(dataset)} is {kind}, not a file; {allowed}")
     if path.suffix or len(path.parts) > 1:  # it names a file
         raise UserError(f"dataset={dataset!r}: no such file; {allowed}")
     raise UserError(f"dataset={dataset!r} is not a known data set: known are {', '.join(KNOWN_SETS)}, or {_FILES}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from lora_efficiency.children import flags
 from lora_efficiency.config import StudyConfig, TrainConfig, is_path, report_folder
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, printable
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
 from lora_efficiency.sweep import Sweep, load_profile, load_sweep, prepare_once, run_sweep
@@ -29,7 +29,7 @@ from lora_efficiency.tracking import owner_tags
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)  # interleaved with the children's output: flushed line by line
+    print(printable(line), flush=True)  # interleaved with the children's output: flushed line by line
 
 
 @dataclass
@@ -175,4 +175,4 @@ def report_study(study: Study, study_run_id: str, failures: list[str]) -> None:
     if not reported:
         raise UserError(f"the study's runs are logged, but its report failed: run {' '.join(report[1:])} again")
     folder = cfg.output or report_folder(experiment)
-    print(f"[study {cfg.profile}] done: {folder}/report.md; compare the runs with `make ui`")
+    print(f"[study {cfg.profile}] done: {printable(folder)}/report.md; compare the runs with `make ui`")

@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from lora_efficiency import progress
 from lora_efficiency.children import Job, Outcome, run_here, train_args
 from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
-from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, load_yaml, read_defaults
+from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
 from lora_efficiency.configuration import planner_inputs, sweep_key
-from lora_efficiency.errors import ConfigError, UserError, invalid
+from lora_efficiency.errors import ConfigError, UserError, invalid, printable, shown
+from lora_efficiency.inputs import read_yaml_file
 from lora_efficiency.lr_tuning import (
     GROUP,
     LR_KEYS,
@@ -105,10 +104,7 @@ class Sweep:
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        loaded = load_yaml(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, an int of 4,300+ digits
-        raise UserError(f"{what}={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
+    loaded = read_yaml_file(path, what)  # a regular file of at most 1 MiB, no YAML aliases (inputs.py)
     if not isinstance(loaded, dict):
         raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
     return loaded
@@ -124,6 +120,15 @@ def load_profile(profile: str) -> dict:
         known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
         raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
     return _read_yaml(path, "profile")
+
+
+MAX_NAME = 100  # the sweep's run is `sweep-<name>`; MLflow takes run names of up to 250 characters
+
+
+def is_sweep_name(name: object) -> bool:
+    """A string of 1 to MAX_NAME characters with nothing printable() would escape: a list was stored as a 34 MB
+    run name, and ESC sequences or a newline in a name reached the terminal raw."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME and printable(name) == name
 
 
 def check_size(path: Path, spec: dict, runs: int) -> None:
@@ -146,7 +151,7 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
     path = Path(path)
     spec = _read_yaml(path, "config")
     problems = [
-        f"config={str(path)!r}: unknown key {k!r}: allowed are {', '.join(sorted(SWEEP_KEYS))}"
+        f"config={str(path)!r}: unknown key {shown(k)}: allowed are {', '.join(sorted(SWEEP_KEYS))}"
         for k in spec
         if k not in SWEEP_KEYS
     ]
@@ -154,24 +159,29 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
         problems.append(
             f"config={str(path)!r}: give either axes (a grid) or configurations (a list), not both or neither"
         )
+    if "name" in spec and not is_sweep_name(spec["name"]):
+        problems.append(invalid("name", spec["name"], f"a name of 1 to {MAX_NAME} printable characters (a run name)"))
     if problems:
         raise ConfigError(problems)
     prof = load_profile(profile)
+    for where, part in (("base", spec.get("base")), (f"profile={profile!r}: train", prof.get("train"))):
+        if part is not None and not isinstance(part, dict):  # `{**part}` of a list was a TypeError line
+            raise ConfigError([invalid(where, part, "a mapping of setting -> value")])
     grid = lr_settings(spec, prof)  # checked before the configurations: a bad grid is one line
     base = {**read_defaults("train"), **(spec.get("base") or {}), **(prof.get("train") or {}), **(overrides or {})}
     seeds = prof.get("seeds", spec.get("seeds", [base["seed"]]))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ConfigError([f"seeds={seeds!r} is invalid: a non-empty list of integers >= 0"])
+        raise ConfigError([invalid("seeds", seeds, "a non-empty list of integers >= 0")])
     if "axes" in spec:
         axes = spec["axes"]
         if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
-            raise ConfigError([f"axes={axes!r} is invalid: a mapping of setting -> non-empty list of values"])
+            raise ConfigError([invalid("axes", axes, "a mapping of setting -> non-empty list of values")])
         check_size(path, spec, math.prod(len(v) for v in axes.values()) * len(seeds))  # before the product exists
         variants = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     else:
         variants = spec["configurations"]
         if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
-            raise ConfigError([f"configurations={variants!r} is invalid: a non-empty list of mappings"])
+            raise ConfigError([invalid("configurations", variants, "a non-empty list of mappings")])
         check_size(path, spec, len(variants) * len(seeds))
     children, problems = [], []
     for variant in variants:
@@ -497,7 +507,8 @@ class _Progress:
     def __init__(self, sweep: Sweep, *, bars: bool, log: Callable[[str], None]):
         self.name, total = sweep.name, len(sweep.children) + sweep.pilots
         self.bar = progress.bar(total=total, desc=f"sweep {sweep.name}", unit="run", position=0) if bars else None
-        self.say = self.bar.write if self.bar is not None else log
+        show = self.bar.write if self.bar is not None else log
+        self.say = lambda line: show(printable(line))  # labels hold values from the sweep file, file names included
         self.result, self.eta = SweepResult(total, pilots=sweep.pilots), Eta(total)
 
     def add_pilots(self, n: int) -> None:

@@ -19,8 +19,8 @@ import mlflow
 import requests
 
 from lora_efficiency.cli import no_interrupts, quiet_log_records
-from lora_efficiency.errors import TrackingError, UserError
-from lora_efficiency.redaction import redact
+from lora_efficiency.errors import TrackingError, UserError, cause_line
+from lora_efficiency.redaction import mask_stored, redact
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 # a unique-key violation as SQLite, PostgreSQL and MySQL word it (through MLflow's store or its REST server)
@@ -48,9 +48,9 @@ _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".jinja")
 @contextlib.contextmanager
 def redacted_copy(local_dir: str) -> Iterator[str]:
     """`local_dir` itself, or a temporary copy of it (same folder name: it may be shown) whose text files have
-    their secrets redacted, removed on exit."""
+    their shaped secrets masked (mask_stored: a URI's password, a token), removed on exit."""
     files = [f for f in Path(local_dir).rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES]
-    dirty = [f for f in files if redact(text := f.read_text(errors="replace")) != text]
+    dirty = [f for f in files if mask_stored(text := f.read_text(errors="replace")) != text]
     if not dirty:
         yield local_dir
         return
@@ -59,7 +59,7 @@ def redacted_copy(local_dir: str) -> Iterator[str]:
         shutil.copytree(local_dir, copy)
         for f in dirty:
             target = copy / f.relative_to(local_dir)
-            target.write_text(redact(target.read_text(errors="replace")))
+            target.write_text(mask_stored(target.read_text(errors="replace")))
         yield str(copy)
 
 
@@ -79,12 +79,12 @@ class MlflowTracker:
         # `mlflow run` already logged every MLproject param as the text given ("2e-4"); logging the same key
         # again with another spelling ("0.0002") is refused by MLflow, and both mean the same value.
         existing = self.client.get_run(self.run_id).data.params
-        fresh = {k: redact(str(v)) for k, v in params.items() if k not in existing}
+        fresh = {k: mask_stored(str(v)) for k, v in params.items() if k not in existing}
         if fresh:
             mlflow.log_params(fresh)
 
     def set_tags(self, tags: dict) -> None:
-        mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
+        mlflow.set_tags({k: mask_stored(str(v)) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if step is None:
@@ -112,12 +112,12 @@ class MlflowTracker:
             raise TrackingError(
                 f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r}: the metrics of {len(steps)} step(s) "
                 f"({steps[0]}..{steps[-1]}) could not be logged after MLflow's retries "
-                f"({str(lost[-1][1]).splitlines()[0][:200]}): the run is incomplete"
+                f"({cause_line(lost[-1][1])[:200]}): the run is incomplete"
             )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         with _artifact_storage(artifact_file):
-            mlflow.log_text(redact(text), artifact_file)
+            mlflow.log_text(mask_stored(text), artifact_file)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         with _artifact_storage(artifact_path), redacted_copy(local_dir) as clean:
@@ -133,7 +133,7 @@ class MlflowTracker:
             self.log_artifacts(tmp, artifact_path)
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
-        data = {k: [redact(v) if isinstance(v, str) else v for v in col] for k, col in data.items()}
+        data = {k: [mask_stored(v) if isinstance(v, str) else v for v in col] for k, col in data.items()}
         with _artifact_storage(artifact_file):
             mlflow.log_table(data=data, artifact_file=artifact_file)
 
@@ -169,16 +169,16 @@ def data_inputs(manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    origin = redact(manifest.get("origin", ""))  # a path may hold a token, like any param
+    origin = mask_stored(manifest.get("origin", ""))  # a path may hold a token, like any param
     if origin.startswith("hub:"):  # the hub's default revision: the origin records none
         source = HuggingFaceDatasetSource(path=origin.removeprefix("hub:"))
     elif origin.startswith("file:"):
         source = resolve_dataset_source(origin.removeprefix("file:"))
     else:
-        source = CodeDatasetSource({"origin": origin, "prepared_path": redact(str(prepared_path))})
+        source = CodeDatasetSource({"origin": origin, "prepared_path": mask_stored(str(prepared_path))})
     return [
         (
-            MetaDataset(source, name=redact(f"{manifest['dataset']}-{split}"), digest=manifest["fingerprint"]),
+            MetaDataset(source, name=mask_stored(f"{manifest['dataset']}-{split}"), digest=manifest["fingerprint"]),
             manifest.get(split, {}).get("count", 0),
         )
         for split in splits
@@ -192,7 +192,7 @@ def _artifact_storage(what: str) -> Iterator[None]:
         yield
     except (OSError, mlflow.exceptions.MlflowException) as exc:
         raise TrackingError(
-            f"artifact storage {mlflow.get_artifact_uri()!r} failed writing {what}: {str(exc).splitlines()[0][:300]}"
+            f"artifact storage {mlflow.get_artifact_uri()!r} failed writing {what}: {cause_line(exc)[:300]}"
         ) from None
 
 
@@ -293,14 +293,14 @@ def check_tracking_store() -> None:
                 break
             except (requests.exceptions.RequestException, mlflow.exceptions.MlflowException) as exc:
                 if attempt == 2:
-                    reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+                    reason = redact(cause_line(exc))[:200]
                     raise TrackingError(f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {reason}") from None
                 time.sleep(1.5)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(
-            f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {redact(str(exc).splitlines()[0])[:200]}"
+            f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {redact(cause_line(exc))[:200]}"
         ) from None
 
 
@@ -315,7 +315,7 @@ def start_run(
     check_tracking_store()
     if "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
-    run = mlflow.start_run(run_name=redact(run_name), log_system_metrics=system_metrics)
+    run = mlflow.start_run(run_name=mask_stored(run_name), log_system_metrics=system_metrics)
     try:
         tags = {"entry_point": entry_point, "git_commit": git_commit(), **owner_tags()}
         if description:
@@ -343,7 +343,7 @@ def start_run(
         if isinstance(exc, (mlflow.exceptions.MlflowException, requests.exceptions.RequestException)):
             raise TrackingError(
                 f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r} failed during run {run.info.run_id}: "
-                f"{redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]}"
+                f"{redact(cause_line(exc))[:300]}"
             ) from None
         raise
     try:
@@ -351,5 +351,5 @@ def start_run(
     except Exception as exc:
         raise TrackingError(
             f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()!r}: run {run.info.run_id} could not be marked "
-            f"FINISHED: {str(exc).splitlines()[0][:200]}"
+            f"FINISHED: {cause_line(exc)[:200]}"
         ) from None

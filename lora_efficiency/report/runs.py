@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, shown
 from lora_efficiency.report.metrics import PEAK_MB, PREDICTED_MB
 
 
@@ -148,8 +148,9 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
 def _experiment_id(client, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise UserError(f"experiment={experiment!r} does not exist: known experiments are {known}")
+        names = sorted(e.name for e in client.search_experiments())
+        known = ", ".join(shown(n, 60) for n in names[:20]) + (f" and {len(names) - 20} more" if names[20:] else "")
+        raise UserError(f"experiment={shown(experiment)} does not exist: known experiments are {known or 'none'}")
     return exp.experiment_id
 
 
