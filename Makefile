@@ -7,7 +7,7 @@ export MLFLOW_EXPERIMENT_NAME ?= lora-efficiency
 # -P arguments for `make train`, e.g. make train P="-P rank=8 -P max_steps=20"
 P ?=
 
-.PHONY: setup test test-scale soak study train plan bench ui lint lock clean
+.PHONY: setup test test-scale soak study train plan bench gpu-kit gpu-check ui lint lock clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,15 @@ plan: setup
 # make bench P="--modes bf16 --repeats 1"   (python -m entrypoints.bench --help lists the options)
 bench: setup
 	$(VENV)/bin/python -m entrypoints.bench $(P)
+
+# The GPU kit (docs/gpu.md): `make gpu-kit` downloads into gpu-kit/ (ignored) the wheels the GPU machine's image
+# lacks and the bundled model's tokenizer; `make gpu-check` runs the check there (no setup: the image's python3), and
+# `make gpu-check P=--dry-run` runs it here on the CPU with tiny settings (the test marked gpu_kit does that in CI)
+gpu-kit: setup
+	$(VENV)/bin/python scripts/gpu_kit.py
+
+gpu-check:
+	bash scripts/gpu_check.sh $(P)
 
 # the UI on this machine only; make ui HOST=0.0.0.0 to open it to the network. `:=`, not `?=`: a HOST exported
 # in the environment for another reason must not open it (only the command line overrides this)
