@@ -20,9 +20,10 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.sweep import load_sweep, prepare_once, run_sweep
-    from lora_efficiency.tracking import start_run
+    from lora_efficiency.tracking import check_tracking_store, start_run
 
     hf_logging.disable_progress_bar()
+    check_tracking_store()  # the store first: an early exit below leaves no killed run RUNNING either
     overrides = {k: v for k, v in (("data", cfg.data), ("device", cfg.device)) if v}
     if cfg.backend == "ray":
         import mlflow

@@ -34,10 +34,12 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.models import resolve_model
-    from lora_efficiency.tracking import download_checkpoint, start_run
+    from lora_efficiency.tracking import check_tracking_store, download_checkpoint, start_run
     from lora_efficiency.trainer import NullTracker, resolve_device, train
 
     hf_logging.disable_progress_bar()
+    if distributed.is_main():  # the store first: an early exit below leaves no killed run RUNNING either
+        check_tracking_store()
     resolve_device(cfg.device)  # a device torch cannot see fails here, before a run exists
     source = resolve_model(cfg.model)  # converts the bundled model once (~20 s) before a run exists
     adapter = f"r{cfg.rank}-{cfg.target_modules}" if cfg.method == "lora" else "full"
