@@ -4,14 +4,18 @@ that create a new SQLite store at once all find it made (tracking._store_creatio
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
 
+import pytest
+import yaml
+
 from lora_efficiency.children import Job, run_job
 from lora_efficiency.tracking import owner_tags
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, subprocess_env, tiny_sweep_base
 from tests.reliability.test_orphans import a_dead_pid
 
 
@@ -66,3 +70,26 @@ def test_commands_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
     ]
     results = [(p.wait(timeout=120), p.stdout.read().decode(), p.stderr.read().decode()) for p in procs]
     assert all(code == 0 and out == "ok\n" for code, out, _ in results), [err[-600:] for _, _, err in results]
+
+
+@pytest.mark.soak
+def test_two_sweep_commands_at_once_train_each_configuration_once(store, tiny_model_dir, tiny_data_file, tmp_path):
+    """The case end to end: two `sweep` commands on one file (3 configurations) and one experiment, started together
+    on one SQLite store. Every configuration trained and FINISHED exactly once between them."""
+    spec = {"name": "twice", "base": tiny_sweep_base(tiny_model_dir, tiny_data_file), "seeds": [0]}
+    spec["base"] |= {"generate_samples": 0}
+    spec["axes"] = {"rank": [2, 4, 8]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], MLFLOW_EXPERIMENT_NAME="reliability", OMP_NUM_THREADS="1"
+    )
+    cmd = [sys.executable, "-m", "entrypoints.sweep", "--config", str(path)]
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    experiment_id = store.get_experiment_by_name("reliability").experiment_id
+    children = [r for r in store.search_runs([experiment_id]) if "sweep_key" in r.data.tags]
+    keys = [r.data.tags["sweep_key"] for r in children]
+    assert len(keys) == len(set(keys)) == 3 and {r.info.status for r in children} == {"FINISHED"}, outputs
+    assert sum(o.count(" FINISHED in ") for o in outputs) == 3, outputs  # each trained by one sweep alone
