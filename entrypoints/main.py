@@ -19,10 +19,9 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.study import load_study, report_study, run_study
-    from lora_efficiency.tracking import check_tracking_store, start_run
+    from lora_efficiency.tracking import start_run
 
     hf_logging.disable_progress_bar()
-    check_tracking_store()  # the store first: an early exit below leaves no killed run RUNNING either
     if cfg.backend == "ray":  # what `sweep` refuses for a cluster, refused before anything is prepared
         import mlflow
 

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
     from lora_efficiency.tracking import check_tracking_store, start_run
 
     hf_logging.disable_progress_bar()
-    check_tracking_store()  # the store first: an early exit below leaves no killed run RUNNING either
+    check_tracking_store()  # before the model and data: an early exit below leaves no killed run RUNNING either
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
     description = (

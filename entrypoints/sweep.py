@@ -23,7 +23,6 @@ def main(argv: list[str]) -> None:
     from lora_efficiency.tracking import check_tracking_store, start_run
 
     hf_logging.disable_progress_bar()
-    check_tracking_store()  # the store first: an early exit below leaves no killed run RUNNING either
     overrides = {k: v for k, v in (("data", cfg.data), ("device", cfg.device)) if v}
     if cfg.backend == "ray":
         import mlflow
@@ -32,6 +31,7 @@ def main(argv: list[str]) -> None:
 
         check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
+    check_tracking_store()  # a bad file never opens the store; from here an early exit leaves no killed run RUNNING
     prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
     print(
         f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "
