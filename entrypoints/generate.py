@@ -26,11 +26,13 @@ def main(argv: list[str]) -> None:
         train_run,
     )
     from lora_efficiency.models import BUNDLED_MODEL, QUANTIZATIONS
+    from lora_efficiency.tracking import check_tracking_store
     from lora_efficiency.trainer import resolve_device
 
     hf_logging.disable_progress_bar()
     model, quantization, adapter = cfg.model, cfg.quantization, None
     if cfg.run_id:
+        check_tracking_store()  # an unreachable server: one line in ~3 s, not MLflow's ~4 min of retries
         run_id = resolve_run_ref(cfg.run_id)  # a run id, runs:/<id>/model or models:/<name>@<alias>
         params = train_run(run_id).data.params
         model, quantization = model or params.get("model", ""), quantization or params.get("quantization", "")

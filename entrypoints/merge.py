@@ -18,10 +18,12 @@ def main(argv: list[str]) -> None:
 
     from lora_efficiency.inference import check_adapter_folder, download_adapter, merge, resolve_run_ref, train_run
     from lora_efficiency.models import BUNDLED_MODEL
+    from lora_efficiency.tracking import check_tracking_store
 
     hf_logging.disable_progress_bar()
     model = cfg.model
     if cfg.run_id:
+        check_tracking_store()  # an unreachable server: one line in ~3 s, not a hang in MLflow's retries
         run_id = resolve_run_ref(cfg.run_id)  # a run id, runs:/<id>/model or models:/<name>@<alias>
         model = model or train_run(run_id).data.params.get("model", "")
         adapter = download_adapter(run_id)

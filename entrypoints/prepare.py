@@ -20,9 +20,10 @@ def main(argv: list[str]) -> None:
 
     from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import prepare_data
-    from lora_efficiency.tracking import start_run
+    from lora_efficiency.tracking import check_tracking_store, start_run
 
     hf_logging.disable_progress_bar()
+    check_tracking_store()  # before the model and data: an early exit below leaves no killed run RUNNING either
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
     description = (

@@ -20,7 +20,7 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.sweep import load_sweep, prepare_once, run_sweep
-    from lora_efficiency.tracking import start_run
+    from lora_efficiency.tracking import check_tracking_store, start_run
 
     hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in (("data", cfg.data), ("device", cfg.device)) if v}
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
 
         check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
+    check_tracking_store()  # a bad file never opens the store; from here an early exit leaves no killed run RUNNING
     prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
     print(
         printable(

@@ -34,11 +34,13 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.models import resolve_model
-    from lora_efficiency.tracking import download_checkpoint, start_run
+    from lora_efficiency.tracking import check_tracking_store, download_checkpoint, start_run
     from lora_efficiency.trainer import NullTracker, resolve_device, train
 
     hf_logging.disable_progress_bar()
     resolve_device(cfg.device)  # a device torch cannot see fails here, before a run exists
+    if distributed.is_main():  # before the model and data: an early exit below leaves no killed run RUNNING either
+        check_tracking_store()
     source = resolve_model(cfg.model)  # converts the bundled model once (~20 s) before a run exists
     adapter = f"r{cfg.rank}-{cfg.target_modules}" if cfg.method == "lora" else "full"
     name = f"{adapter}-{cfg.quantization}-s{cfg.seed}"

@@ -67,6 +67,7 @@ class Outcome:
     returncode: int
     stderr: str
     seconds: float
+    claimed_by: str = ""  # not run: the run of another sweep that claimed the same sweep_key first (claim_winner)
 
 
 class _Stderr:
@@ -159,11 +160,36 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
     client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
     tags = {k: mask_stored(str(v)) for k, v in {**job.tags, **owner_tags()}.items()}  # as MlflowTracker stores them
     run = client.create_run(job.experiment_id, run_name=mask_stored(job.name), tags=tags)
+    if winner := claim_winner(client, job.experiment_id, job.key, run):
+        client.delete_run(run.info.run_id)  # our claim lost: withdrawn, so no report counts it
+        return Outcome("", 0, "", 0.0, claimed_by=winner)
     # the project root on PYTHONPATH: `-m entrypoints.train` from any working folder (a Ray worker's)
     env = child_env({**os.environ, **job.env}, MLFLOW_RUN_ID=run.info.run_id, MLFLOW_EXPERIMENT_ID=job.experiment_id)
     t0 = time.perf_counter()
     returncode, stderr = launch(job.args, env)
     return Outcome(run.info.run_id, returncode, stderr, time.perf_counter() - t0)
+
+
+def claim_winner(client, experiment_id: str, key: str, ours) -> str:
+    """The store as the lock: the run created for `key` (its `sweep_key` tag, our claim) trains it unless another
+    claim came first. Returns "" when ours wins, else the run id of the one that does: a FINISHED run of `key`, or
+    the earliest (start time, then run id) RUNNING claim whose owner lives. Every sweep creates its claim before it
+    looks, so of two sweeps on one experiment at least the later one sees the earlier claim; a claim whose owner was
+    killed is no claim (tracking.owner_gone; the orphan sweep marks it FAILED). A claim from another host counts as
+    long as its run is RUNNING: that host alone can judge its owner."""
+    from lora_efficiency.tracking import owner_gone
+
+    runs = client.search_runs([experiment_id], filter_string=f"tags.sweep_key = '{key}'", max_results=1000)
+    if finished := [r.info.run_id for r in runs if r.info.status == "FINISHED"]:
+        return finished[0]
+    live = [
+        r
+        for r in runs
+        if r.info.run_id == ours.info.run_id
+        or (r.info.status == "RUNNING" and "owner_pid" in r.data.tags and not owner_gone(r.data.tags))
+    ]
+    first = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
+    return "" if first.info.run_id == ours.info.run_id else first.info.run_id
 
 
 def run_here(jobs: Iterable[Job], *, warm: bool = True) -> Iterator[tuple[Job, Outcome]]:

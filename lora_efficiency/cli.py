@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -172,6 +174,38 @@ def own_temp_folder():
     finally:
         tempfile.tempdir = previous
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def temp_sibling(parent: Path, prefix: str) -> Path:
+    """A new temporary folder in `parent` (to fill, then rename into place), named after its owner:
+    `<prefix><pid>-<process start time>-<host>-<random>`. Leftovers of owners that are gone (remove_leftovers) are
+    removed first: a `kill -9` between mkdtemp and the rename left its folder there for good."""
+    import psutil
+
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(parent, prefix)
+    owner = f"{os.getpid()}-{psutil.Process().create_time():.0f}-{socket.gethostname()}-"
+    return Path(tempfile.mkdtemp(dir=parent, prefix=prefix + owner))
+
+
+def remove_leftovers(parent: Path, prefix: str) -> None:
+    """Remove the temp_sibling folders in `parent` whose process is gone: its pid dead, or reused by a process that
+    started at another time. Never a live process's, another host's (a shared cache) or one named otherwise."""
+    import psutil
+
+    host = socket.gethostname()
+    for folder in parent.glob(f"{glob.escape(prefix)}*"):
+        pid, started, rest = (folder.name.removeprefix(prefix).split("-", 2) + ["", ""])[:3]
+        if not (pid.isdigit() and started.isdigit() and rest.rpartition("-")[0] == host):
+            continue
+        try:
+            gone = abs(psutil.Process(int(pid)).create_time() - int(started)) > 1.5  # the name keeps whole seconds
+        except psutil.NoSuchProcess:
+            gone = True
+        except psutil.Error:  # AccessDenied: another user's live process
+            gone = False
+        if gone:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -10,12 +10,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lora_efficiency.cli import temp_sibling
 from lora_efficiency.errors import UserError
 
 # bitsandbytes logs this at import on AVX512-BF16 CPUs (the kernel lives on the hub) and falls back to its
@@ -74,8 +74,7 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    tmp = temp_sibling(target.parent, ".convert-")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     digest = hashlib.sha256((gguf_dir / gguf_name).read_bytes()).hexdigest()

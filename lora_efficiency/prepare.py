@@ -13,16 +13,17 @@ import random
 import re
 import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_efficiency import data as D
+from lora_efficiency.cli import remove_leftovers, temp_sibling
 from lora_efficiency.config import is_run_id
 from lora_efficiency.errors import UserError
 from lora_efficiency.models import ModelSource, cache_root
 
 FORMAT_VERSION = 1  # bump when the folder layout or the tokenization rules change: old caches are not reused
+TEMP_PREFIX = ".prepare-"  # a folder being written: its owner follows (cli.temp_sibling), then it is renamed
 STATS_BATCH_SIZE = 4  # batch size at which the manifest reports padding fractions (the train default)
 
 
@@ -141,6 +142,7 @@ def prepare_data(
     # cut to 100 characters: a file's stem may be 250, and the folder's name (stem-key) must stay under NAME_MAX
     name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if is_file else dataset or D.BUNDLED_DATA)[:100]
     folder = cache_root() / "data" / f"{name}-{key}"
+    remove_leftovers(folder.parent, TEMP_PREFIX)  # every prepare, a cached one too: a killed one's half folder
     if (folder / "manifest.json").exists():
         prepared = load_prepared(folder)
         prepared.cached = True
@@ -211,8 +213,7 @@ def _write_atomically(folder: Path, manifest: dict, train, train_records, evalua
     """Write into a temporary sibling, then rename: a reader never sees half a folder."""
     from datasets import Dataset
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".prepare-"))
+    tmp = temp_sibling(folder.parent, TEMP_PREFIX)
     _to_dataset(Dataset, train, train_records, kind).save_to_disk(str(tmp / "train"))
     _to_dataset(Dataset, evaluation, eval_records, kind).save_to_disk(str(tmp / "eval"))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -24,8 +24,8 @@ from lora_efficiency.config import StudyConfig, TrainConfig, is_path, report_fol
 from lora_efficiency.errors import UserError, printable
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
-from lora_efficiency.sweep import Sweep, load_profile, load_sweep, prepare_once, run_sweep
-from lora_efficiency.tracking import owner_tags
+from lora_efficiency.sweep import Sweep, check_one_data, load_profile, load_sweep, prepare_once, run_sweep
+from lora_efficiency.tracking import check_tracking_store, owner_tags
 
 
 def _say(line: str) -> None:
@@ -65,6 +65,8 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
     overrides = {"data": cfg.data} if cfg.data else {}
     paths = cfg.sweeps or profile_sweeps(cfg.profile)
     sweeps = [load_sweep(path.strip(), profile=cfg.profile, overrides=overrides) for path in paths.split(",")]
+    check_one_data(sweeps, where=f"sweeps={paths!r}", what="a study")
+    check_tracking_store()  # bad sweep files never open the store; from here an early exit leaves no run RUNNING
     prepared = prepare_once(sweeps, where=f"sweeps={paths!r}", what="a study")
     total, pilots = sum(len(s.children) for s in sweeps), sum(s.pilots for s in sweeps)
     log(

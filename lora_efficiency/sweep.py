@@ -520,11 +520,11 @@ class _Progress:
             self.bar.total += n
             self.bar.refresh()
 
-    def skipped(self, child_name: str, key: str, run_id: str) -> None:
+    def skipped(self, child_name: str, key: str, run_id: str, why: str = "already FINISHED") -> None:
         self.result.skipped += 1
         self.result.runs[key] = run_id
         self.eta.update(None)
-        self.say(f"{self.eta.line(self.name)}: {child_name} already FINISHED ({run_id}), skipped")
+        self.say(f"{self.eta.line(self.name)}: {child_name} {why} ({run_id}), skipped")
         if self.bar is not None:
             self.bar.update(1)
 
@@ -631,7 +631,11 @@ def _backend(
 def _record(client, job: Job, outcome: Outcome, shown: _Progress, *, pilot: bool = False) -> str | None:
     """Count a child that ended; a failed one's run gets its error tag and is marked FAILED if still RUNNING.
     A failed pilot is counted apart (pilots_failed): it is left out of the choice, and fails the sweep only when
-    its configuration is left without a learning rate. Returns None (FINISHED) or the child's error."""
+    its configuration is left without a learning rate. A child another sweep claimed first (children.claim_winner)
+    is skipped: that sweep trains it. Returns None (FINISHED, or trained by the other sweep) or the child's error."""
+    if outcome.claimed_by:
+        shown.skipped(job.name, job.key, outcome.claimed_by, why="is trained by another sweep's run")
+        return None
     status = client.get_run(outcome.run_id).info.status if outcome.run_id else "NONE"
     result = shown.result
     if outcome.returncode == 0 and status == "FINISHED":

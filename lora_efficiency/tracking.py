@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -229,7 +230,7 @@ def download_checkpoint(run_id: str) -> Path:
 
 def owner_tags() -> dict[str, str]:
     """Who writes a run: this host, this process and its start time (a pid alone is reused after the process
-    dies). A RUNNING run whose owner is gone is FAILED by the next command on its experiment (fail_orphaned_runs)."""
+    dies). A RUNNING run whose owner is gone is FAILED by the next command on its store (fail_orphaned_runs)."""
     import psutil
 
     return {
@@ -258,17 +259,63 @@ def owner_gone(tags: dict[str, str]) -> str:
     return ""
 
 
-def fail_orphaned_runs(client, experiment_id: str, *, by: str = "") -> int:
-    """Mark FAILED, with an `error` tag saying why, every RUNNING run of the experiment whose owner is gone (a
-    `kill -9`, a machine that lost power): no run stays RUNNING forever. Returns how many."""
+def fail_orphaned_runs(client, experiment_id: str | None = None, *, by: str = "") -> int:
+    """Mark FAILED, with an `error` tag saying why, every RUNNING run whose owner is gone (a `kill -9`, a machine
+    that lost power), in `experiment_id` or, None, in every experiment of the store: no run stays RUNNING forever.
+    A MLflow model such a run was logging (a LoggedModel still PENDING) is marked FAILED too. Returns how many runs."""
+    from mlflow.entities import LoggedModelStatus
+
+    ids = [experiment_id] if experiment_id is not None else _experiment_ids(client)
     failed = 0
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
-        if reason := owner_gone(run.data.tags):
-            client.set_tag(run.info.run_id, "error", f"orphaned: {reason}; marked FAILED{by}")
-            client.set_tag(run.info.run_id, "failed_reason", "owner_gone")
-            client.set_terminated(run.info.run_id, "FAILED")
-            failed += 1
+    for chunk in (ids[i : i + 100] for i in range(0, len(ids), 100)):
+        for run in client.search_runs(chunk, filter_string="attributes.status = 'RUNNING'", max_results=5000):
+            if reason := owner_gone(run.data.tags):
+                client.set_tag(run.info.run_id, "error", f"orphaned: {reason}; marked FAILED{by}")
+                client.set_tag(run.info.run_id, "failed_reason", "owner_gone")
+                client.set_terminated(run.info.run_id, "FAILED")
+                failed += 1
+                with contextlib.suppress(Exception):  # a server without logged models (MLflow 2) has none to fail
+                    models = client.search_logged_models(
+                        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+                    )
+                    for model in models:
+                        if str(model.status) == str(LoggedModelStatus.PENDING):
+                            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
     return failed
+
+
+def _experiment_ids(client) -> list[str]:
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        if not (token := page.token):
+            return ids
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Held while this process opens an SQLite store: MLflow creates a new store's tables when it finds none
+    (SqlAlchemyStore.__init__, mlflow 3.17.2) with no lock, so two commands creating one store at once both create
+    them and one fails ("table experiments already exists", "duplicate column": 4 of 4 tries). A file lock beside
+    the database serializes that; the second finds the tables made. Where no lock file can be made (a read-only
+    folder: nothing can be created there either), the store is opened without one."""
+    import filelock
+
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + ":memory:"):
+        yield
+        return
+    lock = filelock.FileLock(f"{urllib.parse.unquote(uri[len(prefix) :].split('?')[0])}.lock", timeout=120)
+    try:
+        lock.acquire()
+    except (OSError, filelock.Timeout):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _probe_health(uri: str) -> None:
@@ -282,8 +329,9 @@ def _probe_health(uri: str) -> None:
 
 
 def check_tracking_store() -> None:
-    """Fail before any training if the tracking store cannot be reached. A server gets a quick probe first:
-    MLflow's own client retries a refused connection for ~4 min before it gives up."""
+    """Fail before any training if the tracking store cannot be reached (a server gets a quick probe first: MLflow's
+    own client retries a refused connection for ~4 min before it gives up), then mark FAILED every run of the store
+    left RUNNING by a process that is gone (fail_orphaned_runs). Every command that uses the store calls this first."""
     quiet_log_records()  # MLflow's logger exists now: its records are masked, its tracebacks go to the log file
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -297,11 +345,17 @@ def check_tracking_store() -> None:
                     raise TrackingError(f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {reason}") from None
                 time.sleep(1.5)
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        with _store_creation_lock(uri):
+            client = mlflow.MlflowClient()
+            client.search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(
             f"MLFLOW_TRACKING_URI={redact(uri)!r} cannot be reached: {redact(cause_line(exc))[:200]}"
         ) from None
+    # every command reaches the store here first: whatever it does next (an early exit included), a run left
+    # RUNNING by a killed process is FAILED by then
+    with contextlib.suppress(Exception):  # cleaning up after others never stops this command
+        fail_orphaned_runs(client, by=f" by {Path(sys.argv[0]).stem or 'python'} (process {os.getpid()})")
 
 
 @contextlib.contextmanager
@@ -321,10 +375,6 @@ def start_run(
         if description:
             tags["mlflow.note.content"] = redact(description)
         mlflow.set_tags(tags)
-        with contextlib.suppress(Exception):  # cleaning up after others never stops this run
-            fail_orphaned_runs(
-                mlflow.MlflowClient(), run.info.experiment_id, by=f" by {entry_point} run {run.info.run_id}"
-            )
         check_artifact_storage()
         tracker = MlflowTracker(run.info.run_id)
         yield tracker

@@ -8,10 +8,12 @@ never loads it.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 
+from lora_efficiency.report.files import write_file
 from lora_efficiency.report.findings import Comparison, Configuration, Report
 from lora_efficiency.report.metrics import METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint
@@ -76,7 +78,9 @@ def _percent_from_zero(ax, metric: str) -> None:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_file(path, png.getvalue())
     return path
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from lora_efficiency.errors import UserError
 from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.families import families_section
+from lora_efficiency.report.files import write_file
 from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
@@ -326,7 +329,7 @@ def render_html(blocks: list[Block], title: str) -> str:
 
 def write_csv(report: Report, path: Path) -> None:
     """configurations.csv: every configuration's n, mean, std, low, high of every metric, for other tools."""
-    with path.open("w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         metrics = list(METRICS)
         writer.writerow(
@@ -339,6 +342,7 @@ def write_csv(report: Report, path: Path) -> None:
                 st = c.stats.get(m)
                 row += ["", "", "", "", ""] if st is None else [st.n, st.mean, st.std, st.low, st.high]
             writer.writerow(["" if v is None else v for v in row])
+        write_file(path, f.getvalue().encode())
 
 
 def write_report(report: Report, folder: Path) -> dict[str, Path]:
@@ -357,11 +361,11 @@ def write_report(report: Report, folder: Path) -> dict[str, Path]:
     blocks = _document(report, charts)
     title = f"LoRA efficiency report: {report.scope.experiment}"
     paths = {"markdown": folder / "report.md", "html": folder / "report.html", "csv": folder / "configurations.csv"}
-    paths["markdown"].write_text(render_report_markdown(blocks, folder), encoding="utf-8")
-    paths["html"].write_text(render_html(blocks, title), encoding="utf-8")
+    write_file(paths["markdown"], render_report_markdown(blocks, folder).encode())
+    write_file(paths["html"], render_html(blocks, title).encode())
     write_csv(report, paths["csv"])
     written = {**paths, **charts}
-    (folder / WRITTEN).write_text(json.dumps(sorted(str(p.relative_to(folder)) for p in written.values())))
+    write_file(folder / WRITTEN, json.dumps(sorted(str(p.relative_to(folder)) for p in written.values())).encode())
     return written
 
 
@@ -385,10 +389,7 @@ def _claim_folder(folder: Path) -> None:
         return
     if not folder.is_dir():
         raise UserError(f"output={str(folder)!r} is not a folder: choose a new or empty folder")
-    try:
-        earlier = set(json.loads((folder / WRITTEN).read_text()))
-    except (OSError, ValueError, TypeError):
-        earlier = set()
+    earlier = _earlier_files(folder)
     present = _files_in(folder) - {WRITTEN}
     if others := sorted(present - earlier):
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
@@ -398,3 +399,30 @@ def _claim_folder(folder: Path) -> None:
         )
     for name in present & earlier:
         (folder / name).unlink()
+
+
+def _earlier_files(folder: Path) -> set[str]:
+    """The WRITTEN list of an earlier report in `folder`. It is read without following a link, and a WRITTEN that
+    is a link (a symlink, or a hard link: a name of a file elsewhere too) is refused: a report would trust a list it
+    did not write, and writing the new list must not reach that other file."""
+    try:
+        fd = os.open(folder / WRITTEN, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:  # ELOOP: a symlink
+        raise UserError(
+            f"output={str(folder)!r}: {WRITTEN} is a link or unreadable ({exc.strerror}): no report "
+            "wrote it; choose a new or empty folder"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            raise UserError(
+                f"output={str(folder)!r}: {WRITTEN} is not a plain file of its own ({info.st_nlink} links): no "
+                "report wrote it; choose a new or empty folder"
+            )
+        try:
+            earlier = json.loads(f.read(1 << 20))  # a list of a few dozen names: 1 MB is far beyond any report's
+        except ValueError:
+            return set()
+    return {n for n in earlier if isinstance(n, str)} if isinstance(earlier, list) else set()

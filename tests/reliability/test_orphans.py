@@ -10,15 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import mlflow
 import psutil
 import pytest
 from mlflow.exceptions import MlflowException
 
+from entrypoints import report as report_entry
 from entrypoints import train as train_entry
 from lora_efficiency.tracking import owner_gone, owner_tags, start_run
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, _free_port, subprocess_env
 from tests.reliability.conftest import assert_one_line_error, run_entry_point
 
 # What SQLAlchemy says when the SQLite file turned read-only: three lines, and MLflow logs each failed batch with it
@@ -74,7 +76,8 @@ def test_a_later_command_fails_runs_whose_owner_is_gone(case, expected, store):
     assert run.info.status == expected
     if expected == "FAILED":
         assert run.data.tags["failed_reason"] == "owner_gone"
-        assert run.data.tags["error"].startswith("orphaned: its process") and later in run.data.tags["error"]
+        assert run.data.tags["error"].startswith("orphaned: its process")
+        assert f"(process {os.getpid()})" in run.data.tags["error"]  # who marked it
     assert store.get_run(later).info.status == "FINISHED"
 
 
@@ -135,3 +138,40 @@ def test_a_store_failing_mid_run_is_one_line_and_mlflows_tracebacks_go_to_the_lo
     assert not log.exists() or "readonly database" in log.read_text()
     assert store.search_runs([store.get_experiment_by_name("reliability").experiment_id])[0].info.status == "FAILED"
     mlflow.flush_async_logging()
+
+
+@pytest.mark.parametrize("other_experiment", [False, True])
+def test_a_command_exiting_early_still_fails_a_killed_run_and_its_pending_model(other_experiment, store, capsys):
+    """Was: `report` on an experiment with no FINISHED run exited before the orphan sweep, so the killed run stayed
+    RUNNING, and the MLflow model it was logging stayed PENDING. Now every command sweeps the whole store as soon as
+    it reaches it (tracking.check_tracking_store), before anything that can exit."""
+    experiment_id = store.create_experiment("killed-here")
+    orphan = store.create_run(experiment_id, tags={**owner_tags(), "owner_pid": str(a_dead_pid())}).info.run_id
+    model = store.create_logged_model(experiment_id, name="model", source_run_id=orphan)
+    assert str(store.get_logged_model(model.model_id).status) == "PENDING"
+    experiment = "elsewhere" if other_experiment else "killed-here"  # a command on another experiment of the store
+    code, _, err = run_entry_point(report_entry.main, ["--experiment", experiment], capsys)
+    assert code == 2 and "Traceback" not in err  # nothing to report: the early exit
+    run = store.get_run(orphan)
+    assert run.info.status == "FAILED" and f"(process {os.getpid()})" in run.data.tags["error"]
+    assert str(store.get_logged_model(model.model_id).status) == "FAILED"
+
+
+@pytest.mark.parametrize("entry_point", ["generate", "merge"])
+def test_generate_and_merge_fail_fast_on_an_unreachable_store(entry_point, tmp_path):
+    """Was: generate ran 251 s against a closed port, then blamed the run id; merge hung. Now the same quick probe
+    as every other entry point: one line naming the store."""
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    argv = ["--run_id", "0123456789abcdef0123456789abcdef"]
+    argv += ["--prompt", "hi"] if entry_point == "generate" else ["--output", str(tmp_path / "merged")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", f"entrypoints.{entry_point}", *argv],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,  # MLflow's own retries take ~4 min
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, f"MLFLOW_TRACKING_URI='{uri}' cannot be reached")
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "merged").exists()

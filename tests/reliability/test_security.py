@@ -98,8 +98,11 @@ def test_prepare_writes_only_into_the_cache(store, tiny_model_dir, tiny_data_fil
     assert code == 0, err
     (folder,) = set((cache / "data").iterdir()) - before_data
     assert folder.resolve().parent == (cache / "data").resolve() and folder.name.startswith("..evil_name___x_-")
-    new = set(tmp_path.rglob("*")) - before_tmp  # the tracking store and its artifacts, nothing else
-    assert all(p.name == "mlflow.db" or (tmp_path / "work") in p.parents or p == tmp_path / "work" for p in new), new
+    new = set(tmp_path.rglob("*")) - before_tmp  # the tracking store (its creation lock too), artifacts, nothing else
+    assert all(
+        p.name in ("mlflow.db", "mlflow.db.lock") or (tmp_path / "work") in p.parents or p == tmp_path / "work"
+        for p in new
+    ), new
 
 
 def test_pickle_model_and_adapter_files_are_refused(tiny_model_dir, tmp_path):

@@ -1,0 +1,95 @@
+"""Two commands at once on one store: two sweeps of one sweep file on one experiment never train the same
+configuration (a child's run is its claim; the earliest live claim trains it, children.claim_winner), and commands
+that create a new SQLite store at once all find it made (tracking._store_creation_lock)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from lora_efficiency.children import Job, run_job
+from lora_efficiency.tracking import owner_tags
+from tests.conftest import ROOT, subprocess_env, tiny_sweep_base
+from tests.reliability.test_orphans import a_dead_pid
+
+
+def test_two_sweeps_claiming_one_configuration_train_it_once(store):
+    """Was: two `sweep` commands on one file and experiment trained every configuration twice (each sweep saw no
+    FINISHED run of it when it started). Here two sweeps reach the same child at the same moment (a barrier): one
+    claim wins, the other is withdrawn (its run deleted) and names the winner."""
+    experiment_id = store.create_experiment("reliability")
+    job = Job("rank=8,seed=0", "a" * 16, experiment_id, {"sweep_key": "a" * 16}, [], {})
+    trained, outcomes, start = [], [], threading.Barrier(2)
+
+    def launch(args, env):  # the child: trains (here: holds its claim RUNNING for a second) and exits
+        trained.append(env["MLFLOW_RUN_ID"])
+        time.sleep(1)
+        return 0, ""
+
+    def sweep():
+        start.wait()
+        outcomes.append(run_job(job, launch))
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trained) == 1, trained
+    (lost,) = [o for o in outcomes if o.claimed_by]
+    assert lost.claimed_by == trained[0]
+    assert [r.info.run_id for r in store.search_runs([experiment_id])] == trained  # the losing claim withdrawn
+
+
+def test_a_claim_whose_sweep_was_killed_is_released(store):
+    experiment_id = store.create_experiment("reliability")
+    dead = {**owner_tags(), "owner_pid": str(a_dead_pid())}
+    store.create_run(experiment_id, tags={"sweep_key": "b" * 16, **dead})  # claimed by a sweep killed with -9
+    job = Job("rank=8,seed=0", "b" * 16, experiment_id, {"sweep_key": "b" * 16}, [], {})
+    outcome = run_job(job, lambda args, env: (0, ""))
+    assert outcome.claimed_by == "" and outcome.run_id
+
+
+def test_commands_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """Was: of two commands creating a new SQLite store at once, one failed ("table experiments already exists",
+    "duplicate column") in 4 of 4 tries: MLflow creates a new store's tables with no lock."""
+    uri = f"sqlite:///{tmp_path}/new.db"
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="new")
+    check = "from lora_efficiency.tracking import check_tracking_store; check_tracking_store(); print('ok')"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", check], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    results = [(p.wait(timeout=120), p.stdout.read().decode(), p.stderr.read().decode()) for p in procs]
+    assert all(code == 0 and out == "ok\n" for code, out, _ in results), [err[-600:] for _, _, err in results]
+
+
+@pytest.mark.soak
+def test_two_sweep_commands_at_once_train_each_configuration_once(store, tiny_model_dir, tiny_data_file, tmp_path):
+    """The case end to end: two `sweep` commands on one file (3 configurations) and one experiment, started together
+    on one SQLite store. Every configuration trained and FINISHED exactly once between them."""
+    spec = {"name": "twice", "base": tiny_sweep_base(tiny_model_dir, tiny_data_file), "seeds": [0]}
+    spec["base"] |= {"generate_samples": 0}
+    spec["axes"] = {"rank": [2, 4, 8]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], MLFLOW_EXPERIMENT_NAME="reliability", OMP_NUM_THREADS="1"
+    )
+    cmd = [sys.executable, "-m", "entrypoints.sweep", "--config", str(path)]
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    experiment_id = store.get_experiment_by_name("reliability").experiment_id
+    children = [r for r in store.search_runs([experiment_id]) if "sweep_key" in r.data.tags]
+    keys = [r.data.tags["sweep_key"] for r in children]
+    assert len(keys) == len(set(keys)) == 3 and {r.info.status for r in children} == {"FINISHED"}, outputs
+    assert sum(o.count(" FINISHED in ") for o in outputs) == 3, outputs  # each trained by one sweep alone
