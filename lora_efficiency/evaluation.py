@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_efficiency.data import Rows, collate
+from lora_efficiency.data import Rows, collate, tokenize_texts, unpacked
 from lora_efficiency.loss import token_loss_by_row
-from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING
+from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, python_docs_texts
 
 
 def evaluate_loss(
@@ -100,6 +100,34 @@ def evaluate_losses(
         "loss": [per_example[i][0] / per_example[i][1] if per_example[i][1] else None for i in indices],
     }
     return metrics, table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forgetting: general text that is not the task, scored before and after training
+
+
+def forgetting_rows(tokenizer, *, samples: int, seq_len: int) -> Rows:
+    """`samples` passages of general text that is not the task: the Python reference shipped with CPython
+    (sources.python_docs_texts, ~300 passages of 256 words), taken evenly spread over it so that every part of the
+    reference counts, each cut to seq_len tokens. Offline and fixed for a Python version, like the bundled data.
+    peft's method_comparison measures forgetting the same way, as cross-entropy on general text (Wikipedia)."""
+    texts = python_docs_texts()
+    chosen = [texts[i * len(texts) // samples] for i in range(min(samples, len(texts)))]
+    return unpacked(tokenize_texts(tokenizer, chosen, seq_len=seq_len))
+
+
+def forgetting_metrics(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """forget/perplexity after training, forget/base_perplexity before its first step (the base alone: LoRA's B
+    starts at zero, and full fine-tuning has not moved yet), and forget/ratio = after / before: above 1, the run
+    lost some of what the base knew of text outside its task (Biderman et al. 2024, "LoRA Learns Less and Forgets
+    Less")."""
+    return {
+        "forget/loss": after["eval/loss"],
+        "forget/perplexity": after["eval/perplexity"],
+        "forget/base_perplexity": before["eval/perplexity"],
+        "forget/ratio": after["eval/perplexity"] / before["eval/perplexity"],
+        "forget/tokens": after["eval/tokens"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

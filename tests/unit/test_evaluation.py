@@ -302,3 +302,27 @@ def test_the_natural_pass_counts_only_each_answers_tokens(speed_setup):
     with _eos_first(model, tokenizer):
         _, speed = _speed(model, tokenizer, prompts, fixed_length=False, repeats=1)
     assert speed["generated_tokens"] == 8  # one end-of-sequence token per row
+
+
+def test_forgetting_is_scored_on_general_text_spread_over_the_python_reference(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from lora_efficiency.data import IGNORE_INDEX
+    from lora_efficiency.evaluation import forgetting_metrics, forgetting_rows
+    from lora_efficiency.sources import python_docs_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = python_docs_texts()
+    rows = forgetting_rows(tokenizer, samples=4, seq_len=64)
+    assert len(rows) == 4 and all(len(ids) <= 64 for ids in rows.input_ids)
+    # evenly spread: passages 0, n/4, n/2, 3n/4 of the reference, each one's first tokens
+    for row, i in zip(rows.input_ids, (0, len(texts) // 4, len(texts) // 2, 3 * len(texts) // 4), strict=True):
+        assert row[:8] == tokenizer(texts[i], add_special_tokens=False)["input_ids"][:8]
+    # every token but the first is a target (plain text: no prompt)
+    assert all(labels[0] == IGNORE_INDEX and IGNORE_INDEX not in labels[1:] for labels in rows.labels)
+    assert forgetting_rows(tokenizer, samples=4, seq_len=64) == rows  # fixed, run after run
+    before = {"eval/loss": 2.0, "eval/perplexity": 7.389, "eval/tokens": 200.0}
+    after = {"eval/loss": 2.1, "eval/perplexity": 8.166, "eval/tokens": 200.0}
+    m = forgetting_metrics(after, before)
+    assert m["forget/ratio"] == pytest.approx(8.166 / 7.389) and m["forget/base_perplexity"] == 7.389
+    assert m["forget/perplexity"] == 8.166 and m["forget/tokens"] == 200.0
