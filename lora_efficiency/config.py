@@ -681,12 +681,21 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
+def read_mapping(path: str | Path, what: str) -> dict:
+    """The one reader of this project's YAML files (defaults, settings files, sweep files, profiles): a mapping,
+    else one UserError line naming the setting `what` that named the file."""
     try:
         loaded = load_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: undecodable bytes, a NUL in the name
-        raise UserError(f"defaults={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
+        raise UserError(f"{what}={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
+    return loaded
+
+
+def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
+    loaded = read_mapping(path, "defaults")
+    if not isinstance(loaded.get(section), dict):
         raise UserError(f"defaults={str(path)!r} has no mapping named {section!r}")
     return loaded[section]
 
@@ -719,20 +728,69 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}: every setting is --name value (--help lists them)")
 
 
+# A run's settings file: every train setting it ran with (`train`) and what was found when it started
+# (`resolved`: the base model's content revision, the data's fingerprint, config_hash), logged by every train run.
+SETTINGS_FILE = "settings.yaml"
+
+
+def settings_text(cfg: TrainConfig, resolved: dict[str, Any] | None = None, note: str = "") -> str:
+    """A settings file for `cfg`: `python -m entrypoints.train --config <it>` trains the same run again (a
+    `resolved` section is a record, not read back: what the model and data ARE when it ran)."""
+    body: dict[str, Any] = {"train": dataclasses.asdict(cfg)}
+    if resolved:
+        body["resolved"] = dict(resolved)
+    header = f"# {note}\n" if note else ""
+    header += "# Rerun: python -m entrypoints.train --config <this file> [--name value to change one setting]\n"
+    return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+
+
+def read_settings_file(ref: str) -> dict[str, Any]:
+    """The `train` settings of a settings file: a path, or runs:/<run id>/settings.yaml (downloaded)."""
+    path = ref
+    if ref.startswith("runs:/"):
+        import mlflow.artifacts  # lazy: MLflow's import costs ~1 s and only this form of --config needs it
+
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=ref)
+        except Exception as exc:  # MlflowException, OSError: a missing run or artifact, an unreachable store
+            raise UserError(f"config={ref!r} could not be downloaded: {str(exc).splitlines()[0]}") from None
+    loaded = read_mapping(path, "config")
+    unknown = sorted(set(loaded) - {"train", "resolved"})
+    if unknown or not isinstance(loaded.get("train"), dict):
+        raise UserError(
+            f"config={ref!r} is invalid: a settings file holds a `train` mapping (and a `resolved` record), "
+            f"found keys {', '.join(map(str, loaded)) or 'none'}"
+        )
+    return loaded["train"]
+
+
+# Settings classes that take `--config FILE`: a settings file between the defaults and the flags
+SETTINGS_FILES = (TrainConfig,)
+
+
 def parse_args(cls: type, section: str, argv: list[str], description: str):
-    """`--field value` for every dataclass field, over the defaults file (`--defaults FILE` to use another)."""
+    """`--field value` for every dataclass field, over the defaults file (`--defaults FILE` to use another) and,
+    for train, a settings file (`--config FILE`: a run's settings.yaml); a flag given wins over both."""
     parser = _Parser(description=description)
     parser.add_argument("--defaults", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
+    if cls in SETTINGS_FILES:
+        parser.add_argument("--config", default="", help=f"a run's {SETTINGS_FILE} (a path or runs:/<id>/...)")
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")
     args, unknown = parser.parse_known_args(argv)
+    given = vars(args)
+    defaults_file = Path(given.pop("defaults"))
+    settings_file = given.pop("config") if cls in SETTINGS_FILES else ""  # SweepConfig's `config` is a field
     if unknown:
         names = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are --defaults and --{{{names}}}")
+        extra = "--defaults, --config" if cls in SETTINGS_FILES else "--defaults"
+        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are {extra} and --{{{names}}}")
     values = {}
     if cls in BASE_SECTIONS:
-        base = read_defaults(BASE_SECTIONS[cls], Path(args.defaults))
+        base = read_defaults(BASE_SECTIONS[cls], defaults_file)
         values = {f.name: base[f.name] for f in dataclasses.fields(cls) if f.name in base}
-    values.update(read_defaults(section, Path(args.defaults)))
-    values.update({k: v for k, v in vars(args).items() if k != "defaults" and v is not None})
+    values.update(read_defaults(section, defaults_file))
+    if settings_file:
+        values.update(read_settings_file(settings_file))
+    values.update({k: v for k, v in given.items() if v is not None})
     return build_config(cls, values)

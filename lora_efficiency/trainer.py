@@ -33,8 +33,8 @@ from lora_efficiency import distributed, progress
 from lora_efficiency.adapters import command_line, save_adapter, write_model_card
 from lora_efficiency.checkpoints import Checkpointer, load_checkpoint
 from lora_efficiency.cli import raise_if_terminated
-from lora_efficiency.config import TrainConfig, build_config, read_defaults
-from lora_efficiency.configuration import config_hash, planner_inputs
+from lora_efficiency.config import SETTINGS_FILE, TrainConfig, build_config, read_defaults, settings_text
+from lora_efficiency.configuration import RESOLVED, config_hash, planner_inputs
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
@@ -475,6 +475,9 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
     )
     tracker.set_tags(s.tags)
     tracker.log_data_inputs(s.prepared.manifest, str(s.prepared.path))
+    found = {k: s.resolved[k] for k in (*RESOLVED, "world_size") if k in s.resolved}
+    note = "The settings of one train run (`resolved`: what its model and data were; a record, not read back)"
+    tracker.log_text(settings_text(cfg, {**found, "config_hash": s.tags["config_hash"]}, note), SETTINGS_FILE)
 
 
 def resume(s: Session, folder: Path, tracker: Tracker) -> None:

@@ -30,7 +30,6 @@ def test_defaults_parse_into_a_complete_config():
 @pytest.mark.parametrize(
     "entry_point, section, cls",
     [
-        ("train", "train", TrainConfig),
         ("main", "main", StudyConfig),
         ("prepare", "prepare", PrepareConfig),
         ("evaluate", "evaluate", EvaluateConfig),
@@ -48,6 +47,14 @@ def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
         assert convert(name, spec["default"], hints[name]) == convert(name, defaults[name], hints[name]), name
     for name in params:
         assert f"--{name} {{{name}}}" in project["entry_points"][entry_point]["command"]
+
+
+def test_mlproject_train_takes_a_settings_file_and_repeats_no_default():
+    """train declares only `config`: every other -P reaches it as --name value (MLflow's undeclared params), so a
+    setting not given is the file's or configs/default.yaml's, never a second copy of a default."""
+    train = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
+    assert train["parameters"] == {"config": {"type": "string", "default": ""}}
+    assert train["command"] == "python -m entrypoints.train --config {config}"
 
 
 @pytest.mark.parametrize(
@@ -84,7 +91,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_unknown_argument_lists_the_allowed_ones():
-    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --defaults and"):
+    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --defaults, --config and"):
         parse_args(TrainConfig, "train", ["--rnak", "4"], "")
 
 
