@@ -460,6 +460,7 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
     tracker.log_params(
         {
             **s.resolved,
+            "device": cfg.device,  # as given (auto); device_resolved: what it became
             "compute_dtype": str(s.amp_dtype).removeprefix("torch.") if s.amp_dtype else "float32",
             "attention_implementation": s.base.config._attn_implementation,
             "global_batch_size": cfg.batch_size * cfg.grad_accum * s.group.size,

@@ -116,3 +116,31 @@ def test_report_settings_are_checked():
     assert [p.split("=")[0] for p in err.value.problems] == ["sweep_run_id", "budgets_mb"]
     cfg = parse_args(ReportConfig, "report", ["--budgets_mb", "4000, 8000.5"], "")
     assert cfg.budgets_mb == "4000, 8000.5" and cfg.experiment == ""
+
+
+def test_a_settings_file_sits_between_the_defaults_and_the_flags(tmp_path):
+    from lora_efficiency.config import settings_text
+
+    recorded = parse_args(TrainConfig, "train", ["--rank", "8", "--lr", "1e-3", "--packing", "false"], "")
+    path = tmp_path / "settings.yaml"
+    path.write_text(settings_text(recorded, {"base_model_revision": "local-abc"}), encoding="utf-8")
+    assert parse_args(TrainConfig, "train", ["--config", str(path)], "") == recorded  # every value, exactly
+    changed = parse_args(TrainConfig, "train", ["--config", str(path), "--rank", "4"], "")
+    assert changed == dataclasses.replace(recorded, rank=4)  # a flag given beside the file wins
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rank: 8\n", "config='{}' is invalid: a settings file holds a `train` mapping"),
+        ("train:\n  rnak: 8\n", "unknown setting 'rnak'"),
+        ("train:\n  rank: 0\n", "rank=0 is invalid: an integer >= 1"),
+        ("- 1\n", "config='{}' must hold a mapping, found list"),
+    ],
+)
+def test_a_bad_settings_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "settings.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        parse_args(TrainConfig, "train", ["--config", str(path)], "")
+    assert message.format(path) in str(err.value) and "\n" not in str(err.value)
