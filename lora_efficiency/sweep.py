@@ -21,12 +21,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from lora_efficiency import progress
-from lora_efficiency.children import Job, Outcome, run_here, train_args
-from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
-from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, load_yaml, read_defaults
+from lora_efficiency.children import Job, Outcome, run_here
+from lora_efficiency.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    build_config,
+    is_path,
+    read_defaults,
+    read_mapping,
+    settings_text,
+)
 from lora_efficiency.configuration import planner_inputs, sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid
 from lora_efficiency.lr_tuning import (
@@ -104,16 +109,6 @@ class Sweep:
         return sum(len(self.lr_grid.for_method(c.config.method) or ()) for c in self.first_seed_children())
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        loaded = load_yaml(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, an int of 4,300+ digits
-        raise UserError(f"{what}={str(path)!r} could not be read as YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
-    return loaded
-
-
 def load_profile(profile: str) -> dict:
     """A profile (configs/profiles/<name>.yaml): training-budget overrides (`train`), `seeds`, and the learning-rate
     grid (`lr_grid`, `pilot_steps`: lora_efficiency.lr_tuning); each wins over the sweep file's."""
@@ -123,7 +118,7 @@ def load_profile(profile: str) -> dict:
     if not re.fullmatch(r"\w[\w.-]*", profile) or not is_path(path, "file"):  # a name, never a path elsewhere
         known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
         raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
-    return _read_yaml(path, "profile")
+    return read_mapping(path, "profile")
 
 
 def check_size(path: Path, spec: dict, runs: int) -> None:
@@ -144,7 +139,7 @@ def check_size(path: Path, spec: dict, runs: int) -> None:
 def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any] | None = None) -> Sweep:
     """Expand a sweep file into children and check every one of them before anything runs."""
     path = Path(path)
-    spec = _read_yaml(path, "config")
+    spec = read_mapping(path, "config")
     problems = [
         f"config={str(path)!r}: unknown key {k!r}: allowed are {', '.join(sorted(SWEEP_KEYS))}"
         for k in spec
@@ -588,8 +583,8 @@ def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement, 
         "seed": str(child.config.seed),
         "sweep_backend": place.backend,
     }
-    args = train_args(child.config, data)
-    return Job(child.name, key, place.experiment_id, tags, args, place.env, child.config.num_processes)
+    settings = settings_text(replace(child.config, data=data), note=f"sweep {sweep_name}, child {child.name}")
+    return Job(child.name, key, place.experiment_id, tags, settings, place.env, child.config.num_processes)
 
 
 def _backend(
