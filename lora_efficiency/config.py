@@ -12,6 +12,7 @@ import yaml
 
 from lora_efficiency.errors import ConfigError, UserError, invalid
 from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
+from lora_efficiency.settings import TrainConfig, flattened, grouped
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
@@ -37,50 +38,6 @@ MODEL_URI = re.compile(r"runs:/[0-9a-f]{32}(/[\w.-]+)*/?|models:/[^/@]+(@[\w-]+|
 
 def is_model_uri(text: str) -> bool:
     return MODEL_URI.fullmatch(text) is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training run; configs/default.yaml documents each field."""
-
-    model: str
-    data: str
-    method: str
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: str
-    quantization: str
-    double_quant: bool
-    use_rslora: bool
-    use_dora: bool
-    max_steps: int
-    batch_size: int
-    grad_accum: int
-    lr: float
-    warmup_ratio: float
-    weight_decay: float
-    max_grad_norm: float
-    seq_len: int
-    packing: bool
-    train_on_prompt: bool
-    gradient_checkpointing: bool
-    attention: str
-    eval_samples: int
-    eval_batch_size: int
-    generate_samples: int
-    max_new_tokens: int
-    exact_match: str
-    eval_every: int
-    val_samples: int
-    converge_tol: float
-    seed: int
-    device: str
-    trust_remote_code: bool
-    checkpoint_every: int
-    resume_from: str
-    num_processes: int
-    sharding: str
 
 
 def _checker(v: dict[str, Any], problems: list[str]):
@@ -736,7 +693,7 @@ SETTINGS_FILE = "settings.yaml"
 def settings_text(cfg: TrainConfig, resolved: dict[str, Any] | None = None, note: str = "") -> str:
     """A settings file for `cfg`: `python -m entrypoints.train --config <it>` trains the same run again (a
     `resolved` section is a record, not read back: what the model and data ARE when it ran)."""
-    body: dict[str, Any] = {"train": dataclasses.asdict(cfg)}
+    body: dict[str, Any] = {"train": grouped(dataclasses.asdict(cfg))}
     if resolved:
         body["resolved"] = dict(resolved)
     header = f"# {note}\n" if note else ""
@@ -745,7 +702,8 @@ def settings_text(cfg: TrainConfig, resolved: dict[str, Any] | None = None, note
 
 
 def read_settings_file(ref: str) -> dict[str, Any]:
-    """The `train` settings of a settings file: a path, or runs:/<run id>/settings.yaml (downloaded)."""
+    """The `train` settings of a settings file (by group, or flat), a path or runs:/<run id>/settings.yaml
+    (downloaded), as flat values."""
     path = ref
     if ref.startswith("runs:/"):
         import mlflow.artifacts  # lazy: MLflow's import costs ~1 s and only this form of --config needs it
@@ -761,7 +719,10 @@ def read_settings_file(ref: str) -> dict[str, Any]:
             f"config={ref!r} is invalid: a settings file holds a `train` mapping (and a `resolved` record), "
             f"found keys {', '.join(map(str, loaded)) or 'none'}"
         )
-    return loaded["train"]
+    values, problems = flattened(loaded["train"])
+    if problems:
+        raise ConfigError([f"config={ref!r}: {p}" for p in problems])
+    return values
 
 
 # Settings classes that take `--config FILE`: a settings file between the defaults and the flags
@@ -776,7 +737,8 @@ def parse_args(cls: type, section: str, argv: list[str], description: str):
     if cls in SETTINGS_FILES:
         parser.add_argument("--config", default="", help=f"a run's {SETTINGS_FILE} (a path or runs:/<id>/...)")
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")
+        kind = get_type_hints(cls)[f.name].__name__
+        parser.add_argument(f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (type {kind})".lstrip())
     args, unknown = parser.parse_known_args(argv)
     given = vars(args)
     defaults_file = Path(given.pop("defaults"))

@@ -331,8 +331,9 @@ def test_a_run_is_its_settings_file(trained, mlflow_server):
     client, run = trained
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/settings.yaml")
     settings = load_yaml(text)
-    assert set(settings["train"]) == set(TrainConfig.__dataclass_fields__)
-    assert settings["train"]["rank"] == 8 and settings["train"]["max_steps"] == 3
+    flat = {name: value for group in settings["train"].values() for name, value in group.items()}  # by group
+    assert set(flat) == set(TrainConfig.__dataclass_fields__)
+    assert settings["train"]["adapter"]["rank"] == 8 and settings["train"]["optimization"]["max_steps"] == 3
     assert settings["resolved"]["base_model_revision"] == run.data.tags["base_model_revision"]
     assert settings["resolved"]["base_model_revision"].startswith("local-")  # the tiny model's folder content
     assert settings["resolved"]["config_hash"] == run.data.tags["config_hash"]

@@ -247,7 +247,7 @@ def test_a_sweep_extends_the_grid_until_its_choice_is_inside(sqlite_tracking, tm
     def fake_runs(jobs):
         for job in jobs:
             settings = load_yaml(job.settings)["train"]
-            lr, rank = float(settings["lr"]), int(settings["rank"])
+            lr, rank = float(settings["optimization"]["lr"]), int(settings["adapter"]["rank"])
             tried.append((rank, lr, job.tags.get("sweep_role")))
             run = client.create_run(experiment_id, tags=job.tags)
             client.log_param(run.info.run_id, "lr", str(lr))
