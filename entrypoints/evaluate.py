@@ -32,12 +32,12 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(EvaluateConfig, "evaluate", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.evaluation import eval_settings_tag, use_exact_match
     from lora_efficiency.inference import download_adapter, load_for_inference, resolve_run_ref
     from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import resolve_data
     from lora_efficiency.tracking import check_tracking_store, start_run
-    from lora_efficiency.trainer import resolve_device
 
     hf_logging.disable_progress_bar()
     check_tracking_store()

@@ -267,10 +267,10 @@ class SweepResult:
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     """The memory planner's peak for every child (by name), before any runs: None where it cannot tell."""
     from lora_efficiency import data as D
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.models import resolve_model
     from lora_efficiency.planner import predict_peak_mb
     from lora_efficiency.prepare import load_prepared
-    from lora_efficiency.trainer import resolve_device
 
     train_split = load_prepared(data_path).train
     fractions: dict[tuple[int, bool], float] = {}
@@ -562,8 +562,8 @@ def _children_env(*, bars: bool) -> dict[str, str]:
 
 
 def _warn_if_too_big(child: Child, need_mb: float | None, say: Callable[[str], None], sweep_name: str) -> None:
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.planner import available_mb
-    from lora_efficiency.trainer import resolve_device
 
     have_mb = available_mb(resolve_device(child.config.device))
     if need_mb is not None and need_mb > have_mb:

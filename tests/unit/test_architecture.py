@@ -102,3 +102,21 @@ def test_the_training_loop_fits_on_one_screen():
     fit = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fit")
     loop = next(n for n in ast.walk(fit) if isinstance(n, ast.For))
     assert loop.end_lineno - loop.lineno + 1 <= 50
+
+
+def test_the_settings_modules_import_nothing_that_trains_loads_models_or_reads_data():
+    """settings.py and configuration.py: the standard library and each other only, so the report, a Ray worker or
+    a sweep parent reads settings without torch, transformers or datasets."""
+
+    root = Path(__file__).resolve().parents[2] / "lora_efficiency"
+    for name in ("settings.py", "configuration.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        imported = {
+            (node.module if isinstance(node, ast.ImportFrom) else alias.name)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        ours = {m for m in imported if m and m.startswith("lora_efficiency")}
+        assert ours <= {"lora_efficiency.settings"}, (name, ours)
+        assert not imported & {"torch", "transformers", "datasets", "peft", "mlflow", "yaml"}, name
