@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
         resolve_run_ref,
         train_run,
     )
-    from lora_efficiency.models import BUNDLED_MODEL, QUANTIZATIONS
+    from lora_efficiency.names import BUNDLED_MODEL, QUANTIZATIONS
 
     hf_logging.disable_progress_bar()
     model, quantization, adapter = cfg.model, cfg.quantization, None

@@ -11,7 +11,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from lora_efficiency.errors import ConfigError, UserError, invalid
-from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
+from lora_efficiency.names import KNOWN_SETS, PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
 from lora_efficiency.settings import TrainConfig, flattened, grouped
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -196,8 +196,6 @@ def fsdp_problems(v: dict[str, Any]) -> list[str]:
 
 
 def data_reference_ok(value: str) -> bool:
-    from lora_efficiency.sources import KNOWN_SETS
-
     return value == "" or value in KNOWN_SETS or is_path(value, "any") or is_run_id(value)
 
 
@@ -219,8 +217,6 @@ class PrepareConfig:
 
 
 def prepare_problems(v: dict[str, Any]) -> list[str]:
-    from lora_efficiency.sources import KNOWN_SETS
-
     p: list[str] = []
     check = _checker(v, p)
     check(
