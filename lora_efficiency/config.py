@@ -12,7 +12,7 @@ import yaml
 
 from lora_efficiency.errors import ConfigError, UserError, invalid
 from lora_efficiency.names import KNOWN_SETS, PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
-from lora_efficiency.settings import TrainConfig, flattened, grouped
+from lora_efficiency.settings import TrainConfig, flattened, grouped, setting
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
@@ -290,19 +290,30 @@ def evaluate_problems(v: dict[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepConfig:
+class Backend:
+    """Where a sweep's children run: the settings `sweep` and `main` share (run_sweep takes them as they are)."""
+
+    backend: str = setting("local (one child after another here) or ray (Ray tasks, concurrently)")
+    ray_address: str = setting("backend=ray: empty starts a local Ray instance; auto or ray://host:10001 joins one")
+    max_concurrent: int = setting("backend=ray: cap on children at once; 0: as many as the resources allow")
+    cpus_per_trial: float = setting("backend=ray: CPUs each child reserves (per training process)")
+    gpus_per_trial: str = setting("backend=ray: auto (1 per training process on a cluster with GPUs, else 0) or N")
+    warm_children: bool = setting("backend=local: fork each child from a warm server (lora_efficiency.forkserver)")
+
+
+def backend_options(cfg: Backend) -> dict[str, Any]:
+    """The Backend fields of `cfg` (a SweepConfig or StudyConfig), as run_sweep's keyword arguments."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Backend)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(Backend):
     """Settings of `sweep`; configs/default.yaml documents each field."""
 
     config: str
     profile: str
     data: str
     device: str
-    backend: str
-    ray_address: str
-    max_concurrent: int
-    cpus_per_trial: float
-    gpus_per_trial: str
-    warm_children: bool  # backend local: each child a fork of a warm server (lora_efficiency.forkserver)
 
 
 def sweep_problems(v: dict[str, Any]) -> list[str]:
@@ -336,20 +347,15 @@ def backend_problems(v: dict[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    """Settings of the whole study (`main`); configs/default.yaml documents each field."""
+class StudyConfig(Backend):
+    """Settings of the whole study (`main`); configs/default.yaml documents each field. Its Backend runs the
+    sweeps' children as `sweep` runs them."""
 
     profile: str
     sweeps: str
     baselines: str
     data: str
     output: str
-    backend: str  # the sweeps' children: as `sweep` runs them (local or ray), with the same Ray settings
-    ray_address: str
-    max_concurrent: int
-    cpus_per_trial: float
-    gpus_per_trial: str
-    warm_children: bool  # backend local: each child a fork of a warm server (lora_efficiency.forkserver)
 
 
 def study_problems(v: dict[str, Any]) -> list[str]:

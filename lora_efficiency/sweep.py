@@ -295,6 +295,18 @@ def finished_keys(client, experiment_id: str) -> dict[str, str]:
     return {r.data.tags["sweep_key"]: r.info.run_id for r in runs if "sweep_key" in r.data.tags}
 
 
+def parent_tags(sweep: Sweep, *, profile: str, data_fingerprint: str, backend: str) -> dict[str, str]:
+    """The tags of a sweep's parent run, whether `sweep` or the study (`main`) opened it."""
+    return {
+        "sweep_name": sweep.name,
+        "sweep_file": sweep.path,
+        "sweep_axes": sweep.axes,
+        "profile": profile,
+        "data_fingerprint": data_fingerprint,
+        "sweep_backend": backend,
+    }
+
+
 def run_sweep(
     sweep: Sweep,
     *,
