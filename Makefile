@@ -7,7 +7,7 @@ export MLFLOW_EXPERIMENT_NAME ?= lora-efficiency
 # -P arguments for `make train`, e.g. make train P="-P rank=8 -P max_steps=20"
 P ?=
 
-.PHONY: setup test test-scale soak study train plan bench gpu-kit gpu-check ui lint lock clean
+.PHONY: setup test test-scale soak study train plan bench gpu-kit gpu-check ui lint lock clean mlproject
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ gpu-check:
 HOST := 127.0.0.1
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port 5000
+
+# MLproject lists configs/default.yaml's defaults for `mlflow run`: written from it, never by hand
+# (tests/unit/test_mlproject.py fails when the two differ)
+mlproject: setup
+	$(VENV)/bin/python -m lora_efficiency.mlproject > MLproject.new && mv MLproject.new MLproject
 
 lint: setup
 	$(VENV)/bin/ruff check lora_efficiency entrypoints tests

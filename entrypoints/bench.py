@@ -22,7 +22,7 @@ from lora_efficiency.errors import printable
 def main(argv: list[str]) -> None:
     cfg = parse_args(BenchConfig, "bench", argv, description=__doc__)
     from lora_efficiency import bench
-    from lora_efficiency.trainer import resolve_device
+    from lora_efficiency.devices import resolve_device
 
     device = str(resolve_device(cfg.device))  # auto -> cuda or cpu; cuda without a GPU is a UserError
     command = shlex.join(["python", "-m", "entrypoints.bench", *argv])

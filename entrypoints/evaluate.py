@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_efficiency.cli import run_cli
-from lora_efficiency.config import EvaluateConfig, parse_args, parse_bool
+from lora_efficiency.config import EvaluateConfig, parse_args, parse_bool, read_defaults
 from lora_efficiency.errors import printable
 
 
@@ -33,12 +33,12 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(EvaluateConfig, "evaluate", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, eval_settings_tag, use_exact_match
     from lora_efficiency.inference import download_adapter, load_for_inference, resolve_run_ref
     from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import resolve_data
     from lora_efficiency.tracking import check_tracking_store, start_run
-    from lora_efficiency.trainer import resolve_device
 
     hf_logging.disable_progress_bar()
     check_tracking_store()
@@ -95,22 +95,24 @@ def main(argv: list[str]) -> None:
 
 
 def _target(cfg: EvaluateConfig) -> _Target:
+    """What is evaluated: each setting given, else the train run's, else the train defaults (configs/default.yaml)."""
     from lora_efficiency.inference import check_adapter_folder, train_run
-    from lora_efficiency.models import BUNDLED_MODEL
 
     target = _Target(cfg.model, cfg.data, cfg.quantization, cfg.seq_len, cfg.double_quant, None)
     if cfg.run_id:
         params = train_run(cfg.run_id).data.params
-        target.model = target.model or params.get("model") or BUNDLED_MODEL
-        target.quantization = target.quantization or params.get("quantization", "nf4")
-        target.seq_len = target.seq_len or int(params.get("seq_len", 512))
-        target.double_quant = bool(parse_bool(params.get("double_quant", "true")))  # the run's, always
+        target.model = target.model or params.get("model", "")
+        target.quantization = target.quantization or params.get("quantization", "")
+        target.seq_len = target.seq_len or int(params.get("seq_len", 0))
+        if "double_quant" in params:  # the run's, always
+            target.double_quant = bool(parse_bool(params["double_quant"]))
         data_path = params.get("data_path", "")
         target.data = target.data or (data_path if data_path and Path(data_path).is_dir() else params.get("data", ""))
     elif cfg.adapter != "none":
         target.adapter = check_adapter_folder(cfg.adapter)
-    target.model, target.quantization = target.model or BUNDLED_MODEL, target.quantization or "nf4"
-    target.seq_len = target.seq_len or 512
+    train = read_defaults("train")
+    target.model, target.quantization = target.model or train["model"], target.quantization or train["quantization"]
+    target.seq_len = target.seq_len or int(train["seq_len"])
     return target
 
 

@@ -17,6 +17,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(GenerateConfig, "generate", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.inference import (
         check_adapter_folder,
         download_adapter,
@@ -25,9 +26,8 @@ def main(argv: list[str]) -> None:
         resolve_run_ref,
         train_run,
     )
-    from lora_efficiency.models import BUNDLED_MODEL, QUANTIZATIONS
+    from lora_efficiency.names import BUNDLED_MODEL, QUANTIZATIONS
     from lora_efficiency.tracking import check_tracking_store
-    from lora_efficiency.trainer import resolve_device
 
     hf_logging.disable_progress_bar()
     model, quantization, adapter = cfg.model, cfg.quantization, None

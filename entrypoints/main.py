@@ -18,16 +18,12 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(StudyConfig, "main", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
+    from lora_efficiency.ray_backend import check_backend
     from lora_efficiency.study import load_study, report_study, run_study
     from lora_efficiency.tracking import start_run
 
     hf_logging.disable_progress_bar()
-    if cfg.backend == "ray":  # what `sweep` refuses for a cluster, refused before anything is prepared
-        import mlflow
-
-        from lora_efficiency.ray_backend import check_cluster_settings
-
-        check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
+    check_backend(cfg.backend, cfg.ray_address)  # a cluster refused before anything is prepared
     study = load_study(cfg)  # every sweep file and child checked, one data set prepared, before any run opens
     description = f"The study ({cfg.profile or 'default'} profile): baselines, sweeps and the report, as child runs"
     # no system metrics here: the parent waits; each child run samples its own

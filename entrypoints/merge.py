@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.inference import check_adapter_folder, download_adapter, merge, resolve_run_ref, train_run
-    from lora_efficiency.models import BUNDLED_MODEL
+    from lora_efficiency.names import BUNDLED_MODEL
     from lora_efficiency.tracking import check_tracking_store
 
     hf_logging.disable_progress_bar()

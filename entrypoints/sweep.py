@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from lora_efficiency.cli import run_cli
-from lora_efficiency.config import SweepConfig, parse_args
+from lora_efficiency.config import SweepConfig, backend_options, parse_args
 from lora_efficiency.errors import UserError, printable
 
 
@@ -19,17 +19,13 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(SweepConfig, "sweep", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
-    from lora_efficiency.sweep import load_sweep, prepare_once, run_sweep
+    from lora_efficiency.ray_backend import check_backend
+    from lora_efficiency.sweep import load_sweep, parent_tags, prepare_once, run_sweep
     from lora_efficiency.tracking import check_tracking_store, start_run
 
     hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in (("data", cfg.data), ("device", cfg.device)) if v}
-    if cfg.backend == "ray":
-        import mlflow
-
-        from lora_efficiency.ray_backend import check_cluster_settings
-
-        check_cluster_settings(address=cfg.ray_address, tracking_uri=mlflow.get_tracking_uri())
+    check_backend(cfg.backend, cfg.ray_address)  # a cluster refused before anything is prepared
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
     check_tracking_store()  # a bad file never opens the store; from here an early exit leaves no killed run RUNNING
     prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
@@ -53,27 +49,14 @@ def main(argv: list[str]) -> None:
         run_name=f"sweep-{sweep.name}", entry_point="sweep", system_metrics=False, description=description
     ) as tracker:
         tracker.log_params({**vars(cfg), "children_total": len(sweep.children) + sweep.pilots, "seeds": sweep.seeds})
-        tracker.set_tags(
-            {
-                "sweep_name": sweep.name,
-                "sweep_file": cfg.config,
-                "sweep_axes": sweep.axes,
-                "profile": cfg.profile,
-                "data_fingerprint": prepared.manifest["fingerprint"],
-                "sweep_backend": cfg.backend,
-            }
-        )
+        fingerprint = prepared.manifest["fingerprint"]
+        tracker.set_tags(parent_tags(sweep, profile=cfg.profile, data_fingerprint=fingerprint, backend=cfg.backend))
         result = run_sweep(
             sweep,
             parent_run_id=tracker.run_id,
             data_fingerprint=prepared.manifest["fingerprint"],
             data_path=str(prepared.path),
-            backend=cfg.backend,
-            ray_address=cfg.ray_address,
-            max_concurrent=cfg.max_concurrent,
-            cpus_per_trial=cfg.cpus_per_trial,
-            gpus_per_trial=cfg.gpus_per_trial,
-            warm_children=cfg.warm_children,
+            **backend_options(cfg),
             log=lambda line: print(printable(line), flush=True),
         )
         tracker.set_tags(result.tags())

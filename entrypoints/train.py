@@ -33,9 +33,10 @@ def main(argv: list[str]) -> None:
         )
     from transformers.utils import logging as hf_logging
 
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.models import resolve_model
     from lora_efficiency.tracking import check_tracking_store, download_checkpoint, start_run
-    from lora_efficiency.trainer import NullTracker, resolve_device, train
+    from lora_efficiency.trainer import NullTracker, train
 
     hf_logging.disable_progress_bar()
     resolve_device(cfg.device)  # a device torch cannot see fails here, before a run exists

@@ -1,5 +1,6 @@
-"""How one sweep child runs, whichever backend places it: the `entrypoints.train` command line of a configuration,
-the child's MLflow run created on the host that trains it, and the child as a process of its own.
+"""How one sweep child runs, whichever backend places it: its settings file (written on the host that trains it, so
+its command line is `python -m entrypoints.train --config <that file>`, a file a person can open and rerun), the
+child's MLflow run created on that host, and the child as a process of its own.
 
 The local backend (`run_here`, one child after another in this process) and lora_efficiency.ray_backend (the same
 `run_job` as Ray tasks) both run children through this module; it imports neither of them, nor lora_efficiency.sweep.
@@ -9,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from lora_efficiency.forkserver import PRELOAD, ForkServer
 from lora_efficiency.subprocesses import child_env, die_with_parent
-
-if TYPE_CHECKING:  # a Ray worker unpickling run_job imports this module alone, not config's model registry
-    from lora_efficiency.config import TrainConfig
 
 TRAIN_MODULE = "entrypoints.train"
 # What a child's stderr keeps to name its error: a traceback of a few KB fits in 64 KB with room to spare.
@@ -34,18 +36,8 @@ def flags(settings: Mapping[str, Any]) -> list[str]:
     return args
 
 
-def train_args(config: TrainConfig, data: str) -> list[str]:
-    """entrypoints.train's arguments for `config`, with `data` as its data."""
-    return flags({**asdict(config), "data": data})
-
-
 def _python_train(args: list[str]) -> list[str]:
     return [sys.executable, "-m", TRAIN_MODULE, *args]
-
-
-def train_command(config: TrainConfig, data_path: str) -> list[str]:
-    """The command line that trains `config` on `data_path` as a process of its own."""
-    return _python_train(train_args(config, data_path))
 
 
 @dataclass
@@ -56,7 +48,7 @@ class Job:
     key: str
     experiment_id: str
     tags: dict[str, str]
-    args: list[str]  # entrypoints.train's arguments
+    settings: str  # the child's settings file (config.settings_text): its every train setting, the data as prepared
     env: dict[str, str]
     num_processes: int = 1  # training processes of the child (DDP when > 1): what a Ray task reserves per trial
 
@@ -90,9 +82,6 @@ class _Stderr:
 
 def _run_child(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run `python -m entrypoints.train args` as a fresh process. Returns its exit status and its stderr's tail."""
-    import subprocess
-    import threading
-
     proc = subprocess.Popen(_python_train(args), env=env, preexec_fn=die_with_parent, stderr=subprocess.PIPE)
     stderr = _Stderr()
     reader = threading.Thread(target=stderr, args=(proc.stderr.fileno(),), daemon=True)
@@ -149,10 +138,11 @@ class WarmChildren:
 
 def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, str]] = _run_child) -> Outcome:
     """Create the child's run here, on the host that trains it (so its start time and owner are the real ones),
-    then run `python -m entrypoints.train` in a process of its own: a fresh one (`_run_child`, what a Ray task
-    does) or a fork of a warm server (WarmChildren, the local backend's default). The same function runs in the
-    sweep's process (backend local) and as a Ray task (backend ray)."""
-    import mlflow
+    write its settings file here, then run `python -m entrypoints.train --config <it>` in a process of its own: a
+    fresh one (`_run_child`, what a Ray task does) or a fork of a warm server (WarmChildren, the local backend's
+    default). The same function runs in the sweep's process (backend local) and as a Ray task (backend ray). The
+    file lives while the child runs; the child logs the same settings as its run's settings.yaml, which lasts."""
+    import mlflow  # lazy: a Ray worker unpickling run_job imports this module before it needs MLflow (~1 s)
 
     from lora_efficiency.redaction import mask_stored
     from lora_efficiency.tracking import owner_tags
@@ -165,8 +155,11 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
         return Outcome("", 0, "", 0.0, claimed_by=winner)
     # the project root on PYTHONPATH: `-m entrypoints.train` from any working folder (a Ray worker's)
     env = child_env({**os.environ, **job.env}, MLFLOW_RUN_ID=run.info.run_id, MLFLOW_EXPERIMENT_ID=job.experiment_id)
-    t0 = time.perf_counter()
-    returncode, stderr = launch(job.args, env)
+    with tempfile.TemporaryDirectory(prefix=f"sweep-child-{run.info.run_id[:8]}-") as folder:
+        settings = Path(folder) / "settings.yaml"
+        settings.write_text(job.settings, encoding="utf-8")
+        t0 = time.perf_counter()
+        returncode, stderr = launch(["--config", str(settings)], env)
     return Outcome(run.info.run_id, returncode, stderr, time.perf_counter() - t0)
 
 

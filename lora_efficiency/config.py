@@ -8,9 +8,12 @@ import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import yaml
+
 from lora_efficiency.errors import ConfigError, UserError, invalid, shown
 from lora_efficiency.inputs import load_yaml, path_kind, read_yaml_file  # noqa: F401 - load_yaml: kept for its callers
-from lora_efficiency.models import PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
+from lora_efficiency.names import KNOWN_SETS, PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
+from lora_efficiency.settings import TrainConfig, flattened, grouped, setting
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
@@ -36,50 +39,6 @@ MODEL_URI = re.compile(r"runs:/[0-9a-f]{32}(/[\w.-]+)*/?|models:/[^/@]+(@[\w-]+|
 
 def is_model_uri(text: str) -> bool:
     return MODEL_URI.fullmatch(text) is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training run; configs/default.yaml documents each field."""
-
-    model: str
-    data: str
-    method: str
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: str
-    quantization: str
-    double_quant: bool
-    use_rslora: bool
-    use_dora: bool
-    max_steps: int
-    batch_size: int
-    grad_accum: int
-    lr: float
-    warmup_ratio: float
-    weight_decay: float
-    max_grad_norm: float
-    seq_len: int
-    packing: bool
-    train_on_prompt: bool
-    gradient_checkpointing: bool
-    attention: str
-    eval_samples: int
-    eval_batch_size: int
-    generate_samples: int
-    max_new_tokens: int
-    exact_match: str
-    eval_every: int
-    val_samples: int
-    converge_tol: float
-    seed: int
-    device: str
-    trust_remote_code: bool
-    checkpoint_every: int
-    resume_from: str
-    num_processes: int
-    sharding: str
 
 
 def _checker(v: dict[str, Any], problems: list[str]):
@@ -239,8 +198,6 @@ def fsdp_problems(v: dict[str, Any]) -> list[str]:
 
 
 def data_reference_ok(value: str) -> bool:
-    from lora_efficiency.sources import KNOWN_SETS
-
     return value == "" or value in KNOWN_SETS or is_path(value, "any") or is_run_id(value)
 
 
@@ -262,8 +219,6 @@ class PrepareConfig:
 
 
 def prepare_problems(v: dict[str, Any]) -> list[str]:
-    from lora_efficiency.sources import KNOWN_SETS
-
     p: list[str] = []
     check = _checker(v, p)
     allowed = f"one of {', '.join(KNOWN_SETS)} or an existing .json, .jsonl, .csv or .parquet file"
@@ -338,19 +293,30 @@ def evaluate_problems(v: dict[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepConfig:
+class Backend:
+    """Where a sweep's children run: the settings `sweep` and `main` share (run_sweep takes them as they are)."""
+
+    backend: str = setting("local (one child after another here) or ray (Ray tasks, concurrently)")
+    ray_address: str = setting("backend=ray: empty starts a local Ray instance; auto or ray://host:10001 joins one")
+    max_concurrent: int = setting("backend=ray: cap on children at once; 0: as many as the resources allow")
+    cpus_per_trial: float = setting("backend=ray: CPUs each child reserves (per training process)")
+    gpus_per_trial: str = setting("backend=ray: auto (1 per training process on a cluster with GPUs, else 0) or N")
+    warm_children: bool = setting("backend=local: fork each child from a warm server (lora_efficiency.forkserver)")
+
+
+def backend_options(cfg: Backend) -> dict[str, Any]:
+    """The Backend fields of `cfg` (a SweepConfig or StudyConfig), as run_sweep's keyword arguments."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Backend)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(Backend):
     """Settings of `sweep`; configs/default.yaml documents each field."""
 
     config: str
     profile: str
     data: str
     device: str
-    backend: str
-    ray_address: str
-    max_concurrent: int
-    cpus_per_trial: float
-    gpus_per_trial: str
-    warm_children: bool  # backend local: each child a fork of a warm server (lora_efficiency.forkserver)
 
 
 def sweep_problems(v: dict[str, Any]) -> list[str]:
@@ -387,20 +353,15 @@ def backend_problems(v: dict[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    """Settings of the whole study (`main`); configs/default.yaml documents each field."""
+class StudyConfig(Backend):
+    """Settings of the whole study (`main`); configs/default.yaml documents each field. Its Backend runs the
+    sweeps' children as `sweep` runs them."""
 
     profile: str
     sweeps: str
     baselines: str
     data: str
     output: str
-    backend: str  # the sweeps' children: as `sweep` runs them (local or ray), with the same Ray settings
-    ray_address: str
-    max_concurrent: int
-    cpus_per_trial: float
-    gpus_per_trial: str
-    warm_children: bool  # backend local: each child a fork of a warm server (lora_efficiency.forkserver)
 
 
 def study_problems(v: dict[str, Any]) -> list[str]:
@@ -660,9 +621,19 @@ def convert(field: str, raw: Any, kind: type) -> tuple[Any, str | None]:
     return text if isinstance(raw, str) else str(raw), None
 
 
+def read_mapping(path: str | Path, what: str) -> dict:
+    """The one reader of this project's YAML files (defaults, settings files, sweep files, profiles): a regular file
+    of at most 1 MiB holding YAML without aliases (inputs.read_yaml_file) whose document is a mapping, else one
+    UserError line naming the setting `what` that named the file."""
+    loaded = read_yaml_file(path, what)
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what}={shown(str(path))} must hold a mapping, found {type(loaded).__name__}")
+    return loaded
+
+
 def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
-    loaded = read_yaml_file(path, "defaults")  # a regular file of at most 1 MiB, no YAML aliases (inputs.py)
-    if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
+    loaded = read_mapping(path, "defaults")
+    if not isinstance(loaded.get(section), dict):
         raise UserError(f"defaults={shown(str(path))} has no mapping named {section!r}")
     return loaded[section]
 
@@ -695,20 +666,74 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}: every setting is --name value (--help lists them)")
 
 
+# A run's settings file: every train setting it ran with (`train`) and what was found when it started
+# (`resolved`: the base model's content revision, the data's fingerprint, config_hash), logged by every train run.
+SETTINGS_FILE = "settings.yaml"
+
+
+def settings_text(cfg: TrainConfig, resolved: dict[str, Any] | None = None, note: str = "") -> str:
+    """A settings file for `cfg`: `python -m entrypoints.train --config <it>` trains the same run again (a
+    `resolved` section is a record, not read back: what the model and data ARE when it ran)."""
+    body: dict[str, Any] = {"train": grouped(dataclasses.asdict(cfg))}
+    if resolved:
+        body["resolved"] = dict(resolved)
+    header = f"# {note}\n" if note else ""
+    header += "# Rerun: python -m entrypoints.train --config <this file> [--name value to change one setting]\n"
+    return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+
+
+def read_settings_file(ref: str) -> dict[str, Any]:
+    """The `train` settings of a settings file (by group, or flat), a path or runs:/<run id>/settings.yaml
+    (downloaded), as flat values."""
+    path = ref
+    if ref.startswith("runs:/"):
+        import mlflow.artifacts  # lazy: MLflow's import costs ~1 s and only this form of --config needs it
+
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=ref)
+        except Exception as exc:  # MlflowException, OSError: a missing run or artifact, an unreachable store
+            raise UserError(f"config={ref!r} could not be downloaded: {str(exc).splitlines()[0]}") from None
+    loaded = read_mapping(path, "config")
+    unknown = sorted(set(loaded) - {"train", "resolved"})
+    if unknown or not isinstance(loaded.get("train"), dict):
+        raise UserError(
+            f"config={ref!r} is invalid: a settings file holds a `train` mapping (and a `resolved` record), "
+            f"found keys {', '.join(map(str, loaded)) or 'none'}"
+        )
+    values, problems = flattened(loaded["train"])
+    if problems:
+        raise ConfigError([f"config={ref!r}: {p}" for p in problems])
+    return values
+
+
+# Settings classes that take `--config FILE`: a settings file between the defaults and the flags
+SETTINGS_FILES = (TrainConfig,)
+
+
 def parse_args(cls: type, section: str, argv: list[str], description: str):
-    """`--field value` for every dataclass field, over the defaults file (`--defaults FILE` to use another)."""
+    """`--field value` for every dataclass field, over the defaults file (`--defaults FILE` to use another) and,
+    for train, a settings file (`--config FILE`: a run's settings.yaml); a flag given wins over both."""
     parser = _Parser(description=description)
     parser.add_argument("--defaults", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
+    if cls in SETTINGS_FILES:
+        parser.add_argument("--config", default="", help=f"a run's {SETTINGS_FILE} (a path or runs:/<id>/...)")
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name}", default=None, help=f"(type {get_type_hints(cls)[f.name].__name__})")
+        kind = get_type_hints(cls)[f.name].__name__
+        parser.add_argument(f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (type {kind})".lstrip())
     args, unknown = parser.parse_known_args(argv)
+    given = vars(args)
+    defaults_file = Path(given.pop("defaults"))
+    settings_file = given.pop("config") if cls in SETTINGS_FILES else ""  # SweepConfig's `config` is a field
     if unknown:
         names = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are --defaults and --{{{names}}}")
+        extra = "--defaults, --config" if cls in SETTINGS_FILES else "--defaults"
+        raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are {extra} and --{{{names}}}")
     values = {}
     if cls in BASE_SECTIONS:
-        base = read_defaults(BASE_SECTIONS[cls], Path(args.defaults))
+        base = read_defaults(BASE_SECTIONS[cls], defaults_file)
         values = {f.name: base[f.name] for f in dataclasses.fields(cls) if f.name in base}
-    values.update(read_defaults(section, Path(args.defaults)))
-    values.update({k: v for k, v in vars(args).items() if k != "defaults" and v is not None})
+    values.update(read_defaults(section, defaults_file))
+    if settings_file:
+        values.update(read_settings_file(settings_file))
+    values.update({k: v for k, v in given.items() if v is not None})
     return build_config(cls, values)

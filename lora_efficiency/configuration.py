@@ -1,8 +1,7 @@
 """What a configuration is: the one place that says which settings make two runs "the same configuration".
 
-Every train setting is in exactly one group below (tests/unit/test_configuration.py checks that against
-TrainConfig, so a new setting must be placed here before anything else accepts it). Three identities are derived
-from the groups, each for its own question:
+Every train setting is in exactly one group of lora_efficiency.settings (TrainConfig is their union); the groups
+below are derived from those. Three identities are derived from the groups, each for its own question:
 
 - config_hash (tag of every train run): which runs are seeds of one configuration. The adapter's settings, the
   evaluation's, and model and data by content (hub id + revision, data fingerprint), not by how they were named.
@@ -22,46 +21,19 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from lora_efficiency.settings import Adapter, Compute, Evaluation, ModelData, Optimization, Validation, names
+
+# The identity groups, derived from the settings' groups (lora_efficiency.settings says what each one shapes).
 # What shapes the trained adapter: its method, the base's storage, the optimisation and the data layout.
-ADAPTER_SETTINGS = (
-    "method",
-    "rank",
-    "alpha",
-    "dropout",
-    "target_modules",
-    "quantization",
-    "double_quant",
-    "use_rslora",
-    "use_dora",
-    "max_steps",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "seq_len",
-    "packing",
-    "train_on_prompt",
-    "gradient_checkpointing",
-)
+ADAPTER_SETTINGS = names(Adapter) + names(Optimization)
 # What shapes the evaluation after training (a run scored on 300 examples is not compared with one scored on 8).
-EVAL_SETTINGS = ("eval_samples", "eval_batch_size", "generate_samples", "max_new_tokens", "exact_match")
+EVAL_SETTINGS = names(Evaluation)
 # What is watched while training (the validation curve and its convergence test): it never changes the weights
 # (evaluation runs under no_grad in eval mode and draws no random numbers), so it enters no identity.
-MONITOR_SETTINGS = ("eval_every", "val_samples", "converge_tol")
+MONITOR_SETTINGS = names(Validation)
 # Model and data as named, and how and where a run ran: enter identities by content or not at all.
-NAME_SETTINGS = ("model", "data")
-RUN_SETTINGS = (
-    "seed",
-    "device",
-    "attention",
-    "trust_remote_code",
-    "checkpoint_every",
-    "resume_from",
-    "num_processes",
-    "sharding",
-)
+NAME_SETTINGS = names(ModelData)
+RUN_SETTINGS = names(Compute)
 TRAIN_SETTINGS = ADAPTER_SETTINGS + EVAL_SETTINGS + MONITOR_SETTINGS + NAME_SETTINGS + RUN_SETTINGS
 
 # Found when a run starts (logged as params beside the settings).

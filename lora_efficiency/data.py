@@ -11,7 +11,6 @@ from datetime import date, timedelta
 import torch
 
 IGNORE_INDEX = -100  # label of a token that is not predicted (prompt, padding, first token of an example)
-BUNDLED_DATA = "instruct"
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
     "### Instruction:\n{prompt}\n\n### Response:\n"

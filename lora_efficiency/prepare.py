@@ -21,6 +21,7 @@ from lora_efficiency.cli import remove_leftovers, temp_sibling
 from lora_efficiency.config import is_run_id
 from lora_efficiency.errors import UserError
 from lora_efficiency.models import ModelSource, cache_root
+from lora_efficiency.names import BUNDLED_DATA
 
 FORMAT_VERSION = 1  # bump when the folder layout or the tokenization rules change: old caches are not reused
 TEMP_PREFIX = ".prepare-"  # a folder being written: its owner follows (cli.temp_sibling), then it is renamed
@@ -50,7 +51,7 @@ def cache_key(*, dataset: str, tokenizer, model: ModelSource, settings: dict) ->
     """Everything that changes the tokenized rows: the source (a local file by its content), the tokenizer and
     its chat template, and the settings. Hub sets are keyed by name; their manifest records the content."""
     local = Path(dataset)
-    source = f"file:{_file_digest(local)}" if dataset and local.is_file() else f"name:{dataset or D.BUNDLED_DATA}"
+    source = f"file:{_file_digest(local)}" if dataset and local.is_file() else f"name:{dataset or BUNDLED_DATA}"
     parts = {
         "format": FORMAT_VERSION,
         "source": source,
@@ -140,7 +141,7 @@ def prepare_data(
     key = cache_key(dataset=dataset, tokenizer=tokenizer, model=model, settings=settings)
     is_file = bool(dataset) and Path(dataset).is_file()
     # cut to 100 characters: a file's stem may be 250, and the folder's name (stem-key) must stay under NAME_MAX
-    name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if is_file else dataset or D.BUNDLED_DATA)[:100]
+    name = re.sub(r"[^\w.-]", "_", Path(dataset).stem if is_file else dataset or BUNDLED_DATA)[:100]
     folder = cache_root() / "data" / f"{name}-{key}"
     remove_leftovers(folder.parent, TEMP_PREFIX)  # every prepare, a cached one too: a killed one's half folder
     if (folder / "manifest.json").exists():
@@ -149,7 +150,7 @@ def prepare_data(
         return prepared
 
     source = load_source(
-        dataset or D.BUNDLED_DATA, prompt_field=prompt_field, response_field=response_field, text_field=text_field
+        dataset or BUNDLED_DATA, prompt_field=prompt_field, response_field=response_field, text_field=text_field
     )
     train_records, eval_records = _split(source, eval_fraction=eval_fraction, seed=seed)
     warnings = []

@@ -33,6 +33,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 SHARED_STORE_SCHEMES = ("http://", "https://", "databricks", "postgresql", "mysql", "mssql")
 
 
+def check_backend(backend: str, ray_address: str) -> None:
+    """What `sweep` and `main` refuse for a Ray cluster, before anything is prepared (nothing for backend local)."""
+    if backend == "ray":
+        import mlflow  # lazy: a Ray worker unpickling run_job imports this module without needing this check
+
+        check_cluster_settings(address=ray_address, tracking_uri=mlflow.get_tracking_uri())
+
+
 def check_cluster_settings(*, address: str, tracking_uri: str) -> None:
     """Refuse, before any run exists, what cannot work on a cluster: children on other nodes would each write
     to their own SQLite file (or none at all)."""

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import datasets
 
-from lora_efficiency.data import BUNDLED_DATA, Example, bundled_instruct
+from lora_efficiency.data import Example, bundled_instruct
 from lora_efficiency.errors import ConfigError, UserError, invalid, shown
 from lora_efficiency.inputs import path_kind
+from lora_efficiency.names import BUNDLED_DATA, KNOWN_SETS, PYTHON_DOCS
 
 INSTRUCTION = "instruction"  # prompt/response pairs
 TEXT = "text"  # plain text for causal-LM perplexity
-PYTHON_DOCS = "python-docs"
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> loader
 _FILES = "a local file (.json, .jsonl, .csv, .parquet)"
 
@@ -148,7 +148,6 @@ HUB_SETS = {
     "gsm8k": HubSet("openai/gsm8k", "main", INSTRUCTION, gsm8k_example, has_references=True, answer_kind=GSM8K),
     "wikitext-2": HubSet("Salesforce/wikitext", "wikitext-2-raw-v1", TEXT, wikitext_line),
 }
-KNOWN_SETS: tuple[str, ...] = (*HUB_SETS, BUNDLED_DATA, PYTHON_DOCS)
 
 
 def _load_hub(name: str) -> Source:

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lora_efficiency.children import flags
-from lora_efficiency.config import StudyConfig, TrainConfig, is_path, report_folder
+from lora_efficiency.config import StudyConfig, TrainConfig, backend_options, is_path, report_folder
 from lora_efficiency.errors import UserError, printable
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
-from lora_efficiency.sweep import Sweep, check_one_data, load_profile, load_sweep, prepare_once, run_sweep
+from lora_efficiency.sweep import Sweep, check_one_data, load_profile, load_sweep, parent_tags, prepare_once, run_sweep
 from lora_efficiency.tracking import check_tracking_store, owner_tags
 
 
@@ -131,11 +131,9 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
         tags={
             "mlflow.parentRunId": study_run_id,
             "entry_point": "sweep",
-            "sweep_name": sweep.name,
-            "sweep_file": sweep.path,
-            "sweep_axes": sweep.axes,
-            "profile": study.config.profile,
-            "data_fingerprint": study.fingerprint,
+            **parent_tags(
+                sweep, profile=study.config.profile, data_fingerprint=study.fingerprint, backend=study.config.backend
+            ),
             **owner_tags(),
         },
     )
@@ -145,12 +143,7 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
         parent_run_id=parent.info.run_id,
         data_fingerprint=study.fingerprint,
         data_path=str(study.prepared.path),
-        backend=cfg.backend,
-        ray_address=cfg.ray_address,
-        max_concurrent=cfg.max_concurrent,
-        cpus_per_trial=cfg.cpus_per_trial,
-        gpus_per_trial=cfg.gpus_per_trial,
-        warm_children=cfg.warm_children,
+        **backend_options(cfg),
         log=log,
     )
     for key, value in result.tags().items():

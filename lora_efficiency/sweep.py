@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_efficiency import progress
-from lora_efficiency.children import Job, Outcome, run_here, train_args
-from lora_efficiency.children import train_command as _train_command  # noqa: F401 - old bench.py's; drop with it
-from lora_efficiency.config import CONFIG_DIR, TrainConfig, build_config, is_path, read_defaults
+from lora_efficiency.children import Job, Outcome, run_here
+from lora_efficiency.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    build_config,
+    is_path,
+    read_defaults,
+    read_mapping,
+    settings_text,
+)
 from lora_efficiency.configuration import planner_inputs, sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid, printable, shown
-from lora_efficiency.inputs import read_yaml_file
 from lora_efficiency.lr_tuning import (
     GROUP,
     LR_KEYS,
@@ -103,13 +109,6 @@ class Sweep:
         return sum(len(self.lr_grid.for_method(c.config.method) or ()) for c in self.first_seed_children())
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    loaded = read_yaml_file(path, what)  # a regular file of at most 1 MiB, no YAML aliases (inputs.py)
-    if not isinstance(loaded, dict):
-        raise UserError(f"{what}={str(path)!r} must hold a mapping, found {type(loaded).__name__}")
-    return loaded
-
-
 def load_profile(profile: str) -> dict:
     """A profile (configs/profiles/<name>.yaml): training-budget overrides (`train`), `seeds`, and the learning-rate
     grid (`lr_grid`, `pilot_steps`: lora_efficiency.lr_tuning); each wins over the sweep file's."""
@@ -119,7 +118,7 @@ def load_profile(profile: str) -> dict:
     if not re.fullmatch(r"\w[\w.-]*", profile) or not is_path(path, "file"):  # a name, never a path elsewhere
         known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
         raise UserError(f"profile={profile!r} is invalid: one of {', '.join(known)} or empty")
-    return _read_yaml(path, "profile")
+    return read_mapping(path, "profile")
 
 
 MAX_NAME = 100  # the sweep's run is `sweep-<name>`; MLflow takes run names of up to 250 characters
@@ -149,7 +148,7 @@ def check_size(path: Path, spec: dict, runs: int) -> None:
 def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any] | None = None) -> Sweep:
     """Expand a sweep file into children and check every one of them before anything runs."""
     path = Path(path)
-    spec = _read_yaml(path, "config")
+    spec = read_mapping(path, "config")
     problems = [
         f"config={str(path)!r}: unknown key {shown(k)}: allowed are {', '.join(sorted(SWEEP_KEYS))}"
         for k in spec
@@ -282,10 +281,10 @@ class SweepResult:
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     """The memory planner's peak for every child (by name), before any runs: None where it cannot tell."""
     from lora_efficiency import data as D
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.models import resolve_model
     from lora_efficiency.planner import predict_peak_mb
     from lora_efficiency.prepare import load_prepared
-    from lora_efficiency.trainer import resolve_device
 
     train_split = load_prepared(data_path).train
     fractions: dict[tuple[int, bool], float] = {}
@@ -308,6 +307,18 @@ def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
 def finished_keys(client, experiment_id: str) -> dict[str, str]:
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
     return {r.data.tags["sweep_key"]: r.info.run_id for r in runs if "sweep_key" in r.data.tags}
+
+
+def parent_tags(sweep: Sweep, *, profile: str, data_fingerprint: str, backend: str) -> dict[str, str]:
+    """The tags of a sweep's parent run, whether `sweep` or the study (`main`) opened it."""
+    return {
+        "sweep_name": sweep.name,
+        "sweep_file": sweep.path,
+        "sweep_axes": sweep.axes,
+        "profile": profile,
+        "data_fingerprint": data_fingerprint,
+        "sweep_backend": backend,
+    }
 
 
 def run_sweep(
@@ -578,8 +589,8 @@ def _children_env(*, bars: bool) -> dict[str, str]:
 
 
 def _warn_if_too_big(child: Child, need_mb: float | None, say: Callable[[str], None], sweep_name: str) -> None:
+    from lora_efficiency.devices import resolve_device
     from lora_efficiency.planner import available_mb
-    from lora_efficiency.trainer import resolve_device
 
     have_mb = available_mb(resolve_device(child.config.device))
     if need_mb is not None and need_mb > have_mb:
@@ -599,8 +610,8 @@ def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement, 
         "seed": str(child.config.seed),
         "sweep_backend": place.backend,
     }
-    args = train_args(child.config, data)
-    return Job(child.name, key, place.experiment_id, tags, args, place.env, child.config.num_processes)
+    settings = settings_text(replace(child.config, data=data), note=f"sweep {sweep_name}, child {child.name}")
+    return Job(child.name, key, place.experiment_id, tags, settings, place.env, child.config.num_processes)
 
 
 def _backend(

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import platform
 import random
 import tempfile
 import time
@@ -33,8 +32,9 @@ from lora_efficiency import distributed, progress
 from lora_efficiency.adapters import command_line, save_adapter, write_model_card
 from lora_efficiency.checkpoints import Checkpointer, load_checkpoint
 from lora_efficiency.cli import raise_if_terminated
-from lora_efficiency.config import TrainConfig, build_config, read_defaults
-from lora_efficiency.configuration import config_hash, planner_inputs
+from lora_efficiency.config import SETTINGS_FILE, TrainConfig, build_config, read_defaults, settings_text
+from lora_efficiency.configuration import RESOLVED, config_hash, planner_inputs
+from lora_efficiency.devices import device_name, resolve_device
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, eval_settings_tag, evaluate_model, use_exact_match
 from lora_efficiency.loss import token_loss_sum
@@ -54,7 +54,7 @@ from lora_efficiency.prepare import Prepared, resolve_data
 from lora_efficiency.sources import answer_kinds
 from lora_efficiency.validation import Validator
 
-__all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "resolve_device", "train"]
+__all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "train"]
 
 # peft's get_peft_model asks transformers for `is_gradient_checkpointing`, deprecated in transformers 5: one
 # FutureWarning per run that says nothing about the user's settings (a sweep would print it 28 times).
@@ -125,25 +125,6 @@ class TrainResult:
     adapter_dir: str
     memory_trace: list[tuple[float, float]] = field(default_factory=list)
     eval_samples: dict[str, list] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but torch sees no CUDA device: allowed here are 'auto' and 'cpu'")
-    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
-        raise UserError(
-            f"device={name!r} is invalid: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-        )
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 @dataclass
@@ -460,6 +441,7 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
     tracker.log_params(
         {
             **s.resolved,
+            "device": cfg.device,  # as given (auto); device_resolved: what it became
             "compute_dtype": str(s.amp_dtype).removeprefix("torch.") if s.amp_dtype else "float32",
             "attention_implementation": s.base.config._attn_implementation,
             "global_batch_size": cfg.batch_size * cfg.grad_accum * s.group.size,
@@ -475,6 +457,9 @@ def log_run_description(s: Session, tracker: Tracker) -> None:
     )
     tracker.set_tags(s.tags)
     tracker.log_data_inputs(s.prepared.manifest, str(s.prepared.path))
+    found = {k: s.resolved[k] for k in (*RESOLVED, "world_size") if k in s.resolved}
+    note = "The settings of one train run (`resolved`: what its model and data were; a record, not read back)"
+    tracker.log_text(settings_text(cfg, {**found, "config_hash": s.tags["config_hash"]}, note), SETTINGS_FILE)
 
 
 def resume(s: Session, folder: Path, tracker: Tracker) -> None:

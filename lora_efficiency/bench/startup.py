@@ -34,8 +34,8 @@ def measure_startup(
     importtime` says how much of a fresh one is imports."""
     import mlflow
 
-    from lora_efficiency.children import WarmChildren, _run_child, train_args
-    from lora_efficiency.config import TrainConfig, build_config, read_defaults
+    from lora_efficiency.children import WarmChildren, _run_child
+    from lora_efficiency.config import TrainConfig, build_config, read_defaults, settings_text
 
     uri = f"sqlite:///{work}/startup.db"
     client = mlflow.MlflowClient(uri)
@@ -50,8 +50,11 @@ def measure_startup(
         generate_samples=0,
         max_new_tokens=1,
         device=device,
+        data=str(data_path),
     )
-    args = train_args(build_config(TrainConfig, {**read_defaults("train"), **overrides}), data_path)
+    settings = work / "startup-settings.yaml"  # launched as a sweep child is: one settings file
+    settings.write_text(settings_text(build_config(TrainConfig, {**read_defaults("train"), **overrides})))
+    args = ["--config", str(settings)]
     launch = _Launcher(client, experiment_id, uri, work)
     fresh = [launch(_run_child, args, f"fresh-{i}") for i in range(launches)]
     log(f"startup, fresh processes: {', '.join(f'{t:.1f}' for t in fresh)} s from launch to the first step")

@@ -206,7 +206,7 @@ def _count_matching_defaults(group: list[Configuration], defaults: dict[str, obj
 
 
 def _axis_order(name: str, c: Configuration) -> tuple:
-    from lora_efficiency.models import QUANTIZATIONS
+    from lora_efficiency.names import QUANTIZATIONS
 
     s = c.settings
     if name == "rank":

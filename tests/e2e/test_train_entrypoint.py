@@ -336,3 +336,26 @@ def test_sigterm_leaves_the_run_failed_not_running(tmp_path, tiny_model_dir, tin
     time.sleep(0.5)
     (run,) = runs_of(MlflowClient(uri), "term")
     assert run.info.status == "FAILED"
+
+
+def test_a_run_is_its_settings_file(trained, mlflow_server):
+    """settings.yaml holds every setting and the model folder's content revision; `-P config=runs:/<id>/...`
+    trains the same run again: the same config_hash and eval/loss (CPU, same seed), no other -P needed."""
+    from lora_efficiency.config import load_yaml
+
+    client, run = trained
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/settings.yaml")
+    settings = load_yaml(text)
+    flat = {name: value for group in settings["train"].values() for name, value in group.items()}  # by group
+    assert set(flat) == set(TrainConfig.__dataclass_fields__)
+    assert settings["train"]["adapter"]["rank"] == 8 and settings["train"]["optimization"]["max_steps"] == 3
+    assert settings["resolved"]["base_model_revision"] == run.data.tags["base_model_revision"]
+    assert settings["resolved"]["base_model_revision"].startswith("local-")  # the tiny model's folder content
+    assert settings["resolved"]["config_hash"] == run.data.tags["config_hash"]
+    experiment = f"e2e-rerun-{uuid.uuid4().hex[:8]}"
+    proc = mlflow_run(mlflow_server, experiment, {"config": f"runs:/{run.info.run_id}/settings.yaml"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = runs_of(client, experiment)
+    assert again.data.tags["config_hash"] == run.data.tags["config_hash"]
+    assert again.data.params["rank"] == "8" and again.data.params["max_steps"] == "3"
+    assert again.data.metrics["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"], abs=1e-6)

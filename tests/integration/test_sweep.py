@@ -10,6 +10,7 @@ import subprocess
 import sys
 import termios
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -169,3 +170,22 @@ def test_a_grid_runs_pilots_then_the_main_runs_at_the_chosen_rate_and_a_restart_
     (table,) = [b for b in blocks if b[0] == "table"]
     chosen = [row for row in table[2] if row[5].startswith("chosen")]
     assert [row[1] for row in chosen] == [main.data.params["lr"]] and "(step 2)" in chosen[0][4]
+
+
+def test_run_job_launches_the_child_with_its_settings_file_only(sqlite_tracking):
+    """The child's command line is `--config <file>`; the file exists while the child runs, and is gone after."""
+    import mlflow
+
+    from lora_efficiency.children import Job, run_job
+
+    experiment_id = mlflow.MlflowClient().create_experiment("child-args")
+    seen = {}
+
+    def launch(args, env):
+        seen["args"], seen["text"] = args, Path(args[1]).read_text(encoding="utf-8")
+        return 0, ""
+
+    outcome = run_job(Job("c", "k", experiment_id, {}, "train:\n  rank: 8\n", {}), launch)
+    assert outcome.returncode == 0 and seen["text"] == "train:\n  rank: 8\n"
+    assert seen["args"][0] == "--config" and seen["args"][1].endswith("/settings.yaml") and len(seen["args"]) == 2
+    assert not Path(seen["args"][1]).exists()

@@ -79,7 +79,7 @@ def test_a_defaults_file_with_a_huge_integer(tmp_path):
 
 
 def test_cuda_index_beyond_the_machine_is_refused_before_a_run():
-    from lora_efficiency.trainer import resolve_device
+    from lora_efficiency.devices import resolve_device
 
     with pytest.raises(UserError, match="cuda:999"):
         resolve_device("cuda:999")

@@ -102,3 +102,29 @@ def test_the_training_loop_fits_on_one_screen():
     fit = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fit")
     loop = next(n for n in ast.walk(fit) if isinstance(n, ast.For))
     assert loop.end_lineno - loop.lineno + 1 <= 50
+
+
+def test_the_settings_modules_import_nothing_that_trains_loads_models_or_reads_data():
+    """The settings modules (settings.py, configuration.py, names.py, config.py): the standard library, PyYAML and
+    each other only, so parsing fails fast (exit 2 before torch loads) and the report or a Ray worker reads settings
+    without torch, transformers or datasets."""
+
+    root = Path(__file__).resolve().parents[2] / "lora_efficiency"
+    # inputs.py reads settings files (regular files, bounded, YAML without aliases): the standard library and PyYAML
+    settings_modules = {
+        "lora_efficiency.settings",
+        "lora_efficiency.names",
+        "lora_efficiency.errors",
+        "lora_efficiency.inputs",
+    }
+    for name in ("settings.py", "configuration.py", "names.py", "config.py", "inputs.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        imported = {
+            (node.module if isinstance(node, ast.ImportFrom) else alias.name)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        ours = {m for m in imported if m and m.startswith("lora_efficiency")}
+        assert ours <= settings_modules, (name, ours)
+        assert not imported & {"torch", "transformers", "datasets", "peft"}, name

@@ -30,7 +30,6 @@ def test_defaults_parse_into_a_complete_config():
 @pytest.mark.parametrize(
     "entry_point, section, cls",
     [
-        ("train", "train", TrainConfig),
         ("main", "main", StudyConfig),
         ("prepare", "prepare", PrepareConfig),
         ("evaluate", "evaluate", EvaluateConfig),
@@ -48,6 +47,14 @@ def test_mlproject_defaults_mirror_default_yaml(entry_point, section, cls):
         assert convert(name, spec["default"], hints[name]) == convert(name, defaults[name], hints[name]), name
     for name in params:
         assert f"--{name} {{{name}}}" in project["entry_points"][entry_point]["command"]
+
+
+def test_mlproject_train_takes_a_settings_file_and_repeats_no_default():
+    """train declares only `config`: every other -P reaches it as --name value (MLflow's undeclared params), so a
+    setting not given is the file's or configs/default.yaml's, never a second copy of a default."""
+    train = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
+    assert train["parameters"] == {"config": {"type": "string", "default": ""}}
+    assert train["command"] == "python -m entrypoints.train --config {config}"
 
 
 @pytest.mark.parametrize(
@@ -84,7 +91,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_unknown_argument_lists_the_allowed_ones():
-    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --defaults and"):
+    with pytest.raises(UserError, match="unknown argument '--rnak 4': allowed are --defaults, --config and"):
         parse_args(TrainConfig, "train", ["--rnak", "4"], "")
 
 
@@ -109,3 +116,31 @@ def test_report_settings_are_checked():
     assert [p.split("=")[0] for p in err.value.problems] == ["sweep_run_id", "budgets_mb"]
     cfg = parse_args(ReportConfig, "report", ["--budgets_mb", "4000, 8000.5"], "")
     assert cfg.budgets_mb == "4000, 8000.5" and cfg.experiment == ""
+
+
+def test_a_settings_file_sits_between_the_defaults_and_the_flags(tmp_path):
+    from lora_efficiency.config import settings_text
+
+    recorded = parse_args(TrainConfig, "train", ["--rank", "8", "--lr", "1e-3", "--packing", "false"], "")
+    path = tmp_path / "settings.yaml"
+    path.write_text(settings_text(recorded, {"base_model_revision": "local-abc"}), encoding="utf-8")
+    assert parse_args(TrainConfig, "train", ["--config", str(path)], "") == recorded  # every value, exactly
+    changed = parse_args(TrainConfig, "train", ["--config", str(path), "--rank", "4"], "")
+    assert changed == dataclasses.replace(recorded, rank=4)  # a flag given beside the file wins
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rank: 8\n", "config='{}' is invalid: a settings file holds a `train` mapping"),
+        ("train:\n  rnak: 8\n", "unknown setting 'rnak'"),
+        ("train:\n  rank: 0\n", "rank=0 is invalid: an integer >= 1"),
+        ("- 1\n", "config='{}' must hold a mapping, found list"),
+    ],
+)
+def test_a_bad_settings_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "settings.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        parse_args(TrainConfig, "train", ["--config", str(path)], "")
+    assert message.format(path) in str(err.value) and "\n" not in str(err.value)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from lora_efficiency import configuration as C
 from lora_efficiency.config import TrainConfig, build_config, read_defaults
+from lora_efficiency.errors import ConfigError
 
 
 def _config(**overrides) -> TrainConfig:
@@ -51,3 +54,30 @@ def test_sharding_enters_identities_only_when_set_and_the_report_tells_it_apart(
     assert C.sweep_key(_config(), "fp") == C.sweep_key(unsharded, "fp")
     assert C.sweep_key(_config(sharding="fsdp", num_processes=2), "fp") != C.sweep_key(_config(num_processes=2), "fp")
     assert {"world_size", "sharding"} <= set(C.REPORT_SETTINGS)
+
+
+def test_settings_are_small_documented_groups_and_train_config_declares_none_of_its_own():
+    from lora_efficiency import settings as S
+
+    for key, group in S.GROUPS.items():
+        fields = dataclasses.fields(group)
+        assert 1 <= len(fields) <= 16, key
+        assert all(f.metadata.get("help") for f in fields), key  # every field says what it means
+        assert group.__dataclass_params__.frozen, key
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == [n for g in S.GROUPS.values() for n in S.names(g)]
+    assert "__annotations__" not in vars(TrainConfig) or not vars(TrainConfig)["__annotations__"]
+
+
+def test_a_settings_file_holds_the_groups_and_reads_back_flat_or_grouped(tmp_path):
+    from lora_efficiency.config import parse_args, read_mapping, settings_text
+
+    cfg = _config(rank=8, lr=1e-3)
+    path = tmp_path / "settings.yaml"
+    path.write_text(settings_text(cfg), encoding="utf-8")
+    train = read_mapping(path, "config")["train"]
+    assert list(train) == ["model_data", "adapter", "optimization", "evaluation", "validation", "compute"]
+    assert train["adapter"]["rank"] == 8 and train["optimization"]["lr"] == 1e-3
+    assert parse_args(TrainConfig, "train", ["--config", str(path)], "") == cfg
+    path.write_text("train:\n  rank: 8\n  adapter:\n    rank: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="rank is given twice in the settings file"):
+        parse_args(TrainConfig, "train", ["--config", str(path)], "")

@@ -4,7 +4,6 @@ like a sweep, that its sweeps share one data set before any run opens; what the 
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 import yaml
@@ -13,7 +12,6 @@ from entrypoints import generate as generate_entry
 from entrypoints import main as main_entry
 from entrypoints import merge as merge_entry
 from entrypoints import plan as plan_entry
-from lora_efficiency.children import Job, train_command
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import (
     GenerateConfig,
@@ -133,14 +131,21 @@ def test_one_data_set_across_sweeps():
         check_one_data([_sweep(seq_len=128), _sweep(seq_len=128, train_on_prompt=True)], where="config='c.yaml'")
 
 
-def test_train_command_and_job():
-    config = build_config(TrainConfig, {**read_defaults("train"), "num_processes": 2, "device": "cpu"})
-    command = train_command(config, "/data/prepared")
-    assert command[:3] == [sys.executable, "-m", "entrypoints.train"]
-    args = dict(zip(command[3::2], command[4::2], strict=True))
-    assert args["--data"] == "/data/prepared" and args["--packing"] == "true" and args["--num_processes"] == "2"
-    assert list(args) == [f"--{f.name}" for f in dataclasses.fields(TrainConfig)]  # every setting, in order
-    assert Job("n", "k", "0", {}, command[3:], {}).num_processes == 1  # one process unless told
+def test_a_child_is_one_settings_file_that_reproduces_its_config(tmp_path):
+    """A sweep child's command line is `--config <file>`: the file parses back into the child's exact config,
+    its data the prepared folder; a person can open it and rerun the child."""
+    from lora_efficiency.sweep import _job, _Placement
+
+    config = build_config(TrainConfig, {**read_defaults("train"), "num_processes": 2, "device": "cpu", "rank": 8})
+    place = _Placement(parent_run_id="p" * 32, experiment_id="0", backend="local", env={})
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    job = _job("s", Child("rank=8,seed=0", config, {"rank": 8}), "k", str(prepared), place, {})
+    assert job.num_processes == 2
+    path = tmp_path / "settings.yaml"
+    path.write_text(job.settings, encoding="utf-8")
+    expected = dataclasses.replace(config, data=str(prepared))
+    assert parse_args(TrainConfig, "train", ["--config", str(path)], "") == expected
 
 
 def test_sweep_result_tags_every_count():

@@ -12,7 +12,7 @@ import yaml
 
 from entrypoints import sweep as sweep_entry
 from lora_efficiency.cli import run_cli
-from lora_efficiency.config import TrainConfig, build_config, read_defaults
+from lora_efficiency.config import TrainConfig, build_config, load_yaml, read_defaults
 from lora_efficiency.configuration import sweep_key
 from lora_efficiency.errors import ConfigError
 from lora_efficiency.lr_tuning import (
@@ -246,7 +246,8 @@ def test_a_sweep_extends_the_grid_until_its_choice_is_inside(sqlite_tracking, tm
 
     def fake_runs(jobs):
         for job in jobs:
-            lr, rank = float(job.args[job.args.index("--lr") + 1]), int(job.args[job.args.index("--rank") + 1])
+            settings = load_yaml(job.settings)["train"]
+            lr, rank = float(settings["optimization"]["lr"]), int(settings["adapter"]["rank"])
             tried.append((rank, lr, job.tags.get("sweep_role")))
             run = client.create_run(experiment_id, tags=job.tags)
             client.log_param(run.info.run_id, "lr", str(lr))
