@@ -108,6 +108,7 @@ def train_problems(v: dict[str, Any]) -> list[str]:
     for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens"):
         check(name, lambda x: x >= 1, "an integer >= 1")
     check("generate_samples", lambda x: x >= 0, "an integer >= 0 (0: no exact match)")
+    check("forget_samples", lambda x: 0 <= x <= 256, "an integer from 0 (no forgetting measured) to 256 passages")
     check("exact_match", lambda x: x in ("auto", "true", "false"), "auto, true or false")
     check("rank", lambda x: x < 1 or x <= 4096, "an integer from 1 to 4096")
     check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")

@@ -70,6 +70,7 @@ class Evaluation:
     generate_samples: int = setting("held-out examples answered greedily for exact match (0: none)")
     max_new_tokens: int = setting("bound on each generated answer")
     exact_match: str = setting("auto (when the data has reference answers), true or false")
+    forget_samples: int = setting("passages of general text (the Python reference) scored before and after (0: none)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Validation:
 
     eval_every: int = setting("steps between validation losses (0: none; the last step always has one)")
     val_samples: int = setting("validation examples: the last val_samples of the held-out split")
-    converge_tol: float = setting("converged = val loss fell by less than this share over the last quarter")
+    converge_tol: float = setting("converged = val loss fell by less than this share over the last half")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,15 @@ from lora_efficiency.config import SETTINGS_FILE, TrainConfig, build_config, rea
 from lora_efficiency.configuration import RESOLVED, config_hash, planner_inputs
 from lora_efficiency.devices import device_name, resolve_device
 from lora_efficiency.errors import UserError
-from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, eval_settings_tag, evaluate_model, use_exact_match
+from lora_efficiency.evaluation import (
+    PER_EXAMPLE_LOSSES,
+    eval_settings_tag,
+    evaluate_loss,
+    evaluate_model,
+    forgetting_metrics,
+    forgetting_rows,
+    use_exact_match,
+)
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import (
@@ -49,6 +57,7 @@ from lora_efficiency.models import (
     provenance,
     resolve_target_modules,
 )
+from lora_efficiency.names import PYTHON_DOCS
 from lora_efficiency.planner import predict_peak_mb
 from lora_efficiency.prepare import Prepared, resolve_data
 from lora_efficiency.sources import answer_kinds
@@ -128,6 +137,28 @@ class TrainResult:
 
 
 @dataclass
+class Forgetting:
+    """The forgetting set (general text, not the task) and its scores before the first step: the base alone."""
+
+    rows: D.Rows
+    before: dict[str, float]
+    elapsed_s: float
+
+
+def score_forgetting(cfg: TrainConfig, tokenizer, prepared: Prepared, model, device, amp_dtype) -> Forgetting | None:
+    """forget_samples passages of the Python reference scored by `model` before it trains (LoRA's B starts at zero,
+    full fine-tuning has not moved: the base alone, in the run's own storage and kernels); None when off, or when the
+    run trains on that very text (data=python-docs), where it measures the task, not forgetting."""
+    if not cfg.forget_samples or prepared.manifest.get("dataset") == PYTHON_DOCS:
+        return None
+    t0 = time.perf_counter()
+    rows = forgetting_rows(tokenizer, samples=cfg.forget_samples, seq_len=cfg.seq_len)
+    kwargs = dict(batch_size=cfg.eval_batch_size, pad_id=tokenizer.pad_token_id, device=device)
+    before = evaluate_loss(model, rows, **kwargs, autocast_dtype=amp_dtype)
+    return Forgetting(rows, before, time.perf_counter() - t0)
+
+
+@dataclass
 class Session:
     """What setup() builds: everything the loop and finish() use."""
 
@@ -154,6 +185,7 @@ class Session:
     total_params: int
     first_step: int = 1
     validator: Validator | None = None  # the validation curve, when eval_every > 0 (rank 0 only)
+    forgetting: Forgetting | None = None  # general text scored before the first step (rank 0, forget_samples > 0)
     losses: list[float] = field(default_factory=list)
     tokens_total: int = 0  # real tokens trained on, over every process, resumed steps included
 
@@ -307,6 +339,8 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             **planner_inputs(dataclasses.asdict(cfg)),
         )
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
+    # before DDP or FSDP wrap it (FSDP shards it in place) and before a checkpoint resumes it: the base alone
+    forgetting = score_forgetting(cfg, tokenizer, prepared, trained, group.device, amp_dtype) if group.is_main else None
     if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
         trainable_params, total_params = trained.get_nb_trainable_parameters()
     else:  # every weight trains
@@ -344,6 +378,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         predicted_mb=predicted_mb,
         trainable_params=trainable_params,
         total_params=total_params,
+        forgetting=forgetting,
     )
     log_run_description(session, tracker)
     if cfg.resume_from:
@@ -631,6 +666,12 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     model_mb = s.base.get_memory_footprint() / 2**20
     t0 = time.perf_counter()
+    forgetting = {}
+    if s.forgetting:  # before evaluate_model, which may merge the adapter into the base
+        forgetting = forgetting_metrics(
+            evaluate_loss(s.peft_model, s.forgetting.rows, **s.eval_kwargs()), s.forgetting.before
+        )
+        forgetting["time/forgetting_s"] = s.forgetting.elapsed_s + time.perf_counter() - t0
     evaluation = evaluate_model(
         s.peft_model,
         s.tokenizer,
@@ -646,8 +687,8 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
         answer_kinds=answer_kinds(s.prepared.manifest),
     )
-    metrics = {**evaluation.metrics, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
-    metrics["time/evaluation_s"] = time.perf_counter() - t0  # held-out loss, exact match, generation speed
+    metrics = {**evaluation.metrics, **forgetting, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
+    metrics["time/evaluation_s"] = time.perf_counter() - t0  # forgetting, held-out loss, exact match, generation speed
     if s.validator:
         converged = s.validator.result()
         metrics.update({**converged.metrics(), "time/validation_s": s.validator.elapsed_s})

@@ -70,6 +70,10 @@ def test_metrics_per_step_and_summary(trained):
     ):
         assert key in m, key
     assert m["eval/perplexity"] == pytest.approx(math.exp(m["eval/loss"]))
+    # forgetting: general text (the Python reference) before the first step and after the last, and their ratio
+    assert m["forget/ratio"] == pytest.approx(m["forget/perplexity"] / m["forget/base_perplexity"])
+    assert m["forget/perplexity"] == pytest.approx(math.exp(m["forget/loss"])) and m["forget/tokens"] > 0
+    assert m["forget/ratio"] != 1.0  # three steps at lr 2e-4 moved the adapter: the text scores differently
     # 2 layers x r8 x (q 64+64, k 64+32, v 64+32, o 64+64) = 7,168 trainable parameters
     assert m["params/trainable"] == 7168
     assert m["memory/peak_mb"] > 100  # the RSS of a process holding torch and a model

@@ -300,3 +300,31 @@ def test_a_validation_during_training_leaves_the_training_unchanged(
     plain, _ = run(tiny_model_dir, tiny_data_file, tmp_path / "b", eval_every=4, **kwargs)
     assert [step for step, m in tracker.steps if "val/loss" in m] == [1, 2, 3, 4]
     assert validated.losses == plain.losses
+
+
+def test_forgetting_compares_the_trained_model_with_the_base_alone(tiny_model_dir, tiny_data_file, tmp_path):
+    from peft import PeftModel
+
+    from lora_efficiency.evaluation import evaluate_loss, forgetting_rows
+    from lora_efficiency.models import load_tokenizer
+
+    result, _ = run(tiny_model_dir, tiny_data_file, tmp_path, forget_samples=4, lr=1e-2)
+    m = result.metrics
+    source = resolve_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(source)
+    rows = forgetting_rows(tokenizer, samples=4, seq_len=256)
+    scoring = dict(batch_size=8, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), autocast_dtype=None)
+    base = load_base_model(source, quantization="fp32", double_quant=True, device=torch.device("cpu"))
+    # before the first step: the base alone (LoRA's B is zero); after: base + the trained adapter
+    assert evaluate_loss(base, rows, **scoring)["eval/perplexity"] == pytest.approx(m["forget/base_perplexity"])
+    trained = evaluate_loss(PeftModel.from_pretrained(base, result.adapter_dir), rows, **scoring)
+    assert trained["eval/perplexity"] == pytest.approx(m["forget/perplexity"], rel=1e-5)
+    assert m["forget/ratio"] == pytest.approx(m["forget/perplexity"] / m["forget/base_perplexity"])
+    assert abs(m["forget/ratio"] - 1) > 1e-4  # three steps at lr 1e-2 moved it
+
+
+def test_no_forgetting_is_measured_when_off_or_on_the_forgetting_text_itself(tiny_model_dir, tiny_data_file, tmp_path):
+    result, _ = run(tiny_model_dir, tiny_data_file, tmp_path, forget_samples=0)
+    assert not any(k.startswith("forget/") for k in result.metrics)
+    result, _ = run(tiny_model_dir, "python-docs", tmp_path, forget_samples=4, exact_match="false")
+    assert not any(k.startswith("forget/") for k in result.metrics)
