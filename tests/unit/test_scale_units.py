@@ -81,7 +81,8 @@ def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
     two = dataclasses.replace(one, num_processes=2)
     assert sweep_key(one, "fp") != sweep_key(two, "fp")
     # the key a single-process child had before num_processes existed: the same settings without it (and without
-    # the settings added since: method at its default lora, sharding at its default none, the monitoring ones and
+    # the settings added since: method at its default lora, sharding at its default none, forget_samples at its
+    # default 32, the monitoring ones and
     # attention, which never enter a key)
     import hashlib
     import json
@@ -90,7 +91,7 @@ def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
         k: v
         for k, v in dataclasses.asdict(one).items()
         if k not in ("device", "data", "checkpoint_every", "resume_from", "num_processes")
-        and k not in ("method", "sharding", "eval_every", "val_samples", "converge_tol", "attention")
+        and k not in ("method", "sharding", "forget_samples", "eval_every", "val_samples", "converge_tol", "attention")
     }
     payload = json.dumps({**settings, "data_fingerprint": "fp"}, sort_keys=True)
     assert sweep_key(one, "fp") == hashlib.sha256(payload.encode()).hexdigest()[:16]
