@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import GenerateConfig, parse_args
-from lora_efficiency.errors import UserError
+from lora_efficiency.errors import UserError, printable_lines
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     network, tokenizer, _ = load_for_inference(
         model=model or BUNDLED_MODEL, adapter=adapter, quantization=quantization, device=device
     )
-    print(generate(network, tokenizer, cfg.prompt, max_new_tokens=cfg.max_new_tokens, device=device))
+    answer = generate(network, tokenizer, cfg.prompt, max_new_tokens=cfg.max_new_tokens, device=device)
+    print(printable_lines(answer))  # a model's text may hold escape sequences like any stored string
 
 
 if __name__ == "__main__":

@@ -67,6 +67,12 @@ def printable(text: object) -> str:
     return _UNPRINTABLE.sub(_escape, str(text))
 
 
+def printable_lines(text: object) -> str:
+    """printable() line by line: text meant to span lines (a model's answer) keeps its line breaks, and nothing else
+    that could move the cursor, recolour the terminal or reorder what is shown."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
 def _escape(match: re.Match) -> str:
     char = match.group()
     return repr(char)[1:-1] if ord(char) < 0x100 else f"\\u{ord(char):04x}"

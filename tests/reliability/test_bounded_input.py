@@ -333,3 +333,12 @@ def test_an_empty_item_in_a_module_list_is_an_error(spec):
         parse_args(TrainConfig, "train", ["--target_modules", spec], "")
     (problem,) = info.value.problems
     assert problem.startswith(f"target_modules={spec!r} is invalid") and "none empty" in problem
+
+
+def test_generated_text_keeps_its_lines_and_nothing_that_drives_the_terminal():
+    from lora_efficiency.errors import printable_lines
+
+    answer = "line one\n\x1b]0;owned\x07line two \u202egnirts\r\nerror: forged"
+    shown = printable_lines(answer)
+    assert shown.split("\n") == ["line one", "\\x1b]0;owned\\x07line two \\u202egnirts\\r", "error: forged"]
+    assert not any(ord(c) < 32 and c != "\n" for c in shown)
