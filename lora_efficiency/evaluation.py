@@ -16,27 +16,11 @@ from lora_efficiency.loss import token_loss_by_row
 from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, python_docs_texts
 
 
-def evaluate_loss(
-    model: torch.nn.Module,
-    rows: Rows,
-    *,
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    families: list[str] | None = None,
-) -> dict[str, float]:
+def evaluate_loss(model: torch.nn.Module, rows: Rows, **scoring) -> dict[str, float]:
     """eval/loss (mean cross-entropy per target token), eval/perplexity = exp(loss), eval/tokens; with `families`
-    (each row's task family) of two or more names, eval/loss/<family> and eval/perplexity/<family> beside them."""
-    return evaluate_losses(
-        model,
-        rows,
-        batch_size=batch_size,
-        pad_id=pad_id,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        families=families,
-    )[0]
+    (each row's task family) of two or more names, eval/loss/<family> and eval/perplexity/<family> beside them.
+    `scoring`: evaluate_losses' keyword arguments (batch_size, pad_id, device, autocast_dtype, families)."""
+    return evaluate_losses(model, rows, **scoring)[0]
 
 
 @torch.no_grad()

@@ -168,22 +168,26 @@ def _tiny_rows(families: list[str]):
     return rows
 
 
-def test_loss_per_family_sums_to_the_overall_loss():
-    import math
-
+def _family_setup():
+    """A one-layer random Llama, seven rows of three task families, and evaluate_loss's settings."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from lora_efficiency.data import Rows
-    from lora_efficiency.evaluation import evaluate_loss
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
     )
-    model = AutoModelForCausalLM.from_config(config)
     families = ["json", "math", "json", "math", "math", "json", "date"]
-    rows = _tiny_rows(families)
     kwargs = dict(batch_size=2, pad_id=0, device=torch.device("cpu"), autocast_dtype=None)
+    return AutoModelForCausalLM.from_config(config), families, _tiny_rows(families), kwargs
+
+
+def test_loss_per_family_sums_to_the_overall_loss():
+    import math
+
+    from lora_efficiency.data import Rows
+    from lora_efficiency.evaluation import evaluate_loss
+
+    model, families, rows, kwargs = _family_setup()
     plain = evaluate_loss(model, rows, **kwargs)
     split = evaluate_loss(model, rows, families=families, **kwargs)
     assert not any(k.startswith("eval/loss/") for k in plain)
@@ -200,19 +204,10 @@ def test_loss_per_family_sums_to_the_overall_loss():
 
 
 def test_every_held_out_example_has_its_own_loss():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from lora_efficiency.data import Rows
     from lora_efficiency.evaluation import evaluate_loss, evaluate_losses
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    families = ["json", "math", "json", "math", "math", "json", "date"]
-    rows = _tiny_rows(families)
-    kwargs = dict(batch_size=2, pad_id=0, device=torch.device("cpu"), autocast_dtype=None)
+    model, families, rows, kwargs = _family_setup()
     metrics, table = evaluate_losses(model, rows, families=families, **kwargs)
     assert metrics == evaluate_loss(model, rows, families=families, **kwargs)
     # one row per example, in the held-out order (scored in batches sorted by length within a family)
