@@ -175,12 +175,15 @@ def claim_winner(client, experiment_id: str, key: str, ours) -> str:
     runs = client.search_runs([experiment_id], filter_string=f"tags.sweep_key = '{key}'", max_results=1000)
     if finished := [r.info.run_id for r in runs if r.info.status == "FINISHED"]:
         return finished[0]
-    live = [
+    others = [
         r
         for r in runs
-        if r.info.run_id == ours.info.run_id
-        or (r.info.status == "RUNNING" and "owner_pid" in r.data.tags and not owner_gone(r.data.tags))
+        if r.info.run_id != ours.info.run_id
+        and r.info.status == "RUNNING"
+        and "owner_pid" in r.data.tags
+        and not owner_gone(r.data.tags)
     ]
+    live = [ours, *others]  # ours even where the search cannot see it yet (or its tags lack the key)
     first = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
     return "" if first.info.run_id == ours.info.run_id else first.info.run_id
 

@@ -24,7 +24,7 @@ def test_two_sweeps_claiming_one_configuration_train_it_once(store):
     FINISHED run of it when it started). Here two sweeps reach the same child at the same moment (a barrier): one
     claim wins, the other is withdrawn (its run deleted) and names the winner."""
     experiment_id = store.create_experiment("reliability")
-    job = Job("rank=8,seed=0", "a" * 16, experiment_id, {"sweep_key": "a" * 16}, [], {})
+    job = Job("rank=8,seed=0", "a" * 16, experiment_id, {"sweep_key": "a" * 16}, "train: {}\n", {})
     trained, outcomes, start = [], [], threading.Barrier(2)
 
     def launch(args, env):  # the child: trains (here: holds its claim RUNNING for a second) and exits
@@ -51,7 +51,7 @@ def test_a_claim_whose_sweep_was_killed_is_released(store):
     experiment_id = store.create_experiment("reliability")
     dead = {**owner_tags(), "owner_pid": str(a_dead_pid())}
     store.create_run(experiment_id, tags={"sweep_key": "b" * 16, **dead})  # claimed by a sweep killed with -9
-    job = Job("rank=8,seed=0", "b" * 16, experiment_id, {"sweep_key": "b" * 16}, [], {})
+    job = Job("rank=8,seed=0", "b" * 16, experiment_id, {"sweep_key": "b" * 16}, "train: {}\n", {})
     outcome = run_job(job, lambda args, env: (0, ""))
     assert outcome.claimed_by == "" and outcome.run_id
 
