@@ -70,7 +70,7 @@ _NOT_IN_CONFIG_HASH = (
 _NOT_IN_SWEEP_KEY = ("device", "attention", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
 # Settings added after runs were stored: they enter an identity only when not at their default, so the hashes
 # and keys of earlier runs (all of them LoRA, none sharded) stay valid.
-_ONLY_WHEN_SET = {"method": "lora", "sharding": "none", "forget_samples": 32}
+_ONLY_WHEN_SET = {"method": "lora", "sharding": "none", "forget_samples": 16}
 
 
 def _identity(settings: Mapping[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:

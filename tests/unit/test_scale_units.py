@@ -82,7 +82,7 @@ def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
     assert sweep_key(one, "fp") != sweep_key(two, "fp")
     # the key a single-process child had before num_processes existed: the same settings without it (and without
     # the settings added since: method at its default lora, sharding at its default none, forget_samples at its
-    # default 32, the monitoring ones and attention, which never enter a key)
+    # default 16, the monitoring ones and attention, which never enter a key)
     import hashlib
     import json
 
