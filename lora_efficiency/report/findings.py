@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
+from lora_efficiency.design import Contrast, pick
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint, RunData, Scope
 from lora_efficiency.report.stats import Family, Judgement, Stat, cell, effect, margin_text, pareto_front
@@ -250,6 +251,56 @@ def judged(family: Family, a: Configuration, b: Compared, metric: str) -> Judgem
     if isinstance(b, Configuration) and b.key < a.key:
         return family[_test_key(b, a, metric)].reversed()
     return family[_test_key(a, b, metric)]
+
+
+@dataclass(frozen=True)
+class DeclaredContrast:
+    """A contrast the study declared, and the configurations its sides name in these runs (None: not run)."""
+
+    contrast: Contrast
+    a: Configuration | None
+    b: Configuration | None
+
+
+def match_contrasts(
+    contrasts: list[Contrast], configs: list[Configuration], defaults: dict[str, object]
+) -> list[DeclaredContrast]:
+    """Each declared contrast's sides as configurations: the listed settings, and of several that have them, the
+    one with the most other settings at the defaults (the profile's)."""
+    settings = [c.settings for c in configs]
+    out = []
+    for contrast in contrasts:
+        ia, ib = (pick(side, settings, defaults) for side in (contrast.a, contrast.b))
+        out.append(DeclaredContrast(contrast, None if ia is None else configs[ia], None if ib is None else configs[ib]))
+    return out
+
+
+def add_declared(family: Family, declared: DeclaredContrast) -> None:
+    """A declared contrast's one test, in the declared family (before the other tests: the same pair compared
+    elsewhere in the report is this test)."""
+    a, b, c = declared.a, declared.b, declared.contrast
+    if a is None or b is None or a is b:
+        return
+    if b.key < a.key:
+        a, b = b, a
+    eff = effect(a.by_seed(c.metric), b.by_seed(c.metric), metric=c.metric)
+    family.declare(_test_key(a, b, c.metric), eff, name=c.name, test=c.test, margin=1 + c.margin)
+
+
+def declared_lines(declared: list[DeclaredContrast], family: Family) -> list[str]:
+    """One line per declared contrast: its verdict (or why it has none), and how many seeds would decide it."""
+    lines = []
+    for d in declared:
+        c = d.contrast
+        head = f"{c.name} ({c.describe()} on {METRICS[c.metric].label}, declared before the data)"
+        if d.a is None or d.b is None:
+            missing = " and ".join(f"{side}={getattr(c, side)}" for side in ("a", "b") if getattr(d, side) is None)
+            lines.append(f"{head}: not run ({missing} matches no configuration of these runs)")
+        elif d.a is d.b:
+            lines.append(f"{head}: a and b name the same configuration ({d.a.label}): nothing to test")
+        else:
+            lines.append(f"{head}: {d.a.label} vs {d.b.label}: {judged(family, d.a, d.b, c.metric).text()}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -604,6 +655,8 @@ class Report:
     family: Family  # every test the report states, Holm-corrected
     provenance: list[str]  # where the base's weights came from, when the runs record it
     val_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # val/loss per step of each run
+    declared: list[DeclaredContrast] = field(default_factory=list)  # the study's declared contrasts
+    declared_lines: list[str] = field(default_factory=list)
 
 
 def plan_tests(
@@ -612,10 +665,14 @@ def plan_tests(
     comparisons: list[Comparison],
     baselines: list[RunData],
     recommendations: list[Recommendation],
+    declared: list[DeclaredContrast] = (),
 ) -> None:
-    """Add to the family every test whose verdict the report states: each comparison's configurations against
-    its reference (every finding metric), the anchors' tests, the adapters against the base alone, and the
+    """Add to the family every test whose verdict the report states: the declared contrasts first (their own
+    Holm family), then, exploratory where contrasts are declared, each comparison's configurations against its
+    reference (every finding metric), the anchors' tests, the adapters against the base alone, and the
     configurations that fit a budget against its best."""
+    for d in declared:
+        add_declared(family, d)
     for comp in comparisons:
         for c in comp.configurations:
             for metric in FINDING_METRICS if c is not comp.reference else ():
@@ -645,6 +702,7 @@ def build_report(
     memory_points: list[MemoryPoint] | None = None,
     memory_notes: list[str] | None = None,
     val_curves: dict[str, list[tuple[int, float]]] | None = None,
+    contrasts: list[Contrast] | None = None,
 ) -> Report:
     """Aggregate, compare and decide.
 
@@ -658,6 +716,8 @@ def build_report(
         val_curves: val/loss per step of each run id (fetch_loss_curves(..., "val/loss")), for the validation chart.
         memory_points: predicted against measured peak memory (predict_peak_memory), for the memory chart.
         memory_notes: the runs predict_peak_memory left out, and why.
+        contrasts: the contrasts the study declared (its study_contrasts tag): when given, they alone form the
+            confirmatory Holm family and every other test is exploratory.
 
     Returns:
         Everything the report writes, as data.
@@ -667,7 +727,8 @@ def build_report(
     peaks = [c.worst_peak_mb for c in configs if c.worst_peak_mb is not None]
     budgets = budgets_mb or (budget_ladder(peaks) if peaks else [])
     family = Family(alpha=alpha, margin=margin)
-    plan_tests(family, configs, comparisons, scope.baselines, recommend(configs, budgets))
+    declared = match_contrasts(contrasts or [], configs, defaults)
+    plan_tests(family, configs, comparisons, scope.baselines, recommend(configs, budgets), declared)
     family.close()
     return Report(
         scope=scope,
@@ -686,4 +747,6 @@ def build_report(
         family=family,
         provenance=base_provenance(scope.runs),
         val_curves=val_curves or {},
+        declared=declared,
+        declared_lines=declared_lines(declared, family),
     )

@@ -59,13 +59,27 @@ def methods(report: Report) -> str:
         "one-sample t) and configurations without a seed in common (Welch). "
         f"Equivalence is declared for perplexity only, with the margin {family.margin:g} (ratio within "
         f"{margin}, |difference of eval loss| < ln {family.margin:g}), tested by TOST (two one-sided t-tests). "
-        f"Every test the report states is corrected with Holm-Bonferroni at alpha = {family.alpha:g}: "
-        f"{family.difference_tests} tests of 'no difference' in one family, {family.equivalence_tests} "
-        "equivalence tests in another. Verdicts: 'better' / 'worse' (a difference beyond noise after Holm), "
+        + _families_sentence(family)
+        + " Verdicts: 'better' / 'worse' (a difference beyond noise after Holm), "
         f"'equivalent within {margin}' (TOST after Holm), else 'cannot tell'; a difference not detected is not "
         f"'equal'. Intervals are {1 - family.alpha:.0%} intervals of each comparison, not adjusted; the p-values "
         "shown are Holm-adjusted. Only seed-to-seed noise is counted, not the sampling noise of the evaluation "
         "examples."
+    )
+
+
+def _families_sentence(family) -> str:
+    if family.declared_tests:
+        return (
+            f"The {family.declared_tests} contrasts the study declared form the confirmatory family, corrected with "
+            f"Holm-Bonferroni at alpha = {family.alpha:g}; every other test is exploratory: "
+            f"{family.difference_tests} tests of 'no difference' and {family.equivalence_tests} equivalence tests, "
+            "each kind corrected with Holm among themselves, outside the declared family."
+        )
+    return (
+        f"Every test the report states is corrected with Holm-Bonferroni at alpha = {family.alpha:g}: "
+        f"{family.difference_tests} tests of 'no difference' in one family, {family.equivalence_tests} "
+        "equivalence tests in another."
     )
 
 
@@ -129,7 +143,7 @@ def test_rows(report: Report, comp: Comparison) -> tuple[list[str], list[list[st
         pairs = str(e.n) if e.design == PAIRED else f"{e.n} ({e.design})" if e.design else f"{e.n} ({e.reason})"
         rows.append(
             [f.a, f.b, pairs, j.size().removeprefix("ratio ") if e.diff is not None else "not measured"]
-            + [_p_cell(j.p_difference), _p_cell(j.p_equivalence), j.verdict]
+            + [_p_cell(j.p_difference), _p_cell(j.p_equivalence), j.decision]
         )
     return header, rows
 
@@ -146,6 +160,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
         *families_section(report),
         *lr_section(report),
         *convergence_section(report),
+        *_declared_blocks(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),
@@ -210,6 +225,21 @@ def _configuration_blocks(report: Report) -> list[Block]:
         "mean [95% interval] over seeds, best perplexity first; a single number: every seed measured the same; "
         "the base model alone (evaluated once) at the bottom.",
         ("table", *configuration_rows(report)),
+    )
+
+
+def _declared_blocks(report: Report) -> list[Block]:
+    """The contrasts the study declared before its data: the confirmatory tests, Holm over them alone."""
+    if not report.declared:
+        return []
+    return _section(
+        "Declared contrasts",
+        f"The {len(report.declared)} contrasts the study's profile declared before any run, each with its one test "
+        "(equivalence by TOST, or difference), corrected together with Holm over these alone; every other test of "
+        "this report is exploratory, corrected among themselves outside this family. Where a contrast reads "
+        "'cannot tell', the seeds that would decide it give 80% power at the observed paired spread, planned at "
+        "alpha / k (lora_efficiency/design.py).",
+        ("ul", report.declared_lines),
     )
 
 

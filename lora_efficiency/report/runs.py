@@ -145,6 +145,14 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
     )
 
 
+def declared_contrasts(scope: Scope) -> list:
+    """The contrasts the scope's study declared before its runs: its study run's `study_contrasts` tag (what the
+    profile said when the study started); none for a sweep or an older study."""
+    from lora_efficiency.design import contrasts_from_json
+
+    return contrasts_from_json(scope.root.tags.get("study_contrasts", "")) if scope.root is not None else []
+
+
 def _experiment_id(client, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

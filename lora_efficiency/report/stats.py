@@ -132,6 +132,9 @@ class Effect:
     df: float | None = None
     delta: float | None = None
     reason: str = ""
+    seed_sd: float | None = None  # the paired sd of the per-seed differences (what more seeds average away)
+    example_se: float = 0.0  # the evaluation examples' sampling noise in `se`, which more seeds do not reduce
+    noise: str = "seeds"  # what `se` counts: "seeds", "seeds and examples", or "seeds only (why)"
 
     @property
     def tested(self) -> bool:
@@ -214,7 +217,7 @@ def _one_sample(ds: list[float], metric: str, design: str, delta: float | None) 
     var = _variance(ds)
     if _no_noise(var, ds):  # every seed moved by the same amount (1 of 30 answers right, twice): no noise estimate
         return Effect(metric, "", n, diff, delta=delta, reason="the seeds agree exactly: no noise estimate")
-    return Effect(metric, design, n, diff, math.sqrt(var / n), n - 1, delta)
+    return Effect(metric, design, n, diff, math.sqrt(var / n), n - 1, delta, seed_sd=math.sqrt(var))
 
 
 def welch(a: list[float], b: list[float], *, metric: str, delta: float | None = None) -> Effect:
@@ -266,6 +269,9 @@ class Judgement:
     margin: float | None  # the declared perplexity ratio where an equivalence test ran, else None
     p_difference: float | None  # Holm-adjusted
     p_equivalence: float | None  # Holm-adjusted
+    declared: str = ""  # the contrast's name where the study declared this test before its data, else ""
+    exploratory: bool = False  # outside the declared family (a study declared contrasts, this is not one)
+    holm_size: int = 1  # the tests in this one's Holm family: what seeds_to_decide plans for
 
     @property
     def beyond_noise(self) -> bool:
@@ -300,6 +306,40 @@ class Judgement:
         interval = self.effect.interval(1 - self.alpha)
         low, high = (math.exp(interval[0]), math.exp(interval[1])) if interval else (None, None)
         return math.exp(self.effect.diff), low, high
+
+    def seeds_to_decide(self) -> tuple[int | None, str] | None:
+        """For a "cannot tell" paired test: the seeds that would decide it with 80 % power at the observed spread
+        (the paired sd of its seeds; the examples' noise as a floor seeds do not reduce), planned at alpha / k for
+        its Holm family of k, and what they would decide; None where no such number applies (decided, unpaired,
+        untested, no margin)."""
+        from lora_efficiency.design import DIFFERENCE, EQUIVALENCE, seeds_needed
+
+        e = self.effect
+        if self.verdict != CANNOT_TELL or e.design != PAIRED or e.seed_sd is None or self.margin is None:
+            return None
+        m = self.margin - 1
+        test = EQUIVALENCE if self.p_equivalence is not None else DIFFERENCE
+        n = seeds_needed(e.seed_sd, m, test, self.holm_size, alpha=self.alpha, floor=e.example_se)
+        what = (
+            f"equivalence within {margin_text(self.margin)}"
+            if test == EQUIVALENCE
+            else (f"a difference of {m * 100:.3g}%")
+        )
+        return n, what
+
+    @property
+    def decision(self) -> str:
+        """The verdict, and for "cannot tell" how many seeds would decide it: 'cannot tell; ~12 seeds would decide
+        equivalence within ±2%'."""
+        advice = self.seeds_to_decide()
+        if advice is None:
+            return self.verdict
+        n, what = advice
+        if n is None:
+            return (
+                f"{self.verdict}; no number of seeds would decide {what}: the evaluation examples' noise is too large"
+            )
+        return f"{self.verdict}; ~{n} seeds would decide {what}"
 
     def reversed(self) -> Judgement:
         """The same test read as b - a: the same p-values, the difference negated."""
@@ -338,10 +378,22 @@ class Judgement:
         how = {PAIRED: f"{e.n} pairs by seed", CONSTANT: f"{e.n} seeds against one evaluation, unpaired"}.get(
             e.design, f"{e.n} runs, unpaired Welch: no seed in common"
         )
-        ps = f"Holm {_p(self.p_difference)}"
-        ps += f", equivalence Holm {_p(self.p_equivalence)}" if self.p_equivalence is not None else ""
+        if e.noise != "seeds":
+            how += f", noise of {e.noise}"
+        ps = ", ".join(
+            f"{name}Holm {_p(p)}"
+            for name, p in (("", self.p_difference), ("equivalence ", self.p_equivalence))
+            if p is not None
+        )
+        ps = (
+            f"declared contrast {self.declared!r}, {ps}"
+            if self.declared
+            else f"exploratory, {ps}"
+            if (self.exploratory)
+            else ps
+        )
         both = f" ({'better' if self.improves else 'worse'} beyond noise, by less than the margin)"
-        return f"{label} {self.size()} ({how}; {ps}): {self.verdict}" + (
+        return f"{label} {self.size()} ({how}; {ps}): {self.decision}" + (
             both if self.equivalent and self.beyond_noise else ""
         )
 
@@ -354,7 +406,18 @@ class Family:
     def __init__(self, *, alpha: float, margin: float):
         self.alpha, self.margin = alpha, margin
         self._effects: dict[Hashable, Effect] = {}
+        self._declared: dict[Hashable, tuple[str, str, float]] = {}  # key -> (name, test, margin ratio)
         self._judged: dict[Hashable, Judgement] | None = None
+
+    def declare(self, key: Hashable, eff: Effect, *, name: str, test: str, margin: float) -> None:
+        """A contrast the study declared before its data: its one test (equivalence within `margin`, a ratio such as
+        1.02, or difference) joins the declared family, which Holm corrects on its own; once any contrast is
+        declared, every other test of the report is exploratory (corrected among themselves, outside it)."""
+        if self._judged is not None:
+            raise RuntimeError("the family is closed: its corrections are computed")
+        if key not in self._declared:
+            self._effects[key] = replace(eff, delta=math.log(margin) if test == "equivalence" else None)
+            self._declared[key] = (name, test, margin)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._effects
@@ -366,21 +429,37 @@ class Family:
         self._effects.setdefault(key, eff)
 
     def close(self) -> None:
-        """Holm over each family."""
-        diff = {k: e.p_difference for k, e in self._effects.items() if e.p_difference is not None}
-        equiv = {k: e.p_equivalence for k, e in self._effects.items() if e.p_equivalence is not None}
+        """Holm over each family: the declared contrasts' tests together (one test each), then the others' tests of
+        'no difference' and their equivalence tests, each kind apart."""
+        declared = {
+            k: self._effects[k].p_equivalence if test == "equivalence" else self._effects[k].p_difference
+            for k, (_, test, _) in self._declared.items()
+        }
+        declared = {k: p for k, p in declared.items() if p is not None}
+        adjusted_declared = dict(zip(declared, holm(list(declared.values())), strict=True))
+        others = {k: e for k, e in self._effects.items() if k not in self._declared}
+        diff = {k: e.p_difference for k, e in others.items() if e.p_difference is not None}
+        equiv = {k: e.p_equivalence for k, e in others.items() if e.p_equivalence is not None}
         adjusted_diff = dict(zip(diff, holm(list(diff.values())), strict=True))
         adjusted_equiv = dict(zip(equiv, holm(list(equiv.values())), strict=True))
-        self._judged = {
-            k: Judgement(
-                e,
-                self.alpha,
-                self.margin if e.delta is not None else None,
-                adjusted_diff.get(k),
-                adjusted_equiv.get(k),
-            )
-            for k, e in self._effects.items()
-        }
+        self._judged = {}
+        for k, e in self._effects.items():
+            if k in self._declared:
+                name, test, margin = self._declared[k]
+                p = adjusted_declared.get(k)
+                ps = (None, p) if test == "equivalence" else (p, None)
+                self._judged[k] = Judgement(e, self.alpha, margin, *ps, declared=name, holm_size=len(declared) or 1)
+            else:
+                size = len(equiv) if e.p_equivalence is not None else len(diff)
+                self._judged[k] = Judgement(
+                    e,
+                    self.alpha,
+                    self.margin if e.delta is not None else None,
+                    adjusted_diff.get(k),
+                    adjusted_equiv.get(k),
+                    exploratory=bool(self._declared),
+                    holm_size=max(size, 1),
+                )
 
     def __getitem__(self, key: Hashable) -> Judgement:
         if self._judged is None:
@@ -388,12 +467,18 @@ class Family:
         return self._judged[key]
 
     @property
+    def declared_tests(self) -> int:
+        return len(self._declared)
+
+    @property
     def difference_tests(self) -> int:
-        return sum(e.p_difference is not None for e in self._effects.values())
+        """The tests of 'no difference' outside the declared family."""
+        return sum(e.p_difference is not None for k, e in self._effects.items() if k not in self._declared)
 
     @property
     def equivalence_tests(self) -> int:
-        return sum(e.p_equivalence is not None for e in self._effects.values())
+        """The equivalence tests outside the declared family."""
+        return sum(e.p_equivalence is not None for k, e in self._effects.items() if k not in self._declared)
 
 
 def pareto_front(points: list[tuple[float, float]], *, higher_is_better: bool) -> list[int]:

@@ -1,0 +1,105 @@
+"""Issue 28's done-when: a study that declared r4 vs r16 (equivalence within +/-2 %) is reported from a real
+(SQLite) tracking store through the runs API: 10 seeds of tight pairs read "equivalent"; 3 seeds of wide pairs read
+"cannot tell" and say how many seeds would decide."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+from mlflow import MlflowClient
+
+from lora_efficiency.design import seeds_needed
+from lora_efficiency.report import build_report, fetch_scope
+from lora_efficiency.report.runs import declared_contrasts
+from tests.report_store import EVAL_SETTINGS, _log, train_params
+
+CONTRAST = {
+    "name": "rank r4 vs r16 (all linear)",
+    "a": {"rank": 4, "target_modules": "all_linear"},
+    "b": {"rank": 16, "target_modules": "all_linear"},
+    "test": "equivalence",
+    "margin": 0.02,
+}
+DEFAULTS = {"rank": 16, "target_modules": "all_linear", "quantization": "nf4", "double_quant": True}
+
+
+def unit_spread(n: int) -> list[float]:
+    """n fixed numbers of mean 0 and sample sd 1 (evenly spaced, then scaled): known, not random."""
+    xs = [i - (n - 1) / 2 for i in range(n)]
+    sd = math.sqrt(sum(x * x for x in xs) / (n - 1))
+    return [x / sd for x in xs]
+
+
+def build(client: MlflowClient, experiment: str, diffs: list[float]) -> None:
+    """A study run declaring the contrast and one sweep of r4 and r16 on all linear layers; r16's eval loss is 1.2
+    at every seed, r4's is 1.2 + diffs[seed] (so the paired differences of ln perplexity are exactly diffs)."""
+    exp = client.create_experiment(experiment)
+    tags = {"entry_point": "main", "study_contrasts": json.dumps([CONTRAST])}
+    study = client.create_run(exp, run_name="study", tags=tags).info.run_id
+    sweep = client.create_run(exp, run_name="sweep", tags={"mlflow.parentRunId": study, "entry_point": "sweep"})
+    for rank in (4, 16):
+        config_hash = f"r{rank}-all-linear"
+        for seed, d in enumerate(diffs):
+            loss = 1.2 + (d if rank == 4 else 0.0)
+            params = {**train_params(rank, "nf4", seed), "target_modules": "all_linear"}
+            key = hashlib.sha256(f"{config_hash}-{seed}".encode()).hexdigest()[:16]
+            run = client.create_run(
+                exp,
+                run_name=f"r{rank}-s{seed}",
+                tags={"mlflow.parentRunId": sweep.info.run_id, "sweep_key": key, "seed": str(seed)},
+            ).info.run_id
+            metrics = {
+                "eval/perplexity": math.exp(loss),
+                "eval/loss": loss,
+                "memory/peak_mb": 1000 + rank * (1 + seed % 3),
+            }
+            run_tags = {"config_hash": config_hash, "eval_settings": EVAL_SETTINGS, "quantization": "nf4"}
+            _log(client, run, params=params, metrics=metrics, tags=run_tags)
+            client.set_terminated(run, "FINISHED")
+    client.set_terminated(sweep.info.run_id, "FINISHED")
+    client.set_terminated(study, "FINISHED")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('design-store')}/mlflow.db")
+    build(client, "tight", [0.001 + 0.003 * z for z in unit_spread(10)])  # mean 0.1 %, sd 0.003
+    build(client, "wide", [0.02 * z for z in unit_spread(3)])  # 3 seeds, sd 0.02
+    return client
+
+
+def report_of(client, experiment: str):
+    scope = fetch_scope(client, experiment=experiment)
+    return build_report(scope, defaults=DEFAULTS, contrasts=declared_contrasts(scope))
+
+
+def test_ten_tight_seeds_of_a_declared_contrast_read_equivalent(client):
+    report = report_of(client, "tight")
+    (declared,) = report.declared
+    assert (declared.a.settings["rank"], declared.b.settings["rank"]) == ("4", "16")
+    j = report.family[next(iter(report.family._declared))]
+    assert j.declared == CONTRAST["name"] and j.verdict == "equivalent within ±2%" and j.holm_size == 1
+    (line,) = report.declared_lines
+    assert line.startswith("rank r4 vs r16 (all linear) (equivalence within ±2% on perplexity, declared")
+    assert "equivalent within ±2%" in line and "90% [" in line
+    # the declared contrast alone is confirmatory: the memory test of the same pair is exploratory
+    assert report.family.declared_tests == 1
+
+
+def test_three_wide_seeds_read_cannot_tell_and_say_how_many_seeds_would_decide(client):
+    report = report_of(client, "wide")
+    (line,) = report.declared_lines
+    n = seeds_needed(0.02, 0.02, "equivalence")
+    assert n == 11  # sd 0.02, +/-2 %, one contrast: 80 % power at true ratio 1
+    assert f"cannot tell; ~{n} seeds would decide equivalence within ±2%" in line, line
+
+
+def test_an_undeclared_test_is_marked_exploratory(client):
+    report = report_of(client, "wide")
+    (finding,) = report.findings
+    perplexity, memory = finding.text.split("; peak memory")[:2]
+    assert "declared contrast 'rank r4 vs r16 (all linear)'" in perplexity and "exploratory" not in perplexity
+    assert "(3 pairs by seed; exploratory, Holm p" in memory, memory
