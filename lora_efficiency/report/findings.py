@@ -14,14 +14,25 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
 from lora_efficiency.design import Contrast, pick
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint, RunData, Scope
-from lora_efficiency.report.stats import Family, Judgement, Stat, cell, effect, margin_text, pareto_front
+from lora_efficiency.report.stats import (
+    Effect,
+    Family,
+    Judgement,
+    Stat,
+    cell,
+    effect,
+    example_noise,
+    margin_text,
+    pareto_front,
+    with_example_noise,
+)
 
 FOUR_BIT = ("nf4", "fp4")
 # Settings of LoRA alone: a full fine-tuning configuration is labelled without them.
@@ -40,6 +51,8 @@ class Configuration:
     settings: dict[str, str]
     runs: list[RunData]
     stats: dict[str, Stat]  # only metrics that at least one seed measured
+    # per-example losses by seed (per_example_losses.json); None: not read for this report (seed noise only)
+    losses: dict[int, dict[str, list]] | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -232,6 +245,29 @@ def _test_key(a: Compared, b: Compared, metric: str) -> tuple[str, str, str]:
     return key(a), key(b), metric
 
 
+def paired_effect(
+    a: Configuration, b: Configuration, metric: str, delta: float | None, task: str | None = None
+) -> Effect:
+    """a - b paired by seed; for perplexity with per-example losses on every pair, both noises (seeds by t,
+    examples by bootstrap: stats.example_noise), else the seeds' alone, saying why. `task`: one task family's
+    eval loss (eval/loss/<family>) and examples."""
+    by_a, by_b = a.by_seed(metric), b.by_seed(metric)
+    eff = effect(by_a, by_b, metric=metric, delta=delta)
+    if metric != PERPLEXITY or a.losses is None or b.losses is None:
+        return eff
+    common = sorted(set(by_a) & set(by_b))
+    if len(common) < 2:
+        return eff
+    missing = sum(s not in a.losses or s not in b.losses for s in common)
+    if missing:
+        return replace(eff, noise=f"seeds only: {missing} of {len(common)} pairs have no per-example losses")
+    noise = example_noise([(a.losses[s], b.losses[s]) for s in common], task=task)
+    if noise is None:
+        return replace(eff, noise="seeds only: fewer than 2 examples scored in every run")
+    ds = [math.log(by_a[s]) - math.log(by_b[s]) for s in common]
+    return with_example_noise(ds, *noise, metric=metric, delta=delta)
+
+
 def add_test(family: Family, a: Configuration, b: Compared, metric: str) -> None:
     """a against b on one metric, paired by seed (against a baseline: its one evaluation, a constant); perplexity
     also gets the equivalence test against the family's margin, except against the base alone: an adapter is never
@@ -240,9 +276,10 @@ def add_test(family: Family, a: Configuration, b: Compared, metric: str) -> None
     if isinstance(b, Configuration) and b.key < a.key:
         a, b = b, a
     delta = math.log(family.margin) if metric == PERPLEXITY and isinstance(b, Configuration) else None
-    other = (
-        b.by_seed(metric) if isinstance(b, Configuration) else float(b.metrics[metric]) if metric in b.metrics else {}
-    )
+    if isinstance(b, Configuration):
+        family.add(_test_key(a, b, metric), paired_effect(a, b, metric, delta))
+        return
+    other = float(b.metrics[metric]) if metric in b.metrics else {}
     family.add(_test_key(a, b, metric), effect(a.by_seed(metric), other, metric=metric, delta=delta))
 
 
@@ -283,7 +320,7 @@ def add_declared(family: Family, declared: DeclaredContrast) -> None:
         return
     if b.key < a.key:
         a, b = b, a
-    eff = effect(a.by_seed(c.metric), b.by_seed(c.metric), metric=c.metric)
+    eff = paired_effect(a, b, c.metric, math.log1p(c.margin) if c.test == "equivalence" else None)
     family.declare(_test_key(a, b, c.metric), eff, name=c.name, test=c.test, margin=1 + c.margin)
 
 
@@ -703,6 +740,7 @@ def build_report(
     memory_notes: list[str] | None = None,
     val_curves: dict[str, list[tuple[int, float]]] | None = None,
     contrasts: list[Contrast] | None = None,
+    per_example: dict[str, dict[str, list]] | None = None,
 ) -> Report:
     """Aggregate, compare and decide.
 
@@ -718,11 +756,16 @@ def build_report(
         memory_notes: the runs predict_peak_memory left out, and why.
         contrasts: the contrasts the study declared (its study_contrasts tag): when given, they alone form the
             confirmatory Holm family and every other test is exploratory.
+        per_example: per-example losses by run id (runs.fetch_per_example_losses); None: not read, intervals count
+            the seeds' noise alone.
 
     Returns:
         Everything the report writes, as data.
     """
     configs = group_configurations(scope.runs)
+    if per_example is not None:
+        for c in configs:
+            c.losses = {r.seed: per_example[r.run_id] for r in c.runs if r.run_id in per_example}
     comparisons = find_comparisons(configs, defaults=defaults)
     peaks = [c.worst_peak_mb for c in configs if c.worst_peak_mb is not None]
     budgets = budgets_mb or (budget_ladder(peaks) if peaks else [])

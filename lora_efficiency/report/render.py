@@ -63,8 +63,20 @@ def methods(report: Report) -> str:
         + " Verdicts: 'better' / 'worse' (a difference beyond noise after Holm), "
         f"'equivalent within {margin}' (TOST after Holm), else 'cannot tell'; a difference not detected is not "
         f"'equal'. Intervals are {1 - family.alpha:.0%} intervals of each comparison, not adjusted; the p-values "
-        "shown are Holm-adjusted. Only seed-to-seed noise is counted, not the sampling noise of the evaluation "
-        "examples."
+        "shown are Holm-adjusted. " + _noise_sentence(report)
+    )
+
+
+def _noise_sentence(report: Report) -> str:
+    """What the perplexity intervals count: seeds alone, or seeds and the sampling of evaluation examples."""
+    if not any(c.losses for c in report.configurations):
+        return "Only seed-to-seed noise is counted, not the sampling noise of the evaluation examples."
+    return (
+        "Perplexity comparisons count both noises where every pair has per-example losses (per_example_losses.json): "
+        "seeds by Student's t (s^2 / n), and the sampling of evaluation examples by a bootstrap of example ids "
+        "(2,000 replicates, fixed seed; one resample shared by every seed and paired across a and b by example, "
+        "since every run scores the same examples), added in quadrature with Welch-Satterthwaite degrees of "
+        "freedom; the pairs column says where a comparison counts seeds only, and why. Other metrics count seeds."
     )
 
 
@@ -141,6 +153,7 @@ def test_rows(report: Report, comp: Comparison) -> tuple[list[str], list[list[st
         j = f.judgements[PERPLEXITY]
         e = j.effect
         pairs = str(e.n) if e.design == PAIRED else f"{e.n} ({e.design})" if e.design else f"{e.n} ({e.reason})"
+        pairs += f"; noise of {e.noise}" if e.noise != "seeds" else ""
         rows.append(
             [f.a, f.b, pairs, j.size().removeprefix("ratio ") if e.diff is not None else "not measured"]
             + [_p_cell(j.p_difference), _p_cell(j.p_equivalence), j.decision]

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from lora_efficiency.design import seeds_needed
 from lora_efficiency.report import build_report, fetch_scope
-from lora_efficiency.report.runs import declared_contrasts
+from lora_efficiency.report.runs import PER_EXAMPLE_LOSSES as TABLE
+from lora_efficiency.report.runs import declared_contrasts, fetch_per_example_losses
 from tests.report_store import EVAL_SETTINGS, _log, train_params
 
 CONTRAST = {
@@ -33,9 +34,13 @@ def unit_spread(n: int) -> list[float]:
     return [x / sd for x in xs]
 
 
-def build(client: MlflowClient, experiment: str, diffs: list[float]) -> None:
+def build(
+    client: MlflowClient, experiment: str, diffs: list[float], examples: list[float] | None = None, skip: str = ""
+) -> None:
     """A study run declaring the contrast and one sweep of r4 and r16 on all linear layers; r16's eval loss is 1.2
-    at every seed, r4's is 1.2 + diffs[seed] (so the paired differences of ln perplexity are exactly diffs)."""
+    at every seed, r4's is 1.2 + diffs[seed] (so the paired differences of ln perplexity are exactly diffs). With
+    `examples` (mean 0), each run also logs per_example_losses.json: r4's example j has loss 1.2 + diffs[seed] +
+    examples[j], r16's 1.2; the run named `skip` logs none."""
     exp = client.create_experiment(experiment)
     tags = {"entry_point": "main", "study_contrasts": json.dumps([CONTRAST])}
     study = client.create_run(exp, run_name="study", tags=tags).info.run_id
@@ -58,6 +63,10 @@ def build(client: MlflowClient, experiment: str, diffs: list[float]) -> None:
             }
             run_tags = {"config_hash": config_hash, "eval_settings": EVAL_SETTINGS, "quantization": "nf4"}
             _log(client, run, params=params, metrics=metrics, tags=run_tags)
+            if examples is not None and f"r{rank}-s{seed}" != skip:
+                losses = [loss + (e if rank == 4 else 0.0) for e in examples]
+                rows = [[j, "t", 1, x] for j, x in enumerate(losses)]
+                client.log_dict(run, {"columns": ["example", "task", "tokens", "loss"], "data": rows}, TABLE)
             client.set_terminated(run, "FINISHED")
     client.set_terminated(sweep.info.run_id, "FINISHED")
     client.set_terminated(study, "FINISHED")
@@ -68,12 +77,17 @@ def client(tmp_path_factory):
     client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('design-store')}/mlflow.db")
     build(client, "tight", [0.001 + 0.003 * z for z in unit_spread(10)])  # mean 0.1 %, sd 0.003
     build(client, "wide", [0.02 * z for z in unit_spread(3)])  # 3 seeds, sd 0.02
+    # 10 seeds whose pairs alone decide (sd 0.003), but 100 examples of sd 0.15: the examples' se 0.015 alone
+    # puts the 90 % interval's half-width near 1.66 x 0.015 = 0.025 > ln 1.02 = 0.0198
+    build(client, "noisy-examples", [0.001 + 0.003 * z for z in unit_spread(10)], [0.15 * z for z in unit_spread(100)])
+    build(client, "one-missing", [0.02 * z for z in unit_spread(3)], [0.1 * z for z in unit_spread(20)], "r4-s1")
     return client
 
 
 def report_of(client, experiment: str):
     scope = fetch_scope(client, experiment=experiment)
-    return build_report(scope, defaults=DEFAULTS, contrasts=declared_contrasts(scope))
+    per_example = fetch_per_example_losses(client, scope.runs)
+    return build_report(scope, defaults=DEFAULTS, contrasts=declared_contrasts(scope), per_example=per_example)
 
 
 def test_ten_tight_seeds_of_a_declared_contrast_read_equivalent(client):
@@ -103,3 +117,18 @@ def test_an_undeclared_test_is_marked_exploratory(client):
     perplexity, memory = finding.text.split("; peak memory")[:2]
     assert "declared contrast 'rank r4 vs r16 (all linear)'" in perplexity and "exploratory" not in perplexity
     assert "(3 pairs by seed; exploratory, Holm p" in memory, memory
+
+
+def test_the_examples_noise_read_through_the_runs_api_widens_the_interval(client):
+    (line,) = report_of(client, "noisy-examples").declared_lines
+    assert "noise of seeds and 100 examples" in line and "cannot tell" in line, line
+    # the examples' noise does not shrink with seeds: no number of them decides at this evaluation's size
+    assert "no number of seeds would decide equivalence within ±2%" in line, line
+    (tight,) = report_of(client, "tight").declared_lines  # no artifacts logged: seeds only, and it says so
+    assert "noise of seeds only: 10 of 10 pairs have no per-example losses" in tight
+
+
+def test_a_pair_without_per_example_losses_falls_back_to_the_seeds_and_says_so(client):
+    report = report_of(client, "one-missing")
+    (line,) = report.declared_lines
+    assert "noise of seeds only: 1 of 3 pairs have no per-example losses" in line, line
