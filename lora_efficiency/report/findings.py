@@ -756,14 +756,14 @@ def build_report(
         memory_notes: the runs predict_peak_memory left out, and why.
         contrasts: the contrasts the study declared (its study_contrasts tag): when given, they alone form the
             confirmatory Holm family and every other test is exploratory.
-        per_example: per-example losses by run id (runs.fetch_per_example_losses); None: not read, intervals count
+        per_example: per-example losses by run id (runs.fetch_per_example_losses); None or empty: intervals count
             the seeds' noise alone.
 
     Returns:
         Everything the report writes, as data.
     """
     configs = group_configurations(scope.runs)
-    if per_example is not None:
+    if per_example:  # none at all (runs from before the artifact): seed noise only, said once in the Methods
         for c in configs:
             c.losses = {r.seed: per_example[r.run_id] for r in c.runs if r.run_id in per_example}
     comparisons = find_comparisons(configs, defaults=defaults)

@@ -70,7 +70,10 @@ def methods(report: Report) -> str:
 def _noise_sentence(report: Report) -> str:
     """What the perplexity intervals count: seeds alone, or seeds and the sampling of evaluation examples."""
     if not any(c.losses for c in report.configurations):
-        return "Only seed-to-seed noise is counted, not the sampling noise of the evaluation examples."
+        return (
+            "Only seed-to-seed noise is counted, not the sampling noise of the evaluation examples (no run of this "
+            "report logged per_example_losses.json)."
+        )
     return (
         "Perplexity comparisons count both noises where every pair has per-example losses (per_example_losses.json): "
         "seeds by Student's t (s^2 / n), and the sampling of evaluation examples by a bootstrap of example ids "

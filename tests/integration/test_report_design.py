@@ -60,6 +60,7 @@ def build(
                 "eval/perplexity": math.exp(loss),
                 "eval/loss": loss,
                 "memory/peak_mb": 1000 + rank * (1 + seed % 3),
+                "time/train_s": 1800.0 if rank == 4 else 1960.0,
             }
             run_tags = {"config_hash": config_hash, "eval_settings": EVAL_SETTINGS, "quantization": "nf4"}
             _log(client, run, params=params, metrics=metrics, tags=run_tags)
@@ -124,11 +125,28 @@ def test_the_examples_noise_read_through_the_runs_api_widens_the_interval(client
     assert "noise of seeds and 100 examples" in line and "cannot tell" in line, line
     # the examples' noise does not shrink with seeds: no number of them decides at this evaluation's size
     assert "no number of seeds would decide equivalence within ±2%" in line, line
-    (tight,) = report_of(client, "tight").declared_lines  # no artifacts logged: seeds only, and it says so
-    assert "noise of seeds only: 10 of 10 pairs have no per-example losses" in tight
+    tight = report_of(client, "tight")  # no run logged the artifact: seeds only, said once in the Methods
+    assert "noise of" not in tight.declared_lines[0] and all(c.losses is None for c in tight.configurations)
 
 
 def test_a_pair_without_per_example_losses_falls_back_to_the_seeds_and_says_so(client):
     report = report_of(client, "one-missing")
     (line,) = report.declared_lines
     assert "noise of seeds only: 1 of 3 pairs have no per-example losses" in line, line
+
+
+def test_plan_reads_the_spread_of_earlier_runs_and_prices_the_seeds_it_asks_for(client):
+    from lora_efficiency.design import parse_contrasts
+    from lora_efficiency.report import group_configurations
+    from lora_efficiency.report.power import plan_lines
+
+    configs = group_configurations(fetch_scope(client, experiment="wide").runs)
+    contrasts = parse_contrasts([CONTRAST, {**CONTRAST, "name": "again", "a": {"rank": 8}}])
+    header, line, unmatched = plan_lines(contrasts, 3, configs=configs, defaults=DEFAULTS)
+    assert header.startswith("2 declared contrasts, Holm over 2 planned at alpha / 2 = 0.025")
+    n = seeds_needed(0.02, 0.02, "equivalence", 2)
+    assert "paired sd 0.0200 (measured on r4 all_linear nf4 vs r16 all_linear nf4, 3 pairs (seeds))" in line
+    assert f"{n} seeds give 80% power; the profile's 3 seeds: power 0.0" in line, line
+    assert f"cost: {n} x (1,800 s + 1,960 s) = {n * 3760 / 3600:.1f} h" in line, line
+    # r8 was never run: the spread pooled over the pairs the earlier runs compared
+    assert "pooled over the 1 paired comparisons" in unmatched and "cost: not measured" in unmatched, unmatched

@@ -94,3 +94,35 @@ def test_a_study_refuses_a_contrast_naming_a_configuration_its_sweeps_do_not_tra
     monkeypatch.setattr(study, "load_profile", lambda name: {"contrasts": [{**declared, "b": {"rank": 3}}]})
     with pytest.raises(ConfigError, match=r"profile='quick': contrasts\[0\].b=\{'rank': '3'\} is invalid: settings"):
         study.study_contrasts("quick", sweeps)
+
+
+def _exit_2(argv: list[str], capsys) -> str:
+    from entrypoints import plan
+    from lora_efficiency.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(plan.main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_plan_design_needs_a_spread_and_a_profile_with_contrasts(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/never-opened.db")
+    assert "design='quick' needs a spread: --sd" in _exit_2(["--design", "quick"], capsys)
+    assert "design='nope' is invalid: empty (plan memory) or a profile" in _exit_2(
+        ["--design", "nope", "--sd", "0.01"], capsys
+    )
+    assert "sd=2.0 is invalid" in _exit_2(["--design", "quick", "--sd", "2"], capsys)
+    assert "the profile declares no contrasts" in _exit_2(["--design", "quick", "--sd", "0.01"], capsys)
+
+
+def test_plan_design_prints_the_seeds_of_each_declared_contrast(capsys, monkeypatch):
+    import lora_efficiency.sweep as sweep
+    from entrypoints import plan
+
+    monkeypatch.setattr(sweep, "load_profile", lambda name: {"contrasts": [CONTRAST], "seeds": [0, 1, 2]})
+    plan.main(["--design", "quick", "--sd", "0.0148"])
+    out = capsys.readouterr().out
+    assert "1 declared contrasts, Holm over 1" in out and "the profile runs 3 seeds" in out
+    assert "paired sd 0.0148 (given (--sd)); 7 seeds give 80% power; the profile's 3 seeds: power 0.26" in out, out
