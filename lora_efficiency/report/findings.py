@@ -340,6 +340,63 @@ def declared_lines(declared: list[DeclaredContrast], family: Family) -> list[str
     return lines
 
 
+# A task family is at its ceiling where the better of the two configurations has a perplexity below 1.10 on it:
+# under 0.095 nats per answer token are left, so a ratio there barely moves (the quick study of 2026-12-04 had json at
+# 1.00 and date at 1.14), while its long answers still dominate the token-weighted overall perplexity.
+CEILING = 1.10
+FAMILY_PREFIX = "eval/perplexity/"
+
+
+def _safe(task: str) -> str:
+    """A task family as its metric names it (lora_efficiency.evaluation.family_metric)."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", task) or "untitled"
+
+
+def _family_effect(d: DeclaredContrast, name: str, by_a: dict[int, float], by_b: dict[int, float]) -> Effect:
+    """One task family's paired effect of a declared contrast, at its margin, with its examples' noise where every
+    pair has per-example losses."""
+    delta = math.log1p(d.contrast.margin)
+    common = sorted(set(by_a) & set(by_b))
+    la, lb = d.a.losses or {}, d.b.losses or {}
+    if len(common) >= 2 and all(s in la and s in lb for s in common):
+        tasks = {t for s in common for t in la[s].get("task") or [] if _safe(str(t)) == name}
+        if len(tasks) == 1:
+            noise = example_noise([(la[s], lb[s]) for s in common], task=tasks.pop())
+            if noise is not None:
+                ds = [math.log(by_a[s]) - math.log(by_b[s]) for s in common]
+                return with_example_noise(ds, *noise, metric=PERPLEXITY, delta=delta)
+    return effect(by_a, by_b, metric=PERPLEXITY, delta=delta)
+
+
+def family_lines(declared: list[DeclaredContrast], alpha: float) -> list[str]:
+    """Each declared perplexity contrast on each task family not at its ceiling (CEILING), in a Holm family of
+    their own: exploratory, since which families are tested is read from these runs' perplexities."""
+    family, planned, ceiling = Family(alpha=alpha, margin=1.02), [], []  # each test carries its contrast's margin
+    for d in declared:
+        if d.a is None or d.b is None or d.a is d.b or d.contrast.metric != PERPLEXITY:
+            continue
+        names = sorted(
+            {m[len(FAMILY_PREFIX) :] for r in d.a.runs + d.b.runs for m in r.metrics if m.startswith(FAMILY_PREFIX)}
+        )
+        for name in names:
+            by_a, by_b = d.a.by_seed(FAMILY_PREFIX + name), d.b.by_seed(FAMILY_PREFIX + name)
+            if not by_a or not by_b:
+                continue
+            best = min(sum(by_a.values()) / len(by_a), sum(by_b.values()) / len(by_b))
+            if best < CEILING:
+                ceiling.append(f"{d.contrast.name}, {name} ({best:.2f})")
+                continue
+            family.add((d.contrast.name, name), _family_effect(d, name, by_a, by_b))
+            planned.append((d.contrast.name, name))
+    if not planned and not ceiling:
+        return []
+    family.close()
+    lines = [f"{c} on task family {name}: {family[(c, name)].text()}" for c, name in planned]
+    if ceiling:
+        lines.append(f"at their ceiling (perplexity below {CEILING:.2f}), not tested: " + "; ".join(ceiling))
+    return lines
+
+
 @dataclass(frozen=True)
 class Finding:
     comparison: str
@@ -694,6 +751,7 @@ class Report:
     val_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # val/loss per step of each run
     declared: list[DeclaredContrast] = field(default_factory=list)  # the study's declared contrasts
     declared_lines: list[str] = field(default_factory=list)
+    family_lines: list[str] = field(default_factory=list)  # the declared contrasts per task family (exploratory)
 
 
 def plan_tests(
@@ -792,4 +850,5 @@ def build_report(
         val_curves=val_curves or {},
         declared=declared,
         declared_lines=declared_lines(declared, family),
+        family_lines=family_lines(declared, alpha),
     )

@@ -20,7 +20,7 @@ from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.families import families_section
 from lora_efficiency.report.files import write_file
-from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
+from lora_efficiency.report.findings import CEILING, Comparison, Report, recommendation_lines, same_modules
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
 from lora_efficiency.report.runs import RunData, Scope
@@ -256,6 +256,21 @@ def _declared_blocks(report: Report) -> list[Block]:
         "'cannot tell', the seeds that would decide it give 80% power at the observed paired spread, planned at "
         "alpha / k (lora_efficiency/design.py).",
         ("ul", report.declared_lines),
+        *(
+            [
+                ("h3", "Declared contrasts by task family (exploratory)"),
+                (
+                    "p",
+                    "Each declared perplexity contrast on each task family that is not at its ceiling (the better "
+                    f"configuration's perplexity on it at least {CEILING:.2f}; below it, under 0.095 nats per token "
+                    "are left to gain). These tests form a Holm family of their own, outside the declared one: which "
+                    "families are tested is read from these runs, so they are exploratory.",
+                ),
+                ("ul", report.family_lines),
+            ]
+            if report.family_lines
+            else []
+        ),
     )
 
 

@@ -535,7 +535,7 @@ class Family:
                 self._judged[k] = Judgement(
                     e,
                     self.alpha,
-                    self.margin if e.delta is not None else None,
+                    math.exp(e.delta) if e.delta is not None else None,  # the margin it was tested at
                     adjusted_diff.get(k),
                     adjusted_equiv.get(k),
                     exploratory=bool(self._declared),

@@ -35,12 +35,18 @@ def unit_spread(n: int) -> list[float]:
 
 
 def build(
-    client: MlflowClient, experiment: str, diffs: list[float], examples: list[float] | None = None, skip: str = ""
+    client: MlflowClient,
+    experiment: str,
+    diffs: list[float],
+    examples: list[float] | None = None,
+    skip: str = "",
+    families: dict[str, tuple[float, float]] | None = None,
 ) -> None:
     """A study run declaring the contrast and one sweep of r4 and r16 on all linear layers; r16's eval loss is 1.2
     at every seed, r4's is 1.2 + diffs[seed] (so the paired differences of ln perplexity are exactly diffs). With
     `examples` (mean 0), each run also logs per_example_losses.json: r4's example j has loss 1.2 + diffs[seed] +
-    examples[j], r16's 1.2; the run named `skip` logs none."""
+    examples[j], r16's 1.2; the run named `skip` logs none. `families`: name -> (r16's perplexity on it, r4's
+    ratio to it), each seed moved by its diffs too."""
     exp = client.create_experiment(experiment)
     tags = {"entry_point": "main", "study_contrasts": json.dumps([CONTRAST])}
     study = client.create_run(exp, run_name="study", tags=tags).info.run_id
@@ -62,6 +68,8 @@ def build(
                 "memory/peak_mb": 1000 + rank * (1 + seed % 3),
                 "time/train_s": 1800.0 if rank == 4 else 1960.0,
             }
+            for name, (ppl, ratio) in (families or {}).items():
+                metrics[f"eval/perplexity/{name}"] = ppl * (ratio * math.exp(d) if rank == 4 else 1.0)
             run_tags = {"config_hash": config_hash, "eval_settings": EVAL_SETTINGS, "quantization": "nf4"}
             _log(client, run, params=params, metrics=metrics, tags=run_tags)
             if examples is not None and f"r{rank}-s{seed}" != skip:
@@ -81,6 +89,9 @@ def client(tmp_path_factory):
     # 10 seeds whose pairs alone decide (sd 0.003), but 100 examples of sd 0.15: the examples' se 0.015 alone
     # puts the 90 % interval's half-width near 1.66 x 0.015 = 0.025 > ln 1.02 = 0.0198
     build(client, "noisy-examples", [0.001 + 0.003 * z for z in unit_spread(10)], [0.15 * z for z in unit_spread(100)])
+    # arithmetic: r4 15 % worse; json at its ceiling (1.00) where any ratio is 1
+    families = {"arithmetic": (3.56, 1.15), "json": (1.0, 1.0)}
+    build(client, "families", [0.001 + 0.003 * z for z in unit_spread(10)], families=families)
     build(client, "one-missing", [0.02 * z for z in unit_spread(3)], [0.1 * z for z in unit_spread(20)], "r4-s1")
     return client
 
@@ -150,3 +161,22 @@ def test_plan_reads_the_spread_of_earlier_runs_and_prices_the_seeds_it_asks_for(
     assert f"cost: {n} x (1,800 s + 1,960 s) = {n * 3760 / 3600:.1f} h" in line, line
     # r8 was never run: the spread pooled over the pairs the earlier runs compared
     assert "pooled over the 1 paired comparisons" in unmatched and "cost: not measured" in unmatched, unmatched
+
+
+def test_per_family_verdicts_of_a_declared_contrast_leave_out_families_at_their_ceiling(client):
+    report = report_of(client, "families")
+    arithmetic, ceiling = report.family_lines
+    assert arithmetic.startswith("rank r4 vs r16 (all linear) on task family arithmetic: perplexity ratio 1.151")
+    assert arithmetic.endswith("): worse"), arithmetic
+    assert ceiling == "at their ceiling (perplexity below 1.10), not tested: rank r4 vs r16 (all linear), json (1.00)"
+    assert "equivalent within ±2%" in report.declared_lines[0]  # overall equivalent, while arithmetic is worse
+
+
+def test_the_written_report_shows_the_declared_family_first_and_the_rest_as_exploratory(client, tmp_path):
+    from lora_efficiency.report import write_report
+
+    md = write_report(report_of(client, "wide"), tmp_path / "wide")["markdown"].read_text()
+    assert "## Declared contrasts" in md and "cannot tell; ~11 seeds would decide equivalence within ±2%" in md
+    assert "The 1 contrasts the study declared form the confirmatory family" in md
+    md = write_report(report_of(client, "families"), tmp_path / "families")["markdown"].read_text()
+    assert "### Declared contrasts by task family (exploratory)" in md
