@@ -19,10 +19,16 @@ Each comparison carries two p-values: the two-sided t-test of no difference and,
 (perplexity: a ratio such as 1.02, log margin delta = ln 1.02), the equivalence test TOST (two one-sided t-tests
 of d <= -delta and d >= delta; its p is the larger of the two, and it rejects at alpha exactly when the
 (1 - 2 alpha) interval of d lies inside (-delta, +delta)). The p-values of a report form two families, one per
-kind of test, each corrected with Holm-Bonferroni (Family). The verdicts mean what they say: "better" / "worse"
-(no difference rejected after Holm), "equivalent within +-X%" (TOST rejected after Holm), else "cannot tell";
-"not detected" is never read as "equal". Only seed-to-seed noise is counted: exact match over 30 examples also
-has sampling noise that the seeds do not show.
+kind of test, each corrected with Holm-Bonferroni (Family). Where the study declared contrasts before its data
+(lora_efficiency.design), their tests alone (one each) form the confirmatory family and every other test is
+exploratory, corrected among themselves. The verdicts mean what they say: "better" / "worse" (no difference rejected
+after Holm), "equivalent within +-X%" (TOST rejected after Holm), else "cannot tell", which also says how many
+seeds would decide it at the observed spread; "not detected" is never read as "equal".
+
+Perplexity counts both noises where the runs logged their per-example losses: the seeds' (t over the paired
+differences) and the sampling of the evaluation examples (a bootstrap of example ids: example_noise), added in
+quadrature (with_example_noise). Other metrics count the seeds' alone: exact match over 30 examples also has
+sampling noise that the seeds do not show.
 
 Student's t distribution comes from scipy.stats.t (scipy is a dependency of the project's environment).
 """
@@ -32,7 +38,9 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
+from functools import cached_property
 
+from lora_efficiency.design import MAX_SEEDS
 from lora_efficiency.report.metrics import METRICS
 
 PAIRED = "paired by seed"
@@ -408,7 +416,7 @@ class Judgement:
         )
         return n, what
 
-    @property
+    @cached_property
     def decision(self) -> str:
         """The verdict, and for "cannot tell" how many seeds would decide it: 'cannot tell; ~12 seeds would decide
         equivalence within ±2%'."""
@@ -416,10 +424,12 @@ class Judgement:
         if advice is None:
             return self.verdict
         n, what = advice
-        if n is None:
+        if n is None and self.effect.example_se:
             return (
                 f"{self.verdict}; no number of seeds would decide {what}: the evaluation examples' noise is too large"
             )
+        if n is None:
+            return f"{self.verdict}; more than {MAX_SEEDS} seeds would be needed to decide {what}"
         return f"{self.verdict}; ~{n} seeds would decide {what}"
 
     def reversed(self) -> Judgement:
