@@ -425,9 +425,8 @@ class Judgement:
             return self.verdict
         n, what = advice
         if n is None and self.effect.example_se:
-            return (
-                f"{self.verdict}; no number of seeds would decide {what}: the evaluation examples' noise is too large"
-            )
+            why = "the evaluation examples' noise is too large (more examples would)"
+            return f"{self.verdict}; no number of seeds would decide {what}: {why}"
         if n is None:
             return f"{self.verdict}; more than {MAX_SEEDS} seeds would be needed to decide {what}"
         return f"{self.verdict}; ~{n} seeds would decide {what}"
