@@ -18,6 +18,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(StudyConfig, "main", argv, description=__doc__)
     from transformers.utils import logging as hf_logging
 
+    from lora_efficiency.design import contrasts_json
     from lora_efficiency.ray_backend import check_backend
     from lora_efficiency.study import load_study, report_study, run_study
     from lora_efficiency.tracking import start_run
@@ -31,7 +32,14 @@ def main(argv: list[str]) -> None:
         run_name=f"study-{cfg.profile or 'default'}", entry_point="main", system_metrics=False, description=description
     ) as tracker:
         tracker.log_params(vars(cfg))
-        tracker.set_tags({"study_profile": cfg.profile, "data_fingerprint": study.fingerprint})
+        tracker.set_tags(
+            {
+                "study_profile": cfg.profile,
+                "data_fingerprint": study.fingerprint,
+                # the report reads the declared contrasts back from here: the profile file may change later
+                "study_contrasts": contrasts_json(study.contrasts),
+            }
+        )
         failures = run_study(study, tracker.run_id)
         tracker.set_tags({"runs_failed": len(failures)})
     report_study(study, tracker.run_id, failures)

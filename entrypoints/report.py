@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
     from lora_efficiency.report import build_report, fetch_loss_curves, fetch_scope, predict_peak_memory, write_report
     from lora_efficiency.report.lr import pilots_in_scope
     from lora_efficiency.report.registry import register_winners
+    from lora_efficiency.report.runs import declared_contrasts, fetch_per_example_losses
     from lora_efficiency.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, check_tracking_store, start_run
 
     check_tracking_store()
@@ -45,6 +46,8 @@ def main(argv: list[str]) -> None:
         memory_points=memory_points,
         memory_notes=memory_notes,
         val_curves=fetch_loss_curves(client, scope.runs, "val/loss"),
+        contrasts=declared_contrasts(scope),
+        per_example=fetch_per_example_losses(client, scope.runs),
     )
     folder = Path(cfg.output) if cfg.output else report_folder(experiment)
     paths = write_report(report, folder)  # a new or empty folder, or an earlier report's: nothing else is touched

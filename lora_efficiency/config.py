@@ -450,6 +450,10 @@ class PlanConfig:
     trust_remote_code: bool
     target_fraction: float
     budget_mb: float
+    design: str
+    spread_experiment: str
+    spread_run_id: str
+    sd: float
 
 
 def plan_problems(v: dict[str, Any]) -> list[str]:
@@ -457,6 +461,23 @@ def plan_problems(v: dict[str, Any]) -> list[str]:
     check = _checker(v, p)
     check("target_fraction", lambda x: 0 < x <= 1, "a number in (0, 1]")
     check("budget_mb", lambda x: x >= 0, "a number of MB > 0, or 0 (the machine's: GPU memory, else available RAM)")
+    check(
+        "design",
+        lambda x: not x or (re.fullmatch(r"\w[\w.-]*", x) and is_path(CONFIG_DIR / "profiles" / f"{x}.yaml", "file")),
+        "empty (plan memory) or a profile in configs/profiles/ whose declared contrasts to plan seeds for: "
+        + ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml"))),
+    )
+    check(
+        "spread_run_id",
+        lambda x: not x or is_run_id(x),
+        "empty (the latest study of spread_experiment) or a study or sweep run's id (32 hexadecimal characters)",
+    )
+    check("sd", lambda x: 0 <= x < 1, "a paired sd of ln-metric differences per seed, such as 0.0148; 0: measured")
+    if v.get("design") and not v.get("sd") and not v.get("spread_experiment"):
+        p.append(
+            "design={!r} needs a spread: --sd (a paired sd of ln-metric differences, such as 0.0148) or "
+            "--spread_experiment (an experiment whose earlier runs measured it)".format(v["design"])
+        )
     return p
 
 

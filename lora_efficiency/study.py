@@ -17,11 +17,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 from lora_efficiency.children import flags
 from lora_efficiency.config import StudyConfig, TrainConfig, backend_options, is_path, report_folder
-from lora_efficiency.errors import UserError, printable
+from lora_efficiency.configuration import REPORT_SETTINGS
+from lora_efficiency.design import Contrast, parse_contrasts, pick
+from lora_efficiency.errors import ConfigError, UserError, invalid, printable
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
 from lora_efficiency.sweep import Sweep, check_one_data, load_profile, load_sweep, parent_tags, prepare_once, run_sweep
@@ -37,6 +39,7 @@ class Study:
     config: StudyConfig
     sweeps: list[Sweep]
     prepared: Prepared
+    contrasts: list[Contrast] = field(default_factory=list)  # declared in the profile, before any data
 
     @property
     def first(self) -> TrainConfig:
@@ -66,6 +69,7 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
     paths = cfg.sweeps or profile_sweeps(cfg.profile)
     sweeps = [load_sweep(path.strip(), profile=cfg.profile, overrides=overrides) for path in paths.split(",")]
     check_one_data(sweeps, where=f"sweeps={paths!r}", what="a study")
+    contrasts = study_contrasts(cfg.profile, sweeps)
     check_tracking_store()  # bad sweep files never open the store; from here an early exit leaves no run RUNNING
     prepared = prepare_once(sweeps, where=f"sweeps={paths!r}", what="a study")
     total, pilots = sum(len(s.children) for s in sweeps), sum(s.pilots for s in sweeps)
@@ -74,7 +78,29 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
         + (f" + {pilots} learning-rate pilots" if pilots else "")
         + f" (repeats across sweeps run once); data {prepared.manifest['dataset']}"
     )
-    return Study(cfg, sweeps, prepared)
+    return Study(cfg, sweeps, prepared, contrasts)
+
+
+def study_contrasts(profile: str, sweeps: list[Sweep]) -> list[Contrast]:
+    """The profile's declared contrasts, each side checked to name a configuration the sweeps train (its listed
+    settings; of several, the one with its other settings at the first sweep's base, the profile's defaults)."""
+    where = f"profile={profile!r}"
+    contrasts = parse_contrasts(load_profile(profile).get("contrasts"), where=where, settings=REPORT_SETTINGS)
+    configs = [asdict(c.config) for s in sweeps for c in s.children]
+    problems = []
+    for i, contrast in enumerate(contrasts):
+        for side in ("a", "b"):
+            if pick(getattr(contrast, side), configs, configs[0] if configs else {}) is None:
+                problems.append(
+                    invalid(
+                        f"{where}: contrasts[{i}].{side}",
+                        getattr(contrast, side),
+                        "settings of a configuration the study's sweeps train",
+                    )  # fmt: skip
+                )
+    if problems:
+        raise ConfigError(problems)
+    return contrasts
 
 
 def run_study(study: Study, study_run_id: str, *, log: Callable[[str], None] = _say) -> list[str]:

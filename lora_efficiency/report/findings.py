@@ -14,13 +14,25 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
+from lora_efficiency.design import Contrast, pick
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint, RunData, Scope
-from lora_efficiency.report.stats import Family, Judgement, Stat, cell, effect, margin_text, pareto_front
+from lora_efficiency.report.stats import (
+    Effect,
+    Family,
+    Judgement,
+    Stat,
+    cell,
+    effect,
+    example_noise,
+    margin_text,
+    pareto_front,
+    with_example_noise,
+)
 
 FOUR_BIT = ("nf4", "fp4")
 # Settings of LoRA alone: a full fine-tuning configuration is labelled without them.
@@ -39,6 +51,8 @@ class Configuration:
     settings: dict[str, str]
     runs: list[RunData]
     stats: dict[str, Stat]  # only metrics that at least one seed measured
+    # per-example losses by seed (per_example_losses.json); None: not read for this report (seed noise only)
+    losses: dict[int, dict[str, list]] | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -231,6 +245,29 @@ def _test_key(a: Compared, b: Compared, metric: str) -> tuple[str, str, str]:
     return key(a), key(b), metric
 
 
+def paired_effect(
+    a: Configuration, b: Configuration, metric: str, delta: float | None, task: str | None = None
+) -> Effect:
+    """a - b paired by seed; for perplexity with per-example losses on every pair, both noises (seeds by t,
+    examples by bootstrap: stats.example_noise), else the seeds' alone, saying why. `task`: one task family's
+    eval loss (eval/loss/<family>) and examples."""
+    by_a, by_b = a.by_seed(metric), b.by_seed(metric)
+    eff = effect(by_a, by_b, metric=metric, delta=delta)
+    if metric != PERPLEXITY or a.losses is None or b.losses is None:
+        return eff
+    common = sorted(set(by_a) & set(by_b))
+    if len(common) < 2:
+        return eff
+    missing = sum(s not in a.losses or s not in b.losses for s in common)
+    if missing:
+        return replace(eff, noise=f"seeds only: {missing} of {len(common)} pairs have no per-example losses")
+    noise = example_noise([(a.losses[s], b.losses[s]) for s in common], task=task)
+    if noise is None:
+        return replace(eff, noise="seeds only: fewer than 2 examples scored in every run")
+    ds = [math.log(by_a[s]) - math.log(by_b[s]) for s in common]
+    return with_example_noise(ds, *noise, metric=metric, delta=delta)
+
+
 def add_test(family: Family, a: Configuration, b: Compared, metric: str) -> None:
     """a against b on one metric, paired by seed (against a baseline: its one evaluation, a constant); perplexity
     also gets the equivalence test against the family's margin, except against the base alone: an adapter is never
@@ -239,9 +276,10 @@ def add_test(family: Family, a: Configuration, b: Compared, metric: str) -> None
     if isinstance(b, Configuration) and b.key < a.key:
         a, b = b, a
     delta = math.log(family.margin) if metric == PERPLEXITY and isinstance(b, Configuration) else None
-    other = (
-        b.by_seed(metric) if isinstance(b, Configuration) else float(b.metrics[metric]) if metric in b.metrics else {}
-    )
+    if isinstance(b, Configuration):
+        family.add(_test_key(a, b, metric), paired_effect(a, b, metric, delta))
+        return
+    other = float(b.metrics[metric]) if metric in b.metrics else {}
     family.add(_test_key(a, b, metric), effect(a.by_seed(metric), other, metric=metric, delta=delta))
 
 
@@ -250,6 +288,113 @@ def judged(family: Family, a: Configuration, b: Compared, metric: str) -> Judgem
     if isinstance(b, Configuration) and b.key < a.key:
         return family[_test_key(b, a, metric)].reversed()
     return family[_test_key(a, b, metric)]
+
+
+@dataclass(frozen=True)
+class DeclaredContrast:
+    """A contrast the study declared, and the configurations its sides name in these runs (None: not run)."""
+
+    contrast: Contrast
+    a: Configuration | None
+    b: Configuration | None
+
+
+def match_contrasts(
+    contrasts: list[Contrast], configs: list[Configuration], defaults: dict[str, object]
+) -> list[DeclaredContrast]:
+    """Each declared contrast's sides as configurations: the listed settings, and of several that have them, the
+    one with the most other settings at the defaults (the profile's)."""
+    settings = [c.settings for c in configs]
+    out = []
+    for contrast in contrasts:
+        ia, ib = (pick(side, settings, defaults) for side in (contrast.a, contrast.b))
+        out.append(DeclaredContrast(contrast, None if ia is None else configs[ia], None if ib is None else configs[ib]))
+    return out
+
+
+def add_declared(family: Family, declared: DeclaredContrast) -> None:
+    """A declared contrast's one test, in the declared family (before the other tests: the same pair compared
+    elsewhere in the report is this test)."""
+    a, b, c = declared.a, declared.b, declared.contrast
+    if a is None or b is None or a is b:
+        return
+    if b.key < a.key:
+        a, b = b, a
+    eff = paired_effect(a, b, c.metric, math.log1p(c.margin) if c.test == "equivalence" else None)
+    family.declare(_test_key(a, b, c.metric), eff, name=c.name, test=c.test, margin=1 + c.margin)
+
+
+def declared_lines(declared: list[DeclaredContrast], family: Family) -> list[str]:
+    """One line per declared contrast: its verdict (or why it has none), and how many seeds would decide it."""
+    lines = []
+    for d in declared:
+        c = d.contrast
+        head = f"{c.name} ({c.describe()} on {METRICS[c.metric].label}, declared before the data)"
+        if d.a is None or d.b is None:
+            missing = " and ".join(f"{side}={getattr(c, side)}" for side in ("a", "b") if getattr(d, side) is None)
+            lines.append(f"{head}: not run ({missing} matches no configuration of these runs)")
+        elif d.a is d.b:
+            lines.append(f"{head}: a and b name the same configuration ({d.a.label}): nothing to test")
+        else:
+            lines.append(f"{head}: {d.a.label} vs {d.b.label}: {judged(family, d.a, d.b, c.metric).text()}")
+    return lines
+
+
+# A task family is at its ceiling where the better of the two configurations has a perplexity below 1.10 on it:
+# under 0.095 nats per answer token are left, so a ratio there barely moves (the quick study of 2026-12-04 had json at
+# 1.00 and date at 1.14), while its long answers still dominate the token-weighted overall perplexity.
+CEILING = 1.10
+FAMILY_PREFIX = "eval/perplexity/"
+
+
+def _safe(task: str) -> str:
+    """A task family as its metric names it (lora_efficiency.evaluation.family_metric)."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", task) or "untitled"
+
+
+def _family_effect(d: DeclaredContrast, name: str, by_a: dict[int, float], by_b: dict[int, float]) -> Effect:
+    """One task family's paired effect of a declared contrast, at its margin, with its examples' noise where every
+    pair has per-example losses."""
+    delta = math.log1p(d.contrast.margin)
+    common = sorted(set(by_a) & set(by_b))
+    la, lb = d.a.losses or {}, d.b.losses or {}
+    if len(common) >= 2 and all(s in la and s in lb for s in common):
+        tasks = {t for s in common for t in la[s].get("task") or [] if _safe(str(t)) == name}
+        if len(tasks) == 1:
+            noise = example_noise([(la[s], lb[s]) for s in common], task=tasks.pop())
+            if noise is not None:
+                ds = [math.log(by_a[s]) - math.log(by_b[s]) for s in common]
+                return with_example_noise(ds, *noise, metric=PERPLEXITY, delta=delta)
+    return effect(by_a, by_b, metric=PERPLEXITY, delta=delta)
+
+
+def family_lines(declared: list[DeclaredContrast], alpha: float) -> list[str]:
+    """Each declared perplexity contrast on each task family not at its ceiling (CEILING), in a Holm family of
+    their own: exploratory, since which families are tested is read from these runs' perplexities."""
+    family, planned, ceiling = Family(alpha=alpha, margin=1.02), [], []  # each test carries its contrast's margin
+    for d in declared:
+        if d.a is None or d.b is None or d.a is d.b or d.contrast.metric != PERPLEXITY:
+            continue
+        names = sorted(
+            {m[len(FAMILY_PREFIX) :] for r in d.a.runs + d.b.runs for m in r.metrics if m.startswith(FAMILY_PREFIX)}
+        )
+        for name in names:
+            by_a, by_b = d.a.by_seed(FAMILY_PREFIX + name), d.b.by_seed(FAMILY_PREFIX + name)
+            if not by_a or not by_b:
+                continue
+            best = min(sum(by_a.values()) / len(by_a), sum(by_b.values()) / len(by_b))
+            if best < CEILING:
+                ceiling.append(f"{d.contrast.name}, {name} ({best:.2f})")
+                continue
+            family.add((d.contrast.name, name), _family_effect(d, name, by_a, by_b))
+            planned.append((d.contrast.name, name))
+    if not planned and not ceiling:
+        return []
+    family.close()
+    lines = [f"{c} on task family {name}: {family[(c, name)].text()}" for c, name in planned]
+    if ceiling:
+        lines.append(f"at their ceiling (perplexity below {CEILING:.2f}), not tested: " + "; ".join(ceiling))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -604,6 +749,9 @@ class Report:
     family: Family  # every test the report states, Holm-corrected
     provenance: list[str]  # where the base's weights came from, when the runs record it
     val_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # val/loss per step of each run
+    declared: list[DeclaredContrast] = field(default_factory=list)  # the study's declared contrasts
+    declared_lines: list[str] = field(default_factory=list)
+    family_lines: list[str] = field(default_factory=list)  # the declared contrasts per task family (exploratory)
 
 
 def plan_tests(
@@ -612,10 +760,14 @@ def plan_tests(
     comparisons: list[Comparison],
     baselines: list[RunData],
     recommendations: list[Recommendation],
+    declared: list[DeclaredContrast] = (),
 ) -> None:
-    """Add to the family every test whose verdict the report states: each comparison's configurations against
-    its reference (every finding metric), the anchors' tests, the adapters against the base alone, and the
+    """Add to the family every test whose verdict the report states: the declared contrasts first (their own
+    Holm family), then, exploratory where contrasts are declared, each comparison's configurations against its
+    reference (every finding metric), the anchors' tests, the adapters against the base alone, and the
     configurations that fit a budget against its best."""
+    for d in declared:
+        add_declared(family, d)
     for comp in comparisons:
         for c in comp.configurations:
             for metric in FINDING_METRICS if c is not comp.reference else ():
@@ -645,6 +797,8 @@ def build_report(
     memory_points: list[MemoryPoint] | None = None,
     memory_notes: list[str] | None = None,
     val_curves: dict[str, list[tuple[int, float]]] | None = None,
+    contrasts: list[Contrast] | None = None,
+    per_example: dict[str, dict[str, list]] | None = None,
 ) -> Report:
     """Aggregate, compare and decide.
 
@@ -658,16 +812,24 @@ def build_report(
         val_curves: val/loss per step of each run id (fetch_loss_curves(..., "val/loss")), for the validation chart.
         memory_points: predicted against measured peak memory (predict_peak_memory), for the memory chart.
         memory_notes: the runs predict_peak_memory left out, and why.
+        contrasts: the contrasts the study declared (its study_contrasts tag): when given, they alone form the
+            confirmatory Holm family and every other test is exploratory.
+        per_example: per-example losses by run id (runs.fetch_per_example_losses); None or empty: intervals count
+            the seeds' noise alone.
 
     Returns:
         Everything the report writes, as data.
     """
     configs = group_configurations(scope.runs)
+    if per_example:  # none at all (runs from before the artifact): seed noise only, said once in the Methods
+        for c in configs:
+            c.losses = {r.seed: per_example[r.run_id] for r in c.runs if r.run_id in per_example}
     comparisons = find_comparisons(configs, defaults=defaults)
     peaks = [c.worst_peak_mb for c in configs if c.worst_peak_mb is not None]
     budgets = budgets_mb or (budget_ladder(peaks) if peaks else [])
     family = Family(alpha=alpha, margin=margin)
-    plan_tests(family, configs, comparisons, scope.baselines, recommend(configs, budgets))
+    declared = match_contrasts(contrasts or [], configs, defaults)
+    plan_tests(family, configs, comparisons, scope.baselines, recommend(configs, budgets), declared)
     family.close()
     return Report(
         scope=scope,
@@ -686,4 +848,7 @@ def build_report(
         family=family,
         provenance=base_provenance(scope.runs),
         val_curves=val_curves or {},
+        declared=declared,
+        declared_lines=declared_lines(declared, family),
+        family_lines=family_lines(declared, alpha),
     )

@@ -20,7 +20,7 @@ from lora_efficiency.report.charts import CHART_TITLES, draw_charts
 from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.families import families_section
 from lora_efficiency.report.files import write_file
-from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
+from lora_efficiency.report.findings import CEILING, Comparison, Report, recommendation_lines, same_modules
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
 from lora_efficiency.report.runs import RunData, Scope
@@ -59,13 +59,42 @@ def methods(report: Report) -> str:
         "one-sample t) and configurations without a seed in common (Welch). "
         f"Equivalence is declared for perplexity only, with the margin {family.margin:g} (ratio within "
         f"{margin}, |difference of eval loss| < ln {family.margin:g}), tested by TOST (two one-sided t-tests). "
-        f"Every test the report states is corrected with Holm-Bonferroni at alpha = {family.alpha:g}: "
-        f"{family.difference_tests} tests of 'no difference' in one family, {family.equivalence_tests} "
-        "equivalence tests in another. Verdicts: 'better' / 'worse' (a difference beyond noise after Holm), "
+        + _families_sentence(family)
+        + " Verdicts: 'better' / 'worse' (a difference beyond noise after Holm), "
         f"'equivalent within {margin}' (TOST after Holm), else 'cannot tell'; a difference not detected is not "
         f"'equal'. Intervals are {1 - family.alpha:.0%} intervals of each comparison, not adjusted; the p-values "
-        "shown are Holm-adjusted. Only seed-to-seed noise is counted, not the sampling noise of the evaluation "
-        "examples."
+        "shown are Holm-adjusted. " + _noise_sentence(report)
+    )
+
+
+def _noise_sentence(report: Report) -> str:
+    """What the perplexity intervals count: seeds alone, or seeds and the sampling of evaluation examples."""
+    if not any(c.losses for c in report.configurations):
+        return (
+            "Only seed-to-seed noise is counted, not the sampling noise of the evaluation examples (no run of this "
+            "report logged per_example_losses.json)."
+        )
+    return (
+        "Perplexity comparisons count both noises where every pair has per-example losses (per_example_losses.json): "
+        "seeds by Student's t (s^2 / n), and the sampling of evaluation examples by a bootstrap of example ids "
+        "(2,000 replicates, fixed seed; one resample shared by every seed and paired across a and b by example, "
+        "since every run scores the same examples), added in quadrature with Welch-Satterthwaite degrees of "
+        "freedom; the pairs column says where a comparison counts seeds only, and why. Other metrics count seeds."
+    )
+
+
+def _families_sentence(family) -> str:
+    if family.declared_tests:
+        return (
+            f"The {family.declared_tests} contrasts the study declared form the confirmatory family, corrected with "
+            f"Holm-Bonferroni at alpha = {family.alpha:g}; every other test is exploratory: "
+            f"{family.difference_tests} tests of 'no difference' and {family.equivalence_tests} equivalence tests, "
+            "each kind corrected with Holm among themselves, outside the declared family."
+        )
+    return (
+        f"Every test the report states is corrected with Holm-Bonferroni at alpha = {family.alpha:g}: "
+        f"{family.difference_tests} tests of 'no difference' in one family, {family.equivalence_tests} "
+        "equivalence tests in another."
     )
 
 
@@ -127,9 +156,10 @@ def test_rows(report: Report, comp: Comparison) -> tuple[list[str], list[list[st
         j = f.judgements[PERPLEXITY]
         e = j.effect
         pairs = str(e.n) if e.design == PAIRED else f"{e.n} ({e.design})" if e.design else f"{e.n} ({e.reason})"
+        pairs += f"; noise of {e.noise}" if e.noise != "seeds" else ""
         rows.append(
             [f.a, f.b, pairs, j.size().removeprefix("ratio ") if e.diff is not None else "not measured"]
-            + [_p_cell(j.p_difference), _p_cell(j.p_equivalence), j.verdict]
+            + [_p_cell(j.p_difference), _p_cell(j.p_equivalence), j.decision]
         )
     return header, rows
 
@@ -146,6 +176,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
         *families_section(report),
         *lr_section(report),
         *convergence_section(report),
+        *_declared_blocks(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),
@@ -210,6 +241,36 @@ def _configuration_blocks(report: Report) -> list[Block]:
         "mean [95% interval] over seeds, best perplexity first; a single number: every seed measured the same; "
         "the base model alone (evaluated once) at the bottom.",
         ("table", *configuration_rows(report)),
+    )
+
+
+def _declared_blocks(report: Report) -> list[Block]:
+    """The contrasts the study declared before its data: the confirmatory tests, Holm over them alone."""
+    if not report.declared:
+        return []
+    return _section(
+        "Declared contrasts",
+        f"The {len(report.declared)} contrasts the study's profile declared before any run, each with its one test "
+        "(equivalence by TOST, or difference), corrected together with Holm over these alone; every other test of "
+        "this report is exploratory, corrected among themselves outside this family. Where a contrast reads "
+        "'cannot tell', the seeds that would decide it give 80% power at the observed paired spread, planned at "
+        "alpha / k (lora_efficiency/design.py).",
+        ("ul", report.declared_lines),
+        *(
+            [
+                ("h3", "Declared contrasts by task family (exploratory)"),
+                (
+                    "p",
+                    "Each declared perplexity contrast on each task family that is not at its ceiling (the better "
+                    f"configuration's perplexity on it at least {CEILING:.2f}; below it, under 0.095 nats per token "
+                    "are left to gain). These tests form a Holm family of their own, outside the declared one: which "
+                    "families are tested is read from these runs, so they are exploratory.",
+                ),
+                ("ul", report.family_lines),
+            ]
+            if report.family_lines
+            else []
+        ),
     )
 
 

@@ -2,8 +2,8 @@
 for the set (the study or sweep run, its FINISHED and failed training runs, the baselines), the loss history of
 each run, and the memory planner's prediction beside each run's measured peak.
 
-Only a client's search_runs, get_experiment_by_name, search_experiments and get_metric_history are called: mlflow
-itself is not imported here.
+Only a client's search_runs, get_experiment_by_name, search_experiments, get_metric_history and download_artifacts
+are called: mlflow itself is not imported here.
 """
 
 from __future__ import annotations
@@ -145,6 +145,14 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
     )
 
 
+def declared_contrasts(scope: Scope) -> list:  # list[design.Contrast]
+    """The contrasts the scope's study declared before its runs: its study run's `study_contrasts` tag (what the
+    profile said when the study started); none for a sweep or an older study."""
+    from lora_efficiency.design import contrasts_from_json
+
+    return contrasts_from_json(scope.root.tags.get("study_contrasts", "")) if scope.root is not None else []
+
+
 def _experiment_id(client, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -278,6 +286,51 @@ def _baselines(everything: list[RunData], finished: list[RunData]) -> tuple[list
 def fetch_loss_curves(client, runs: list[RunData], metric: str = "train/loss") -> dict[str, list[tuple[int, float]]]:
     """`metric` (train/loss, or val/loss) per step of every run, from its metric history."""
     return {r.run_id: sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric)) for r in runs}
+
+
+PER_EXAMPLE_LOSSES = "per_example_losses.json"  # lora_efficiency.evaluation: one row per held-out example scored
+MAX_TABLE_BYTES = 64 << 20  # 200 examples take ~10 KB; a file 6,000 times that is no evaluation's
+
+
+def fetch_per_example_losses(client, runs: list[RunData]) -> dict[str, dict[str, list]]:
+    """Each run's per-example losses ({example, task, tokens, loss} columns), by run id; a run without the artifact
+    (logged before it existed), or with one not in that shape, is left out: its comparisons count seed noise only
+    and say so."""
+    import os
+
+    found: dict[str, dict[str, list]] = {}
+    # one progress bar per run (30 runs: 60 lines of "Downloading artifacts") would bury the report's own output
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    before = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:
+        _download_tables(client, runs, found)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return found
+
+
+def _download_tables(client, runs: list[RunData], found: dict[str, dict[str, list]]) -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="per-example-") as tmp:
+        for r in runs:
+            try:
+                path = Path(client.download_artifacts(r.run_id, PER_EXAMPLE_LOSSES, f"{tmp}/{r.run_id}"))
+                if path.stat().st_size > MAX_TABLE_BYTES:
+                    continue
+                split = json.loads(path.read_text())
+                table = {name: [row[i] for row in split["data"]] for i, name in enumerate(split["columns"])}
+            except Exception:  # missing, unreadable or not a table: the run counts seed noise only
+                continue
+            if all(k in table for k in ("example", "tokens", "loss")):
+                found[r.run_id] = table
 
 
 @dataclass(frozen=True)

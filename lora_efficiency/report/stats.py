@@ -19,10 +19,16 @@ Each comparison carries two p-values: the two-sided t-test of no difference and,
 (perplexity: a ratio such as 1.02, log margin delta = ln 1.02), the equivalence test TOST (two one-sided t-tests
 of d <= -delta and d >= delta; its p is the larger of the two, and it rejects at alpha exactly when the
 (1 - 2 alpha) interval of d lies inside (-delta, +delta)). The p-values of a report form two families, one per
-kind of test, each corrected with Holm-Bonferroni (Family). The verdicts mean what they say: "better" / "worse"
-(no difference rejected after Holm), "equivalent within +-X%" (TOST rejected after Holm), else "cannot tell";
-"not detected" is never read as "equal". Only seed-to-seed noise is counted: exact match over 30 examples also
-has sampling noise that the seeds do not show.
+kind of test, each corrected with Holm-Bonferroni (Family). Where the study declared contrasts before its data
+(lora_efficiency.design), their tests alone (one each) form the confirmatory family and every other test is
+exploratory, corrected among themselves. The verdicts mean what they say: "better" / "worse" (no difference rejected
+after Holm), "equivalent within +-X%" (TOST rejected after Holm), else "cannot tell", which also says how many
+seeds would decide it at the observed spread; "not detected" is never read as "equal".
+
+Perplexity counts both noises where the runs logged their per-example losses: the seeds' (t over the paired
+differences) and the sampling of the evaluation examples (a bootstrap of example ids: example_noise), added in
+quadrature (with_example_noise). Other metrics count the seeds' alone: exact match over 30 examples also has
+sampling noise that the seeds do not show.
 
 Student's t distribution comes from scipy.stats.t (scipy is a dependency of the project's environment).
 """
@@ -32,7 +38,9 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
+from functools import cached_property
 
+from lora_efficiency.design import MAX_SEEDS
 from lora_efficiency.report.metrics import METRICS
 
 PAIRED = "paired by seed"
@@ -132,6 +140,9 @@ class Effect:
     df: float | None = None
     delta: float | None = None
     reason: str = ""
+    seed_sd: float | None = None  # the paired sd of the per-seed differences (what more seeds average away)
+    example_se: float = 0.0  # the evaluation examples' sampling noise in `se`, which more seeds do not reduce
+    noise: str = "seeds"  # what `se` counts: "seeds", "seeds and examples", or "seeds only (why)"
 
     @property
     def tested(self) -> bool:
@@ -214,7 +225,7 @@ def _one_sample(ds: list[float], metric: str, design: str, delta: float | None) 
     var = _variance(ds)
     if _no_noise(var, ds):  # every seed moved by the same amount (1 of 30 answers right, twice): no noise estimate
         return Effect(metric, "", n, diff, delta=delta, reason="the seeds agree exactly: no noise estimate")
-    return Effect(metric, design, n, diff, math.sqrt(var / n), n - 1, delta)
+    return Effect(metric, design, n, diff, math.sqrt(var / n), n - 1, delta, seed_sd=math.sqrt(var))
 
 
 def welch(a: list[float], b: list[float], *, metric: str, delta: float | None = None) -> Effect:
@@ -230,6 +241,87 @@ def welch(a: list[float], b: list[float], *, metric: str, delta: float | None = 
         )
     df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
     return Effect(metric, WELCH, len(a) + len(b), diff, math.sqrt(var_a + var_b), df, delta)
+
+
+# The evaluation examples' sampling noise (two stages: seeds by Student's t, examples by a bootstrap). Every run
+# scores the same held-out examples, so their sampling noise is shared by all seeds (crossed, not nested): more seeds
+# do not average it away, and the paired t over seeds cannot see it. Its variance is estimated by resampling example
+# ids (one resample for every seed, paired across a and b by id) and added to the seeds' s^2 / n; the degrees of
+# freedom follow Welch-Satterthwaite. The seed stage is not bootstrapped: 3 seeds give 10 distinct resamples, and a
+# percentile interval from them covers about 75 % where it claims 95 % (a bootstrap se is s sqrt((n-1)/n) / sqrt(n),
+# read against 1.96 instead of t(0.975, 2) = 4.30).
+# 2,000 replicates: the Monte-Carlo error of a variance from B replicates is sqrt(2 / (B - 1)) of it, 3.2 % at 2,000,
+# so 1.6 % on the standard error; a fixed generator seed makes every report of the same runs identical.
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 28
+
+
+def _examples(table: dict[str, list], task: str | None) -> dict[object, tuple[float, float]]:
+    """example id -> (tokens, mean loss) of the examples a run scored (with a loss), of one task family or all."""
+    tasks = table.get("task") or [""] * len(table["example"])
+    return {
+        ex: (float(n), float(loss))
+        for ex, t, n, loss in zip(table["example"], tasks, table["tokens"], table["loss"], strict=True)
+        if loss is not None and n and (task is None or t == task)
+    }
+
+
+def example_noise(
+    pairs: list[tuple[dict[str, list], dict[str, list]]],
+    *,
+    task: str | None = None,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, int] | None:
+    """The standard error that the sampling of evaluation examples adds to the mean paired difference of eval loss.
+
+    Args:
+        pairs: per seed, the per-example losses of a and of b (per_example_losses.json: example, task, tokens, loss).
+        task: one task family's examples only; None: all.
+        replicates: bootstrap replicates.
+        seed: the generator's seed (deterministic).
+
+    Returns:
+        (the bootstrap standard error of mean_i [loss_a,i - loss_b,i], each loss token-weighted over the resampled
+        examples, the number of examples), or None with fewer than 2 examples scored in every table.
+    """
+    import numpy as np
+
+    tables = [(_examples(a, task), _examples(b, task)) for a, b in pairs]
+    ids = sorted(set.intersection(*(set(a) & set(b) for a, b in tables)), key=str) if tables else []
+    m = len(ids)
+    if m < 2:
+        return None
+    counts = np.random.default_rng(seed).multinomial(m, np.full(m, 1 / m), size=replicates).astype(float)
+    total = np.zeros(replicates)
+    for a, b in tables:
+        for side, sign in ((a, 1.0), (b, -1.0)):
+            tokens = np.array([side[i][0] for i in ids])
+            losses = np.array([side[i][1] for i in ids])
+            total += sign * (counts @ (tokens * losses)) / (counts @ tokens)
+    return float(np.std(total / len(tables), ddof=1)), m
+
+
+def with_example_noise(
+    ds: list[float], example_se: float, examples: int, *, metric: str, delta: float | None = None
+) -> Effect:
+    """The mean of paired differences ds with both noises: se^2 = s^2 / n (seeds) + example_se^2 (examples), and
+    Welch-Satterthwaite degrees of freedom from n - 1 and examples - 1."""
+    n, diff = len(ds), _mean(ds)
+    noise = f"seeds and {examples} examples"
+    if n < 2:
+        return Effect(metric, "", n, diff, delta=delta, reason="one seed", noise=noise)
+    seed_var = _variance(ds) / n
+    if _no_noise(seed_var, ds):
+        seed_var = 0.0
+    var = seed_var + example_se**2
+    if var == 0 or _no_noise(var, ds):
+        return Effect(metric, "", n, diff, delta=delta, reason="no noise in seeds or examples", noise=noise)
+    df = var**2 / (seed_var**2 / (n - 1) + example_se**4 / (examples - 1))
+    return Effect(
+        metric, PAIRED, n, diff, math.sqrt(var), df, delta, seed_sd=math.sqrt(seed_var * n), example_se=example_se,
+        noise=noise,
+    )  # fmt: skip
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -266,6 +358,9 @@ class Judgement:
     margin: float | None  # the declared perplexity ratio where an equivalence test ran, else None
     p_difference: float | None  # Holm-adjusted
     p_equivalence: float | None  # Holm-adjusted
+    declared: str = ""  # the contrast's name where the study declared this test before its data, else ""
+    exploratory: bool = False  # outside the declared family (a study declared contrasts, this is not one)
+    holm_size: int = 1  # the tests in this one's Holm family: what seeds_to_decide plans for
 
     @property
     def beyond_noise(self) -> bool:
@@ -300,6 +395,41 @@ class Judgement:
         interval = self.effect.interval(1 - self.alpha)
         low, high = (math.exp(interval[0]), math.exp(interval[1])) if interval else (None, None)
         return math.exp(self.effect.diff), low, high
+
+    def seeds_to_decide(self) -> tuple[int | None, str] | None:
+        """For a "cannot tell" paired test: the seeds that would decide it with 80 % power at the observed spread
+        (the paired sd of its seeds; the examples' noise as a floor seeds do not reduce), planned at alpha / k for
+        its Holm family of k, and what they would decide; None where no such number applies (decided, unpaired,
+        untested, no margin)."""
+        from lora_efficiency.design import DIFFERENCE, EQUIVALENCE, seeds_needed
+
+        e = self.effect
+        if self.verdict != CANNOT_TELL or e.design != PAIRED or e.seed_sd is None or self.margin is None:
+            return None
+        m = self.margin - 1
+        test = EQUIVALENCE if self.p_equivalence is not None else DIFFERENCE
+        n = seeds_needed(e.seed_sd, m, test, self.holm_size, alpha=self.alpha, floor=e.example_se)
+        what = (
+            f"equivalence within {margin_text(self.margin)}"
+            if test == EQUIVALENCE
+            else (f"a difference of {m * 100:.3g}%")
+        )
+        return n, what
+
+    @cached_property
+    def decision(self) -> str:
+        """The verdict, and for "cannot tell" how many seeds would decide it: 'cannot tell; ~12 seeds would decide
+        equivalence within ±2%'."""
+        advice = self.seeds_to_decide()
+        if advice is None:
+            return self.verdict
+        n, what = advice
+        if n is None and self.effect.example_se:
+            why = "the evaluation examples' noise is too large (more examples would)"
+            return f"{self.verdict}; no number of seeds would decide {what}: {why}"
+        if n is None:
+            return f"{self.verdict}; more than {MAX_SEEDS} seeds would be needed to decide {what}"
+        return f"{self.verdict}; ~{n} seeds would decide {what}"
 
     def reversed(self) -> Judgement:
         """The same test read as b - a: the same p-values, the difference negated."""
@@ -338,10 +468,22 @@ class Judgement:
         how = {PAIRED: f"{e.n} pairs by seed", CONSTANT: f"{e.n} seeds against one evaluation, unpaired"}.get(
             e.design, f"{e.n} runs, unpaired Welch: no seed in common"
         )
-        ps = f"Holm {_p(self.p_difference)}"
-        ps += f", equivalence Holm {_p(self.p_equivalence)}" if self.p_equivalence is not None else ""
+        if e.noise != "seeds":
+            how += f", noise of {e.noise}"
+        ps = ", ".join(
+            f"{name}Holm {_p(p)}"
+            for name, p in (("", self.p_difference), ("equivalence ", self.p_equivalence))
+            if p is not None
+        )
+        ps = (
+            f"declared contrast {self.declared!r}, {ps}"
+            if self.declared
+            else f"exploratory, {ps}"
+            if (self.exploratory)
+            else ps
+        )
         both = f" ({'better' if self.improves else 'worse'} beyond noise, by less than the margin)"
-        return f"{label} {self.size()} ({how}; {ps}): {self.verdict}" + (
+        return f"{label} {self.size()} ({how}; {ps}): {self.decision}" + (
             both if self.equivalent and self.beyond_noise else ""
         )
 
@@ -354,7 +496,18 @@ class Family:
     def __init__(self, *, alpha: float, margin: float):
         self.alpha, self.margin = alpha, margin
         self._effects: dict[Hashable, Effect] = {}
+        self._declared: dict[Hashable, tuple[str, str, float]] = {}  # key -> (name, test, margin ratio)
         self._judged: dict[Hashable, Judgement] | None = None
+
+    def declare(self, key: Hashable, eff: Effect, *, name: str, test: str, margin: float) -> None:
+        """A contrast the study declared before its data: its one test (equivalence within `margin`, a ratio such as
+        1.02, or difference) joins the declared family, which Holm corrects on its own; once any contrast is
+        declared, every other test of the report is exploratory (corrected among themselves, outside it)."""
+        if self._judged is not None:
+            raise RuntimeError("the family is closed: its corrections are computed")
+        if key not in self._declared:
+            self._effects[key] = replace(eff, delta=math.log(margin) if test == "equivalence" else None)
+            self._declared[key] = (name, test, margin)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._effects
@@ -366,21 +519,37 @@ class Family:
         self._effects.setdefault(key, eff)
 
     def close(self) -> None:
-        """Holm over each family."""
-        diff = {k: e.p_difference for k, e in self._effects.items() if e.p_difference is not None}
-        equiv = {k: e.p_equivalence for k, e in self._effects.items() if e.p_equivalence is not None}
+        """Holm over each family: the declared contrasts' tests together (one test each), then the others' tests of
+        'no difference' and their equivalence tests, each kind apart."""
+        declared = {
+            k: self._effects[k].p_equivalence if test == "equivalence" else self._effects[k].p_difference
+            for k, (_, test, _) in self._declared.items()
+        }
+        declared = {k: p for k, p in declared.items() if p is not None}
+        adjusted_declared = dict(zip(declared, holm(list(declared.values())), strict=True))
+        others = {k: e for k, e in self._effects.items() if k not in self._declared}
+        diff = {k: e.p_difference for k, e in others.items() if e.p_difference is not None}
+        equiv = {k: e.p_equivalence for k, e in others.items() if e.p_equivalence is not None}
         adjusted_diff = dict(zip(diff, holm(list(diff.values())), strict=True))
         adjusted_equiv = dict(zip(equiv, holm(list(equiv.values())), strict=True))
-        self._judged = {
-            k: Judgement(
-                e,
-                self.alpha,
-                self.margin if e.delta is not None else None,
-                adjusted_diff.get(k),
-                adjusted_equiv.get(k),
-            )
-            for k, e in self._effects.items()
-        }
+        self._judged = {}
+        for k, e in self._effects.items():
+            if k in self._declared:
+                name, test, margin = self._declared[k]
+                p = adjusted_declared.get(k)
+                ps = (None, p) if test == "equivalence" else (p, None)
+                self._judged[k] = Judgement(e, self.alpha, margin, *ps, declared=name, holm_size=len(declared) or 1)
+            else:
+                size = len(equiv) if e.p_equivalence is not None else len(diff)
+                self._judged[k] = Judgement(
+                    e,
+                    self.alpha,
+                    math.exp(e.delta) if e.delta is not None else None,  # the margin it was tested at
+                    adjusted_diff.get(k),
+                    adjusted_equiv.get(k),
+                    exploratory=bool(self._declared),
+                    holm_size=max(size, 1),
+                )
 
     def __getitem__(self, key: Hashable) -> Judgement:
         if self._judged is None:
@@ -388,12 +557,18 @@ class Family:
         return self._judged[key]
 
     @property
+    def declared_tests(self) -> int:
+        return len(self._declared)
+
+    @property
     def difference_tests(self) -> int:
-        return sum(e.p_difference is not None for e in self._effects.values())
+        """The tests of 'no difference' outside the declared family."""
+        return sum(e.p_difference is not None for k, e in self._effects.items() if k not in self._declared)
 
     @property
     def equivalence_tests(self) -> int:
-        return sum(e.p_equivalence is not None for e in self._effects.values())
+        """The equivalence tests outside the declared family."""
+        return sum(e.p_equivalence is not None for k, e in self._effects.items() if k not in self._declared)
 
 
 def pareto_front(points: list[tuple[float, float]], *, higher_is_better: bool) -> list[int]:

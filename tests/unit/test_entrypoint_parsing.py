@@ -47,7 +47,8 @@ def one_line_error(main, argv: list[str], capsys) -> str:
 def test_plan_takes_the_train_defaults_and_its_own_section():
     cfg = parse_args(PlanConfig, "plan", [], "")
     train = read_defaults("train")
-    shared = {f.name for f in dataclasses.fields(PlanConfig)} - {"target_fraction", "budget_mb"}
+    own = {"target_fraction", "budget_mb", "design", "spread_experiment", "spread_run_id", "sd"}
+    shared = {f.name for f in dataclasses.fields(PlanConfig)} - own
     assert {k: getattr(cfg, k) for k in shared} == {k: build_config(TrainConfig, train).__dict__[k] for k in shared}
     assert (cfg.target_fraction, cfg.budget_mb) == (1.0, 0.0)  # every position a target; the machine's memory
     cfg = parse_args(PlanConfig, "plan", ["--rank", "64", "--budget_mb", "24576"], "")
