@@ -89,7 +89,7 @@ class Sweep:
         return len(self.children) // max(len(self.seeds), 1)
 
     def first_seed_children(self) -> list[Child]:
-        """One child per configuration: the one of the first seed (where its pilots train)."""
+        """One child per configuration: the one of the first seed (its pilots train from it, at pilot_seed if set)."""
         first = self.seeds[0] if self.seeds else None
         return [c for c in self.children if first is None or c.config.seed == first]
 
@@ -192,6 +192,15 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
                 problems += [f"[{label}] {p}" for p in exc.problems]
                 continue
             children.append(Child(f"{label},seed={seed}", config, variant))
+    if grid is not None and grid.pilot_seed in seeds:
+        problems.append(
+            invalid(
+                "pilot_seed",
+                grid.pilot_seed,
+                f"a seed outside the main seeds {seeds}: a pilot at a main seed is "
+                "that seed's main run, so its rate would be chosen on a run it is scored by",
+            )
+        )
     if grid is not None and not problems:
         problems = check_grid_fits(
             grid, [(c.label, c.config, c.overrides) for c in children if c.config.seed == seeds[0]]
@@ -423,10 +432,10 @@ class _Phase:
 
 
 def _run_pilots(phase: _Phase) -> dict[str, Choice | NoLearningRate]:
-    """Phase 1: one pilot per learning rate of each configuration (its first seed), then the choice per configuration
-    (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot failed. With `lr_grid_extend`
-    a configuration whose best rate is the highest or lowest it tried gets one more pilot past that edge
-    (`beyond_edge`), up to that many times, until its choice lies inside what it tried."""
+    """Phase 1: one pilot per learning rate of each configuration (at pilot_seed, else its first seed), then the
+    choice per configuration (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot
+    failed. With `lr_grid_extend` a configuration whose best rate is the highest or lowest it tried gets one more
+    pilot past that edge (`beyond_edge`), up to that many times, until its choice lies inside what it tried."""
     grid = phase.sweep.lr_grid
     planned: dict[str, tuple[Child, list[tuple[float, str]]]] = {}  # lr_group -> (child, [(lr, pilot key)])
     todo = []
@@ -463,7 +472,8 @@ def _pilot(
 ) -> tuple[Child, str, dict[str, str]]:
     """One pilot of a configuration at `lr` (child, key, tags), recorded in its planned pilots."""
     child, pilots = planned
-    config = pilot_config(child.config, lr, phase.sweep.lr_grid.steps(child.config))
+    grid = phase.sweep.lr_grid
+    config = pilot_config(child.config, lr, grid.steps(child.config), grid.pilot_seed)
     key = pilot_key(config, phase.fingerprint, phase.revision(config))
     pilots.append((lr, key))
     return Child(f"{child.label},lr={fmt_lr(lr)},pilot", config, child.overrides), key, pilot_tags(group, child.label)
@@ -494,11 +504,21 @@ def _choose(
     return choice
 
 
+def seed_by_seed(children: list[Child], seeds: list[int]) -> list[Child]:
+    """The children in the order they run: the first seed of every configuration, then the second seed of every
+    one, ... (configurations in file order within a seed). The machine drifts over a study (its bf16 matmul ran
+    871 GFLOP/s before the 2026-12-03 standard study's QLoRA re-runs and 727 after): run configuration by
+    configuration, a slow half hour lands on one configuration's seeds and reads as its effect; seed by seed, it
+    lands on one seed of each, which the paired comparison by seed cancels."""
+    order = {seed: i for i, seed in enumerate(seeds)}
+    return sorted(children, key=lambda c: order.get(c.config.seed, len(order)))  # stable: file order within a seed
+
+
 def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> None:
-    """Phase 2: every (configuration, seed) at its configuration's learning rate; a configuration without one
-    (every pilot failed) fails its main runs without starting them."""
+    """Phase 2: every (configuration, seed) at its configuration's learning rate, seed by seed (seed_by_seed); a
+    configuration without one (every pilot failed) fails its main runs without starting them."""
     todo = []
-    for child in phase.sweep.children:
+    for child in seed_by_seed(phase.sweep.children, phase.sweep.seeds):
         group = group_id(child.config, phase.fingerprint, phase.revision(child.config))
         choice = choices.get(group)
         if isinstance(choice, NoLearningRate):

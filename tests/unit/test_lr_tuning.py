@@ -147,6 +147,25 @@ def test_a_pilot_trains_short_at_its_rate_and_never_shares_a_main_run_s_key():
     assert pilot_key(same, "fp") != sweep_key(dataclasses.replace(main, generate_samples=0), "fp")
 
 
+def test_a_pilot_at_a_pilot_seed_trains_at_that_seed_and_keeps_its_key_otherwise():
+    main = config(max_steps=40, seed=0)
+    assert pilot_config(main, 1e-3, 10, 1000).seed == 1000
+    assert pilot_key(pilot_config(main, 1e-3, 10), "fp") == pilot_key(pilot_config(main, 1e-3, 10, None), "fp")
+    assert pilot_key(pilot_config(main, 1e-3, 10, 1000), "fp") != pilot_key(pilot_config(main, 1e-3, 10), "fp")
+
+
+def test_pilots_train_at_pilot_seed_outside_the_main_seeds(tmp_path):
+    """A pilot at a main seed trains that seed's batches: its main run would repeat the run that chose its rate."""
+    sweep = load_sweep(sweep_file(tmp_path, lr_grid=[1e-4, 3e-4], pilot_seed=1000))
+    assert sweep.lr_grid.pilot_seed == 1000 and sweep.pilots == 2 * 2
+    assert load_sweep(sweep_file(tmp_path, lr_grid=[1e-4])).lr_grid.pilot_seed is None  # default: the first seed
+    with pytest.raises(ConfigError, match=r"pilot_seed=1 is invalid: a seed outside the main seeds \[0, 1\]"):
+        load_sweep(sweep_file(tmp_path, lr_grid=[1e-4], pilot_seed=1))
+    with pytest.raises(ConfigError, match=r"pilot_seed=-3 is invalid: an integer from 0 to 2\^32-1"):
+        load_sweep(sweep_file(tmp_path, lr_grid=[1e-4], pilot_seed=-3))
+    assert lr_settings({"lr_grid": [1e-4], "pilot_seed": 7}, {"pilot_seed": 1000}).pilot_seed == 1000  # profile wins
+
+
 def test_the_lr_group_leaves_out_the_rate_and_the_seed_only():
     base = config()
     assert group_id(base, "fp") == group_id(dataclasses.replace(base, lr=1e-3, seed=5), "fp")
@@ -370,3 +389,18 @@ def test_every_profile_names_its_sweeps():
     for name in ("standard", "rank", "modules", "quantization"):  # every sweep of the full profile loads
         sweep = load_sweep(f"configs/sweeps/{name}.yaml", profile="full")
         assert sweep.lr_grid is not None and all(c.config.eval_every == 50 for c in sweep.children)
+
+
+def test_main_runs_go_seed_by_seed_across_configurations(tmp_path):
+    """Seed 0 of every configuration, then seed 1 of every one: a slow stretch of the machine lands on one seed of
+    each configuration (which pairing by seed cancels), not on all seeds of one."""
+    from lora_efficiency import sweep as S
+
+    sweep = load_sweep(sweep_file(tmp_path, axes={"rank": [4, 8, 16]}, seeds=[0, 1, 2]))
+    assert [c.name for c in sweep.children][:3] == ["rank=4,seed=0", "rank=4,seed=1", "rank=4,seed=2"]  # as expanded
+    submitted = []
+    phase = SimpleNamespace(
+        sweep=sweep, fingerprint="fp", revision=lambda config: "", submit=lambda todo: submitted.extend(todo)
+    )
+    S._run_main(phase, {})
+    assert [child.name for child, _, _ in submitted] == [f"rank={r},seed={s}" for s in (0, 1, 2) for r in (4, 8, 16)]
