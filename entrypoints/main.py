@@ -10,6 +10,8 @@ Started again after an interruption, it runs only what is missing (finished runs
 
 from __future__ import annotations
 
+import json
+
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import StudyConfig, parse_args
 
@@ -32,6 +34,8 @@ def main(argv: list[str]) -> None:
     ) as tracker:
         tracker.log_params(vars(cfg))
         tracker.set_tags({"study_profile": cfg.profile, "data_fingerprint": study.fingerprint})
+        if study.contrasts:  # declared before the data: the report reads them back from the study run
+            tracker.log_text(json.dumps(study.contrasts, indent=1), "contrasts.json")
         failures = run_study(study, tracker.run_id)
         tracker.set_tags({"runs_failed": len(failures)})
     report_study(study, tracker.run_id, failures)

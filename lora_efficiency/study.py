@@ -17,11 +17,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from lora_efficiency.children import flags
 from lora_efficiency.config import StudyConfig, TrainConfig, backend_options, is_path, report_folder
-from lora_efficiency.errors import UserError, printable
+from lora_efficiency.errors import ConfigError, UserError, invalid, printable, shown
 from lora_efficiency.prepare import Prepared
 from lora_efficiency.subprocesses import child_env
 from lora_efficiency.sweep import Sweep, check_one_data, load_profile, load_sweep, parent_tags, prepare_once, run_sweep
@@ -37,6 +38,7 @@ class Study:
     config: StudyConfig
     sweeps: list[Sweep]
     prepared: Prepared
+    contrasts: list[dict[str, Any]] = field(default_factory=list)  # the profile's, declared before the data
 
     @property
     def first(self) -> TrainConfig:
@@ -59,13 +61,87 @@ def profile_sweeps(profile: str) -> str:
     return listed
 
 
+CONTRAST_KEYS = ("name", "a", "b", "test", "margin")
+CONTRAST_TESTS = ("equivalence", "difference")
+
+
+def parse_contrasts(value: Any, *, where: str = "contrasts") -> list[dict[str, Any]]:
+    """A profile's `contrasts`, declared before the data: a list of mappings, each with a name, the two
+    configurations `a` and `b` (mappings of train setting -> value), the test (equivalence within +/- margin, or a
+    difference of at least margin) and the margin (a relative change in (0, 1)); any other key (`metric`) is kept
+    as given for the report. Kept as plain data: the report (lora_efficiency.report) reads their meaning.
+
+    Raises:
+        ConfigError: every problem, each naming the contrast, the field, the value and what is allowed.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        raise ConfigError([invalid(where, value, "a list of mappings with name, a, b, test and margin")])
+    settings = {f.name for f in fields(TrainConfig)}
+    problems = []
+    for i, c in enumerate(value):
+        at = f"{where}[{i}]"
+        problems += [
+            f"{at}: {k} is missing (each contrast has {', '.join(CONTRAST_KEYS)})" for k in CONTRAST_KEYS if k not in c
+        ]
+        if "name" in c and not (isinstance(c["name"], str) and c["name"].strip()):
+            problems.append(invalid(f"{at}.name", c["name"], "a non-empty text"))
+        for side in ("a", "b"):
+            if side not in c:
+                continue
+            if not isinstance(c[side], dict) or not c[side]:
+                problems.append(
+                    invalid(f"{at}.{side}", c[side], "a mapping of train setting -> value (a configuration)")
+                )
+                continue
+            problems += [
+                f"{at}.{side}: unknown setting {shown(k)}: a train setting (configs/default.yaml's train section)"
+                for k in c[side]
+                if k not in settings
+            ]
+        if "test" in c and c["test"] not in CONTRAST_TESTS:
+            problems.append(invalid(f"{at}.test", c["test"], f"one of {', '.join(CONTRAST_TESTS)}"))
+        margin = c.get("margin")
+        if "margin" in c and (isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin < 1):
+            problems.append(invalid(f"{at}.margin", margin, "a relative change in (0, 1): 0.02 = +/-2%"))
+    names = [c.get("name") for c in value if isinstance(c.get("name"), str)]
+    problems += [
+        f"{where}: the name {shown(n)} is given twice" for n in sorted({n for n in names if names.count(n) > 1})
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return value
+
+
+def _same(setting: Any, value: Any) -> bool:
+    """A setting equals a contrast's value as YAML reads it (alpha: 32 is 32.0; quantization: bf16 is 'bf16')."""
+    return setting == value or str(setting) == str(value)
+
+
+def check_contrasts_match(contrasts: list[dict[str, Any]], sweeps: list[Sweep], *, where: str) -> None:
+    """Each side of each contrast names settings of at least one configuration the study trains: a typo (rank: 5)
+    found before the runs, not as a missing comparison in the report after 100 minutes."""
+    configs = [c.config for sweep in sweeps for c in sweep.children]
+    problems = [
+        f"{where}[{i}].{side}={c[side]!r} matches no configuration of the study's sweeps"
+        for i, c in enumerate(contrasts)
+        for side in ("a", "b")
+        if not any(all(_same(getattr(config, k), v) for k, v in c[side].items()) for config in configs)
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
 def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
     """Expand and check every sweep file (every child of every sweep, before anything runs), check that they share
     one data set, and prepare it."""
     overrides = {"data": cfg.data} if cfg.data else {}
+    contrasts = parse_contrasts(load_profile(cfg.profile).get("contrasts"), where=f"profile={cfg.profile!r}: contrasts")
     paths = cfg.sweeps or profile_sweeps(cfg.profile)
     sweeps = [load_sweep(path.strip(), profile=cfg.profile, overrides=overrides) for path in paths.split(",")]
     check_one_data(sweeps, where=f"sweeps={paths!r}", what="a study")
+    check_contrasts_match(contrasts, sweeps, where=f"profile={cfg.profile!r}: contrasts")
     check_tracking_store()  # bad sweep files never open the store; from here an early exit leaves no run RUNNING
     prepared = prepare_once(sweeps, where=f"sweeps={paths!r}", what="a study")
     total, pilots = sum(len(s.children) for s in sweeps), sum(s.pilots for s in sweeps)
@@ -74,7 +150,7 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
         + (f" + {pilots} learning-rate pilots" if pilots else "")
         + f" (repeats across sweeps run once); data {prepared.manifest['dataset']}"
     )
-    return Study(cfg, sweeps, prepared)
+    return Study(cfg, sweeps, prepared, contrasts)
 
 
 def run_study(study: Study, study_run_id: str, *, log: Callable[[str], None] = _say) -> list[str]:

@@ -357,26 +357,28 @@ def test_pilots_of_the_scope_are_its_sweeps_children_and_its_groups():
     assert [p.run_id for p in pilots_in_scope(scope)] == ["p1", "p2"]
 
 
-def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tuning_reference():
-    from lora_efficiency.study import profile_sweeps
-    from lora_efficiency.sweep import load_sweep
+def test_the_standard_profile_asks_rank_and_modules_with_declared_contrasts_and_pilots_off_the_main_seeds():
+    from lora_efficiency.study import check_contrasts_match, parse_contrasts, profile_sweeps
+    from lora_efficiency.sweep import load_profile, load_sweep
 
     assert profile_sweeps("standard") == "configs/sweeps/standard.yaml"
     sweep = load_sweep(profile_sweeps("standard"), profile="standard")
     configs = [c.config for c in sweep.children]
-    assert sorted({c.seed for c in configs}) == [0, 1, 2]
-    assert {(c.method, c.target_modules, c.quantization) for c in configs} == {
-        ("full", "attention", "bf16"),  # target_modules is not used by full fine-tuning
-        ("lora", "all_linear", "bf16"),
-        ("lora", "all_linear", "nf4"),
+    assert sorted({c.seed for c in configs}) == list(range(9))  # the power the profile's comments compute
+    assert {(c.method, c.rank, c.target_modules, c.quantization) for c in configs} == {
+        ("lora", 16, "all_linear", "bf16"),
+        ("lora", 4, "all_linear", "bf16"),
+        ("lora", 16, "attention", "bf16"),
     }
-    assert all(c.dropout == 0.0 for c in configs)
+    assert all(c.dropout == 0.0 and c.alpha == 32.0 for c in configs)
     assert all(c.eval_every and c.max_steps % c.eval_every == 0 and c.eval_every <= c.max_steps / 2 for c in configs)
-    assert sweep.pilots == 3 * 2  # one pilot per configuration and learning rate
-    assert sweep.lr_grid.extend == 1  # and one more past whichever edge wins
+    assert sweep.pilots == 3 * 3 and sweep.lr_grid.extend == 0  # a fixed number of pilots: the budget holds
+    assert sweep.lr_grid.pilot_seed not in sweep.seeds  # no main run is the pilot that chose its rate
     assert all(sweep.lr_grid.steps(c) == c.max_steps for c in configs)  # pilots as long as the main runs
-    assert sweep.lr_grid.for_method("full") != sweep.lr_grid.for_method("lora")
-    assert sweep.axes == "lr,method,quantization,target_modules"  # the sweep run's sweep_axes tag
+    assert len(sweep.children) + sweep.pilots == 36  # the runs the profile's arithmetic counts (36 x 155 s)
+    contrasts = parse_contrasts(load_profile("standard")["contrasts"])
+    assert [(c["test"], c["margin"]) for c in contrasts] == [("equivalence", 0.02), ("difference", 0.05)]
+    check_contrasts_match(contrasts, [sweep], where="contrasts")  # each side is a configuration the study trains
 
 
 def test_every_profile_names_its_sweeps():
@@ -385,10 +387,11 @@ def test_every_profile_names_its_sweeps():
 
     three = ["configs/sweeps/rank.yaml", "configs/sweeps/modules.yaml", "configs/sweeps/quantization.yaml"]
     assert profile_sweeps("quick").split(",") == three
-    assert profile_sweeps("full").split(",") == ["configs/sweeps/standard.yaml", *three]
-    for name in ("standard", "rank", "modules", "quantization"):  # every sweep of the full profile loads
+    assert profile_sweeps("full").split(",") == ["configs/sweeps/reference.yaml", *three]
+    for name in ("reference", "rank", "modules", "quantization"):  # every sweep of the full profile loads
         sweep = load_sweep(f"configs/sweeps/{name}.yaml", profile="full")
         assert sweep.lr_grid is not None and all(c.config.eval_every == 50 for c in sweep.children)
+        assert sweep.lr_grid.pilot_seed not in sweep.seeds
 
 
 def test_main_runs_go_seed_by_seed_across_configurations(tmp_path):
@@ -404,3 +407,51 @@ def test_main_runs_go_seed_by_seed_across_configurations(tmp_path):
     )
     S._run_main(phase, {})
     assert [child.name for child, _, _ in submitted] == [f"rank={r},seed={s}" for s in (0, 1, 2) for r in (4, 8, 16)]
+
+
+@pytest.mark.parametrize(
+    "contrasts, message",
+    [
+        ({"a": 1}, "contrasts={'a': 1} is invalid: a list of mappings with name, a, b, test and margin"),
+        (
+            [{"name": "x", "a": {"rank": 4}, "b": {"rank": 16}, "test": "equivalence"}],
+            "contrasts[0]: margin is missing",
+        ),
+        (
+            [{"name": "x", "a": {"rnak": 4}, "b": {"rank": 16}, "test": "equivalence", "margin": 0.02}],
+            "contrasts[0].a: unknown setting 'rnak'",
+        ),
+        (
+            [{"name": "x", "a": {"rank": 4}, "b": [], "test": "equivalence", "margin": 0.02}],
+            "contrasts[0].b=[] is invalid: a mapping of train setting -> value",
+        ),
+        (
+            [{"name": "x", "a": {"rank": 4}, "b": {"rank": 16}, "test": "same", "margin": 0.02}],
+            "contrasts[0].test='same' is invalid: one of equivalence, difference",
+        ),
+        (
+            [{"name": "x", "a": {"rank": 4}, "b": {"rank": 16}, "test": "difference", "margin": 2}],
+            "contrasts[0].margin=2 is invalid: a relative change in (0, 1)",
+        ),
+        (
+            [{"name": "x", "a": {"rank": 4}, "b": {"rank": 16}, "test": "difference", "margin": 0.05}] * 2,
+            "contrasts: the name 'x' is given twice",
+        ),
+    ],
+)
+def test_bad_contrasts_are_named_before_any_run(contrasts, message):
+    from lora_efficiency.study import parse_contrasts
+
+    with pytest.raises(ConfigError) as exc:
+        parse_contrasts(contrasts)
+    assert any(p.startswith(message) for p in exc.value.problems), exc.value.problems
+
+
+def test_a_contrast_that_names_no_configuration_of_the_study_is_an_error(tmp_path):
+    from lora_efficiency.study import check_contrasts_match, parse_contrasts
+
+    sweep = load_sweep(sweep_file(tmp_path))  # rank 4 and 8
+    ok = {"name": "r", "a": {"rank": 4}, "b": {"rank": 8, "alpha": 32}, "test": "equivalence", "margin": 0.02}
+    check_contrasts_match(parse_contrasts([ok]), [sweep], where="contrasts")  # alpha: 32 is the 32.0 of the runs
+    with pytest.raises(ConfigError, match=r"contrasts\[0\]\.b=\{'rank': 5\} matches no configuration"):
+        check_contrasts_match(parse_contrasts([{**ok, "b": {"rank": 5}}]), [sweep], where="contrasts")
