@@ -21,6 +21,7 @@ from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.families import families_section
 from lora_efficiency.report.files import write_file
 from lora_efficiency.report.findings import Comparison, Report, recommendation_lines, same_modules
+from lora_efficiency.report.forgetting import forgetting_section
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
 from lora_efficiency.report.runs import RunData, Scope
@@ -146,6 +147,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
         *families_section(report),
         *lr_section(report),
         *convergence_section(report),
+        *forgetting_section(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),

@@ -498,3 +498,45 @@ def test_the_old_answer_length_dependent_speed_is_shown_apart_only_for_runs_that
     legacy = old_header.index("generation speed, answer-length dependent (older runs) (tokens/s)")
     assert old_rows[0][legacy] == "20.0 (1 seed)"
     assert old_rows[0][old_header.index("generation speed (tokens/s)")] == "not measured"
+
+
+def test_forgetting_section_sets_task_gain_against_general_text_lost_per_configuration():
+    """Biderman et al. 2024's trade-off per configuration: eval perplexity over the base alone's (the baseline of
+    its storage) against forget/ratio, each a geometric mean over seeds with its 95% interval on the log scale
+    (values by hand: ln ratios, t(0.975, 2) = 4.303)."""
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.forgetting import forgetting_section
+
+    def seed(ppl, ratio=None):
+        metrics = {"eval/perplexity": ppl}
+        if ratio is not None:
+            metrics |= {"forget/ratio": ratio, "forget/perplexity": 10 * ratio, "forget/base_perplexity": 10.0}
+        return SimpleNamespace(metrics=metrics)
+
+    lora = SimpleNamespace(
+        label="r16", settings={"quantization": "bf16"}, runs=[seed(4.0, 1.10), seed(3.6, 1.20), seed(4.4, 1.15)]
+    )
+    older = SimpleNamespace(label="r4 nf4", settings={"quantization": "nf4"}, runs=[seed(5.0)])
+    base = SimpleNamespace(metrics={"eval/perplexity": 8.0}, storage="bf16")
+    report = SimpleNamespace(configurations=[lora, older], scope=SimpleNamespace(baselines=[base]))
+    (_, title), (_, intro), (_, header, rows) = forgetting_section(report)
+    assert title == "Forgetting" and "LoRA Learns Less and Forgets Less" in intro
+    assert header[2:] == [
+        "task gain: perplexity / the base alone's",
+        "general text: perplexity before",
+        "general text: perplexity after",
+        "forgetting: after / before",
+    ]
+    assert rows[0] == ["r16", "3", "0.498 [0.388, 0.639]", "10.000", "11.500", "1.149 [1.032, 1.280]"]
+    assert rows[1] == ["r4 nf4", "1", "no nf4 baseline", "-", "-", "-"]  # logged before forgetting, no nf4 base
+
+
+def test_forgetting_section_says_when_no_run_logged_it():
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.forgetting import forgetting_section
+
+    older = SimpleNamespace(label="r8", settings={"quantization": "nf4"}, runs=[SimpleNamespace(metrics={})])
+    blocks = forgetting_section(SimpleNamespace(configurations=[older], scope=SimpleNamespace(baselines=[])))
+    assert [b[0] for b in blocks] == ["h2", "p"] and "No run logged forgetting" in blocks[1][1]
