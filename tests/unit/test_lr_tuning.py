@@ -4,6 +4,7 @@ sweep file's keys and bad input, and the report's "Learning rates" section on to
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from types import SimpleNamespace
 
@@ -455,3 +456,33 @@ def test_a_contrast_that_names_no_configuration_of_the_study_is_an_error(tmp_pat
     check_contrasts_match(parse_contrasts([ok]), [sweep], where="contrasts")  # alpha: 32 is the 32.0 of the runs
     with pytest.raises(ConfigError, match=r"contrasts\[0\]\.b=\{'rank': 5\} matches no configuration"):
         check_contrasts_match(parse_contrasts([{**ok, "b": {"rank": 5}}]), [sweep], where="contrasts")
+
+
+def test_presets_that_resolve_to_the_same_modules_train_once_under_the_broadest_name(tmp_path):
+    """On a Llama-style model attention_mlp and all_linear both adapt q, k, v, o, gate, up and down: the sweep keeps
+    all_linear (its keys unchanged) and says which names it stands for; the model is read from its config alone
+    (a folder with config.json and no weights)."""
+    from lora_efficiency.sweep import ALIASES_TAG, parent_tags
+    from tests.conftest import tiny_llama_config
+
+    model = tmp_path / "llama-config-only"
+    tiny_llama_config(512).save_pretrained(model)
+    spec = {"base": {"model": str(model)}, "axes": {"target_modules": ["attention_mlp", "all_linear", "attention"]}}
+    sweep = load_sweep(sweep_file(tmp_path, **spec))
+    assert [c.name for c in sweep.children] == [
+        "target_modules=all_linear,seed=0",
+        "target_modules=all_linear,seed=1",
+        "target_modules=attention,seed=0",
+        "target_modules=attention,seed=1",
+    ]
+    assert sweep.aliases == {"all_linear": ["attention_mlp"]}
+    alone = config(model=str(model), target_modules="all_linear", seed=0)
+    assert sweep_key(sweep.children[0].config, "fp") == sweep_key(alone, "fp")  # the identity of the same child
+    tags = parent_tags(sweep, profile="", data_fingerprint="fp", backend="local")
+    assert json.loads(tags[ALIASES_TAG]) == {"all_linear": ["attention_mlp"]}
+    assert sweep.alias_lines() == [
+        "[s] target_modules attention_mlp adapt the same modules as all_linear on this model: trained once, as "
+        "all_linear"
+    ]
+    explicit = sweep_file(tmp_path, base={"model": str(model)}, axes={"target_modules": ["q_proj,v_proj", "q_v"]})
+    assert [c.config.target_modules for c in load_sweep(explicit).children] == ["q_v", "q_v"]  # a preset first
