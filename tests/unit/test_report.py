@@ -540,3 +540,31 @@ def test_forgetting_section_says_when_no_run_logged_it():
     older = SimpleNamespace(label="r8", settings={"quantization": "nf4"}, runs=[SimpleNamespace(metrics={})])
     blocks = forgetting_section(SimpleNamespace(configurations=[older], scope=SimpleNamespace(baselines=[])))
     assert [b[0] for b in blocks] == ["h2", "p"] and "No run logged forgetting" in blocks[1][1]
+
+
+def test_a_configuration_trained_under_two_names_is_reported_once_with_both():
+    """The quick study of 2026-12-04 trained attention_mlp and all_linear (the same seven matrices on SmolLM2) and
+    listed them twice with identical numbers: the report keeps all_linear's runs and names it with both."""
+    from lora_efficiency.report.runs import one_per_resolved_modules
+
+    seven = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+    runs = [run("al", s, modules="all_linear", resolved=seven, **{"eval/perplexity": 3.1 + s / 100}) for s in range(3)]
+    runs += [
+        run("am", s, modules="attention_mlp", resolved=seven, **{"eval/perplexity": 3.1 + s / 100}) for s in (0, 1)
+    ]
+    runs += [run("at", s, modules="attention", **{"eval/perplexity": 3.5}) for s in range(3)]
+    kept, notes = one_per_resolved_modules(runs)
+    assert sorted(r.name for r in kept) == ["al-s0", "al-s1", "al-s2", "at-s0", "at-s1", "at-s2"]
+    assert notes == [
+        f"2 runs of target_modules=attention_mlp left out: they adapt the same modules as all_linear ({seven}), one "
+        "configuration trained under two names"
+    ]
+    labels = [c.label for c in group_configurations(kept)]
+    assert labels == ["r16 all_linear (= attention_mlp) nf4", "r16 attention nf4"]
+    # a sweep that trained all_linear in place of attention_mlp (its tag) names it the same way
+    alone = [run("al", s, modules="all_linear", resolved=seven) for s in range(2)]
+    kept, notes = one_per_resolved_modules(alone, {"all_linear": {"attention_mlp"}})
+    assert notes == [] and {r.settings["target_modules"] for r in kept} == {"all_linear (= attention_mlp)"}
+    # runs that did not log what they adapted are never merged
+    unknown = [run("x", 0, modules="all_linear", resolved=""), run("y", 0, modules="attention_mlp", resolved="")]
+    assert len(one_per_resolved_modules(unknown)[0]) == 2
