@@ -486,3 +486,16 @@ def test_presets_that_resolve_to_the_same_modules_train_once_under_the_broadest_
     ]
     explicit = sweep_file(tmp_path, base={"model": str(model)}, axes={"target_modules": ["q_proj,v_proj", "q_v"]})
     assert [c.config.target_modules for c in load_sweep(explicit).children] == ["q_v", "q_v"]  # a preset first
+
+
+def test_the_section_says_when_a_pilot_trained_at_a_seed_its_main_runs_are_scored_on():
+    tuned = {"lr_tuned": "true", "lr_group": "g", "lr_group_label": "rank=8", "lr_chosen_from": "0.001,0.003"}
+    mains = [run_data(f"m{s}", lr=1e-3, tags={**tuned, "seed": str(s)}) for s in range(2)]
+
+    def notes_with_pilots_at(seed: int) -> list[str]:
+        pilot = {"sweep_role": "pilot", "lr_group": "g", "lr_group_label": "rank=8", "seed": str(seed)}
+        pilots = [run_data(f"p{lr}", lr=lr, tags=pilot, val_loss=v) for lr, v in ((1e-3, 2.0), (3e-3, 2.1))]
+        return next((b[1] for b in lr_section(report_of(mains, pilots)) if b[0] == "ul"), [])
+
+    assert any("its pilots trained at seed 0, which its main runs are scored on" in n for n in notes_with_pilots_at(0))
+    assert not any("scored on" in n for n in notes_with_pilots_at(1000))  # pilot_seed outside the main seeds
