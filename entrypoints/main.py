@@ -40,6 +40,8 @@ def main(argv: list[str]) -> None:
                 "study_contrasts": contrasts_json(study.contrasts),
             }
         )
+        if study.contrasts:  # the file beside the tag: what a person opens in the UI
+            tracker.log_text(contrasts_json(study.contrasts), "contrasts.json")
         failures = run_study(study, tracker.run_id)
         tracker.set_tags({"runs_failed": len(failures)})
     report_study(study, tracker.run_id, failures)

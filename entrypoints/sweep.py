@@ -29,6 +29,8 @@ def main(argv: list[str]) -> None:
     sweep = load_sweep(cfg.config, profile=cfg.profile, overrides=overrides)  # every child checked before any runs
     check_tracking_store()  # a bad file never opens the store; from here an early exit leaves no killed run RUNNING
     prepared = prepare_once([sweep], where=f"config={cfg.config!r}")
+    for line in sweep.alias_lines():
+        print(printable(line), flush=True)
     print(
         printable(
             f"[{sweep.name}] {sweep.configurations} configurations x {len(sweep.seeds)} seeds = "

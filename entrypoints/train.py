@@ -64,11 +64,14 @@ def main(argv: list[str]) -> None:
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
             cfg = dataclasses.replace(cfg, resume_from=str(download_checkpoint(cfg.resume_from)))
         result = train(cfg, model=source, tracker=tracker)
-        if main_rank and cfg.method == "lora":  # runs:/<id>/model: the adapter as a pyfunc (base by hub id)
-            from lora_efficiency.mlflow_model import log_adapter_model
+        if main_rank and cfg.method == "lora":  # the adapter as a pyfunc (base by hub id), named after its run
+            from lora_efficiency.mlflow_model import log_adapter_model, model_name
 
             t0 = time.perf_counter()
-            logged = log_adapter_model(result.adapter_dir, quantization=cfg.quantization)
+            named = model_name(
+                rank=cfg.rank, target_modules=cfg.target_modules, quantization=cfg.quantization, seed=cfg.seed
+            )
+            logged = log_adapter_model(result.adapter_dir, quantization=cfg.quantization, name=named)
             tracker.log_metrics({**logged, "time/model_logging_s": time.perf_counter() - t0})
     if not main_rank:
         return

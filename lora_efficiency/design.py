@@ -241,7 +241,12 @@ def seeds_needed(
 
 def _text(value: Any) -> str:
     """A setting as runs log it (params are text): 4 -> '4', True -> 'True'; a YAML `true` and a logged 'true' match."""
-    return str(value).lower() if isinstance(value, bool) or str(value).lower() in ("true", "false") else str(value)
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return str(value).lower()
+    try:  # a YAML `alpha: 32` and a logged '32.0' are one value
+        return repr(float(str(value)))
+    except ValueError:
+        return str(value)
 
 
 def matches(side: dict[str, str], settings: dict[str, Any]) -> bool:

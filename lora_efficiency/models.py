@@ -484,3 +484,21 @@ def resolve_target_modules(model: torch.nn.Module, spec: str) -> list[str]:
             f"the presets {','.join(PRESETS)} or names from this model's linear modules: {','.join(leaves)}"
         )
     return sorted(set(names))
+
+
+def target_modules_from_config(path: str, specs, *, trust_remote_code: bool = False) -> dict[str, tuple[str, ...]]:
+    """What each target_modules value in `specs` adapts in the model at `path`, from its config alone: the model is
+    built on the meta device (no weights read, nothing allocated; SmolLM2-135M in well under a second), once for
+    all of them. A value that matches nothing is left out (the run itself says why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    resolved = {}
+    for spec in specs:
+        try:
+            resolved[spec] = tuple(resolve_target_modules(model, spec))
+        except UserError:
+            continue
+    return resolved

@@ -49,6 +49,16 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 _MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 
+# When two presets adapt the same matrices, the one a sweep trains and the report names first: the broadest name
+# (on Llama-style models attention_mlp and all_linear both name q, k, v, o, gate, up and down).
+PRESET_PREFERENCE = ("all_linear", "attention_mlp", "attention", "mlp", "q_k_v", "q_v")
+
+
+def preferred_name(specs) -> str:
+    """Of target_modules values that adapt the same modules, the one that names them: a preset before a comma list,
+    the broadest preset first (PRESET_PREFERENCE)."""
+    return min(specs, key=lambda s: (PRESET_PREFERENCE.index(s) if s in PRESET_PREFERENCE else len(PRESETS), s))
+
 
 def is_valid_target_spec(spec: str) -> bool:
     """Shape check at parse time; whether the names exist is checked against the loaded model. Every item of a comma

@@ -73,6 +73,9 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
     check_tracking_store()  # bad sweep files never open the store; from here an early exit leaves no run RUNNING
     prepared = prepare_once(sweeps, where=f"sweeps={paths!r}", what="a study")
     total, pilots = sum(len(s.children) for s in sweeps), sum(s.pilots for s in sweeps)
+    for sweep in sweeps:
+        for line in sweep.alias_lines():
+            log(line)
     log(
         f"[study {cfg.profile}] {len(sweeps)} sweeps, {total} runs"
         + (f" + {pilots} learning-rate pilots" if pilots else "")

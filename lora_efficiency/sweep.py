@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 import os
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -52,6 +54,7 @@ from lora_efficiency.lr_tuning import (
     pilot_key,
     pilot_tags,
 )
+from lora_efficiency.names import preferred_name
 from lora_efficiency.redaction import redact
 from lora_efficiency.tracking import fail_orphaned_runs
 
@@ -62,6 +65,7 @@ SWEEP_KEYS = {"name", "base", "axes", "configurations", "seeds", "max_runs", *LR
 # A sweep of more runs than this (configurations x seeds, before the learning-rate pilots) must say so in its file
 # (`max_runs: N`, N >= its size): a typo in an axis (10,000 configurations) should not start days of training.
 MAX_RUNS_UNASKED = 200
+ALIASES_TAG = "target_modules_aliases"  # a sweep run's, JSON: {"all_linear": ["attention_mlp"]} (trained as: also)
 
 
 @dataclass
@@ -83,13 +87,23 @@ class Sweep:
     children: list[Child]
     seeds: list[int] = field(default_factory=list)
     lr_grid: LrGrid | None = None  # None: every configuration trains at its own `lr`, no pilots
+    # target_modules trained under another name (one_per_resolved_modules): the name trained -> the names it stands for
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+    def alias_lines(self) -> list[str]:
+        """What the sweep trains once for several target_modules names, as lines to print."""
+        return [
+            f"[{self.name}] target_modules {', '.join(also)} adapt the same modules as {name} on this model: "
+            f"trained once, as {name}"
+            for name, also in self.aliases.items()
+        ]
 
     @property
     def configurations(self) -> int:
         return len(self.children) // max(len(self.seeds), 1)
 
     def first_seed_children(self) -> list[Child]:
-        """One child per configuration: the one of the first seed (where its pilots train)."""
+        """One child per configuration: the one of the first seed (its pilots train from it, at pilot_seed if set)."""
         first = self.seeds[0] if self.seeds else None
         return [c for c in self.children if first is None or c.config.seed == first]
 
@@ -192,13 +206,73 @@ def load_sweep(path: str | Path, *, profile: str = "", overrides: dict[str, Any]
                 problems += [f"[{label}] {p}" for p in exc.problems]
                 continue
             children.append(Child(f"{label},seed={seed}", config, variant))
+    if grid is not None and grid.pilot_seed in seeds:
+        problems.append(
+            invalid(
+                "pilot_seed",
+                grid.pilot_seed,
+                f"a seed outside the main seeds {seeds}: a pilot at a main seed is "
+                "that seed's main run, so its rate would be chosen on a run it is scored by",
+            )
+        )
     if grid is not None and not problems:
         problems = check_grid_fits(
             grid, [(c.label, c.config, c.overrides) for c in children if c.config.seed == seeds[0]]
         )
     if problems:
         raise ConfigError(sorted(set(problems)))
-    return Sweep(spec.get("name", path.stem), str(path), children, seeds, grid)
+    children, aliases = one_per_resolved_modules(children)
+    return Sweep(spec.get("name", path.stem), str(path), children, seeds, grid, aliases)
+
+
+def one_per_resolved_modules(children: list[Child]) -> tuple[list[Child], dict[str, list[str]]]:
+    """Children that differ only in the name of their target_modules and adapt the same modules (on Llama-style
+    models attention_mlp and all_linear both name q, k, v, o, gate, up and down; full fine-tuning trains every
+    weight whatever it names) train once, under the preferred name (models.preferred_name: all_linear first). What
+    each name adapts is read from the model's config on the meta device, no weights loaded; a model whose config
+    cannot be read here (a hub id offline) is left as it is. The children kept are unchanged, so their sweep_key and
+    config_hash are those of the same child before this existed.
+
+    Returns:
+        The children kept (in file order) and, for each name trained in place of others, those others.
+    """
+    names = defaultdict(set)  # (model, trust_remote_code) -> target_modules values of its LoRA children
+    for c in children:
+        if c.config.method == "lora":
+            names[c.config.model, c.config.trust_remote_code].add(c.config.target_modules)
+    resolved: dict[tuple[str, bool, str], tuple[str, ...]] = {}
+    for (model, trust), specs in names.items():
+        if len(specs) < 2:
+            continue
+        from lora_efficiency.models import resolve_model, target_modules_from_config
+
+        try:
+            found = target_modules_from_config(resolve_model(model).path, specs, trust_remote_code=trust)
+        except Exception:  # noqa: BLE001 - advisory: without the config, every name trains as before
+            continue
+        resolved |= {(model, trust, spec): modules for spec, modules in found.items()}
+
+    def adapts(c: Child) -> tuple[str, ...] | None:
+        if c.config.method != "lora":
+            return ("every weight",)
+        return resolved.get((c.config.model, c.config.trust_remote_code, c.config.target_modules))
+
+    groups: dict[str, list[Child]] = defaultdict(list)
+    for c in children:
+        if (modules := adapts(c)) is not None:
+            rest = {k: v for k, v in asdict(c.config).items() if k != "target_modules"}
+            groups[json.dumps([rest, modules], sort_keys=True, default=str)].append(c)
+    dropped, aliases = set(), defaultdict(set)
+    for group in groups.values():
+        kept = preferred_name({c.config.target_modules for c in group})
+        keeper = next(c for c in group if c.config.target_modules == kept)
+        for c in group:
+            if c is not keeper:
+                dropped.add(id(c))
+                if c.config.target_modules != kept:
+                    aliases[kept].add(c.config.target_modules)
+    kept_children = [c for c in children if id(c) not in dropped]
+    return kept_children, {name: sorted(also) for name, also in aliases.items()}
 
 
 def check_one_data(sweeps: list[Sweep], *, where: str, what: str = "a sweep") -> None:
@@ -311,7 +385,7 @@ def finished_keys(client, experiment_id: str) -> dict[str, str]:
 
 def parent_tags(sweep: Sweep, *, profile: str, data_fingerprint: str, backend: str) -> dict[str, str]:
     """The tags of a sweep's parent run, whether `sweep` or the study (`main`) opened it."""
-    return {
+    tags = {
         "sweep_name": sweep.name,
         "sweep_file": sweep.path,
         "sweep_axes": sweep.axes,
@@ -319,6 +393,9 @@ def parent_tags(sweep: Sweep, *, profile: str, data_fingerprint: str, backend: s
         "data_fingerprint": data_fingerprint,
         "sweep_backend": backend,
     }
+    if sweep.aliases:  # the report names each such configuration with every name that resolved to it
+        tags[ALIASES_TAG] = json.dumps(sweep.aliases, sort_keys=True)
+    return tags
 
 
 def run_sweep(
@@ -423,10 +500,10 @@ class _Phase:
 
 
 def _run_pilots(phase: _Phase) -> dict[str, Choice | NoLearningRate]:
-    """Phase 1: one pilot per learning rate of each configuration (its first seed), then the choice per configuration
-    (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot failed. With `lr_grid_extend`
-    a configuration whose best rate is the highest or lowest it tried gets one more pilot past that edge
-    (`beyond_edge`), up to that many times, until its choice lies inside what it tried."""
+    """Phase 1: one pilot per learning rate of each configuration (at pilot_seed, else its first seed), then the
+    choice per configuration (by lr_group): a Choice, or the NoLearningRate of a configuration whose every pilot
+    failed. With `lr_grid_extend` a configuration whose best rate is the highest or lowest it tried gets one more
+    pilot past that edge (`beyond_edge`), up to that many times, until its choice lies inside what it tried."""
     grid = phase.sweep.lr_grid
     planned: dict[str, tuple[Child, list[tuple[float, str]]]] = {}  # lr_group -> (child, [(lr, pilot key)])
     todo = []
@@ -463,7 +540,8 @@ def _pilot(
 ) -> tuple[Child, str, dict[str, str]]:
     """One pilot of a configuration at `lr` (child, key, tags), recorded in its planned pilots."""
     child, pilots = planned
-    config = pilot_config(child.config, lr, phase.sweep.lr_grid.steps(child.config))
+    grid = phase.sweep.lr_grid
+    config = pilot_config(child.config, lr, grid.steps(child.config), grid.pilot_seed)
     key = pilot_key(config, phase.fingerprint, phase.revision(config))
     pilots.append((lr, key))
     return Child(f"{child.label},lr={fmt_lr(lr)},pilot", config, child.overrides), key, pilot_tags(group, child.label)
@@ -494,11 +572,21 @@ def _choose(
     return choice
 
 
+def seed_by_seed(children: list[Child], seeds: list[int]) -> list[Child]:
+    """The children in the order they run: the first seed of every configuration, then the second seed of every
+    one, ... (configurations in file order within a seed). The machine drifts over a study (its bf16 matmul ran
+    871 GFLOP/s before the 2026-12-03 standard study's QLoRA re-runs and 727 after): run configuration by
+    configuration, a slow half hour lands on one configuration's seeds and reads as its effect; seed by seed, it
+    lands on one seed of each, which the paired comparison by seed cancels."""
+    order = {seed: i for i, seed in enumerate(seeds)}
+    return sorted(children, key=lambda c: order.get(c.config.seed, len(order)))  # stable: file order within a seed
+
+
 def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> None:
-    """Phase 2: every (configuration, seed) at its configuration's learning rate; a configuration without one
-    (every pilot failed) fails its main runs without starting them."""
+    """Phase 2: every (configuration, seed) at its configuration's learning rate, seed by seed (seed_by_seed); a
+    configuration without one (every pilot failed) fails its main runs without starting them."""
     todo = []
-    for child in phase.sweep.children:
+    for child in seed_by_seed(phase.sweep.children, phase.sweep.seeds):
         group = group_id(child.config, phase.fingerprint, phase.revision(child.config))
         choice = choices.get(group)
         if isinstance(choice, NoLearningRate):

@@ -524,7 +524,8 @@ def _anchor_pairs(name: str, comp: Comparison | None, metric: str) -> tuple[list
     if len(measured) < 2:
         return [], f"{METRICS[metric].label} not measured"
     if name == "rank":
-        if comp.reference.settings["target_modules"] not in ("attention", "attention_mlp", "all_linear"):
+        named = comp.reference.settings["target_modules"].split(" (= ")[0]  # "all_linear (= attention_mlp)"
+        if named not in ("attention", "attention_mlp", "all_linear"):
             return [], "the ranks were not swept on all attention matrices"
         sign = 1 if METRICS[metric].higher_is_better else -1
         best = max(measured, key=lambda c: sign * c.mean(metric))

@@ -29,10 +29,11 @@ CONFOUND = (
     "confound: the modules and rank comparisons)"
 )
 HOW = (
-    "Each configuration's learning rate was chosen by pilots: one run per learning rate of the grid, at the first "
-    "seed, for the pilot's steps; the lowest final validation loss (val/loss, or eval/loss where a pilot logged no "
-    "val/loss) won, a tie going to the smaller rate; a failed or diverged pilot was left out. Every seed of the "
-    "configuration then trained at the chosen rate. Pilots are not configurations: they appear only here."
+    "Each configuration's learning rate was chosen by pilots: one run per learning rate of the grid, at one seed "
+    "(pilot_seed; the first main seed where none was set), for the pilot's steps; the lowest final validation loss "
+    "(val/loss, or eval/loss where a pilot logged no val/loss) won, a tie going to the smaller rate; a failed or "
+    "diverged pilot was left out. Every seed of the configuration then trained at the chosen rate. Pilots are not "
+    "configurations: they appear only here."
 )
 
 
@@ -166,6 +167,13 @@ def _notes(pilots: Mapping[str, list[RunData]], mains: Mapping[str, list[RunData
         if any(m.tags.get(SELECTED_BY) == METRICS[1] for m in mains.get(group, [])):
             notes.append(
                 f"{label}: chosen by eval/loss (the final evaluation's examples): the pilots logged no val/loss"
+            )
+        scored = sorted({p.seed for p in runs} & {m.seed for m in mains.get(group, [])})
+        if scored:
+            notes.append(
+                f"{label}: its pilots trained at seed {', '.join(map(str, scored))}, which its main runs are scored "
+                "on: that seed's main run repeats the pilot that chose its rate (a pilot_seed outside the seeds "
+                "avoids it)"
             )
         lrs, chosen = sorted(_one_per_lr(runs)), {_lr(m) for m in mains.get(group, [])}
         if len(lrs) > 1 and chosen & {lrs[0], lrs[-1]}:

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from lora_efficiency.report.findings import PERPLEXITY, Configuration, recommend
 
-MODEL_NAME = "model"  # the name train runs log their MLflow model under (mlflow_model.ARTIFACT)
-
 
 @dataclass(frozen=True)
 class Registered:
@@ -32,7 +30,7 @@ def register_winners(
     models were logged neither); of a configuration, its seed with the lowest perplexity is registered. A run
     registered before keeps its version (a report run twice adds none); `best*` aliases this report does not set
     again are removed, so none points at a winner of an older report."""
-    models = {m.source_run_id: m for m in client.search_logged_models([experiment_id], f"name='{MODEL_NAME}'")}
+    models = {m.source_run_id: m for m in _logged_models(client, experiment_id)}  # one per LoRA run
     candidates = [c for c in configs if PERPLEXITY in c.stats and any(r.run_id in models for r in c.runs)]
     if not candidates:
         return []
@@ -52,6 +50,16 @@ def register_winners(
         if alias.startswith("best") and alias not in kept:
             client.delete_registered_model_alias(name, alias)
     return done
+
+
+def _logged_models(client, experiment_id: str) -> list:
+    """Every logged model of the experiment, page by page (a page holds 100; a study of 36 runs logs 36)."""
+    models, token = [], None
+    while True:
+        page = client.search_logged_models([experiment_id], page_token=token)
+        models += list(page)
+        if not (token := page.token):
+            return models
 
 
 def _ensure_registered_model(client, name: str, report_run_id: str) -> None:

@@ -21,6 +21,7 @@ from lora_efficiency.report.convergence import convergence_section
 from lora_efficiency.report.families import families_section
 from lora_efficiency.report.files import write_file
 from lora_efficiency.report.findings import CEILING, Comparison, Report, recommendation_lines, same_modules
+from lora_efficiency.report.forgetting import forgetting_section
 from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
 from lora_efficiency.report.runs import RunData, Scope
@@ -177,6 +178,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
         *lr_section(report),
         *convergence_section(report),
         *_declared_blocks(report),
+        *forgetting_section(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),

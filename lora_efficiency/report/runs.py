@@ -8,6 +8,7 @@ are called: mlflow itself is not imported here.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
 from lora_efficiency.errors import UserError, shown
+from lora_efficiency.names import preferred_name
 from lora_efficiency.report.metrics import PEAK_MB, PREDICTED_MB
 
 
@@ -29,6 +31,9 @@ class RunData:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    # other target_modules names that adapt the same modules on this model (one_per_resolved_modules): the
+    # configuration is labelled "all_linear (= attention_mlp)"
+    also_named: tuple[str, ...] = ()
 
     @property
     def config_hash(self) -> str:
@@ -50,6 +55,8 @@ class RunData:
         settings["sharding"] = settings["sharding"] or "none"
         if self.tags.get("lr_tuned") == "true":
             settings["lr"] = f"tuned over {self.tags.get('lr_chosen_from', '?')}"
+        if self.also_named:
+            settings["target_modules"] += f" (= {', '.join(self.also_named)})"
         return settings
 
     @property
@@ -134,6 +141,8 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
     finished, repeats = _latest_per_seed(finished)
     if repeats:
         notes.append(f"{repeats} older runs of a configuration and seed that ran again were left out")
+    finished, merged = one_per_resolved_modules(finished, _declared_aliases(tree))
+    notes += merged
     failed, unfinished_notes = _failed_not_retried(training, finished)
     if not finished:
         raise _nothing_to_report(experiment, root, failed)
@@ -234,6 +243,55 @@ def _latest_per_seed(runs: list[RunData]) -> tuple[list[RunData], int]:
     for r in sorted(runs, key=lambda r: r.start_ms):
         latest[(r.config_hash, r.seed)] = r
     return list(latest.values()), len(runs) - len(latest)
+
+
+def _declared_aliases(tree: list[RunData]) -> dict[str, set[str]]:
+    """The target_modules names each sweep in scope trained under another name (its target_modules_aliases tag)."""
+    declared: dict[str, set[str]] = defaultdict(set)
+    for r in tree:
+        try:
+            aliases = json.loads(r.tags.get("target_modules_aliases") or "{}")
+        except ValueError:
+            continue
+        for name, also in aliases.items() if isinstance(aliases, dict) else ():
+            declared[name] |= {a for a in also if isinstance(a, str)}
+    return declared
+
+
+def one_per_resolved_modules(
+    runs: list[RunData], declared: dict[str, set[str]] | None = None
+) -> tuple[list[RunData], list[str]]:
+    """One configuration per set of adapted modules: runs that differ only in the name of their target_modules and
+    adapted the same modules (param target_modules_resolved; on Llama-style models attention_mlp and all_linear both
+    adapt q, k, v, o, gate, up and down) are one configuration trained twice. The runs of the broadest name are kept
+    (names.preferred_name), the others left out, and the kept runs carry every name that resolved to them
+    (also_named), with the names a sweep trained under that one (`declared`, its target_modules_aliases tag).
+
+    Returns:
+        The runs kept and one note per name left out.
+    """
+    declared = declared or {}
+    groups: dict[tuple, dict[str, list[RunData]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        s = r.settings
+        resolved = r.params.get("target_modules_resolved", "")
+        fixed = tuple(sorted((k, v) for k, v in s.items() if k != "target_modules"))
+        # a run without the resolved list (or full fine-tuning, which adapts nothing by name) stays its own
+        same = resolved if resolved and s.get("method", "lora") in ("", "lora") else f"{r.run_id}:{resolved}"
+        groups[fixed, same][s["target_modules"]].append(r)
+    kept, notes = [], []
+    for (_, modules), by_name in groups.items():
+        name = preferred_name(by_name)
+        kept += by_name[name]
+        also = set(by_name) - {name}
+        for other in sorted(also):
+            notes.append(
+                f"{len(by_name[other])} runs of target_modules={other} left out: they adapt the same modules as "
+                f"{name} ({modules}), one configuration trained under two names"
+            )
+        for r in by_name[name]:
+            r.also_named = tuple(sorted(also | declared.get(name, set())))
+    return kept, notes
 
 
 def _failed_not_retried(training: list[RunData], finished: list[RunData]) -> tuple[list[RunData], list[str]]:

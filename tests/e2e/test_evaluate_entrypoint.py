@@ -166,7 +166,7 @@ def test_generate_and_merge(train_run, mlflow_server, tmp_path, tiny_model_dir):
 def test_generate_and_merge_take_a_registered_alias_and_name_what_is_missing(train_run, mlflow_server, tmp_path):
     client, experiment, run = train_run
     name = f"winners-{uuid.uuid4().hex[:8]}"
-    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+    version = mlflow.register_model(run.data.tags["model_uri"], name)  # models:/<model id>, the run's model
     client.set_registered_model_alias(name, "best", version.version)
     args = ["--prompt", "Compute 2 + 2.", "--max_new_tokens", "4"]
     by_alias = direct(mlflow_server, "entrypoints.generate", "--run_id", f"models:/{name}@best", *args)

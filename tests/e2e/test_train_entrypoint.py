@@ -151,7 +151,7 @@ def test_adapter_from_mlflow_reproduces_eval_loss(trained, tiny_model_dir, tiny_
 PREDICT = """
 import json, sys
 import mlflow, pandas as pd
-model = mlflow.pyfunc.load_model(f"runs:/{sys.argv[1]}/model")
+model = mlflow.pyfunc.load_model(sys.argv[1])
 listed = model.predict(["What is 2 + 2?", "Name a colour."], params={"max_new_tokens": 4})
 framed = model.predict(pd.DataFrame({"prompt": ["What is 2 + 2?"]}), params={"max_new_tokens": 4})
 print(json.dumps({"listed": listed, "framed": framed}))
@@ -165,8 +165,9 @@ def test_the_run_logs_an_adapter_only_mlflow_model_that_answers_in_a_fresh_proce
     (logged,) = client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'"
     )
-    assert logged.name == "model"
-    signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+    assert logged.name == "lora-r8-attention-nf4-seed0"  # after its configuration and seed, not `model`
+    assert run.data.tags["model_uri"] == f"models:/{logged.model_id}"
+    signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/{logged.name}").signature
     assert signature.inputs.input_types() == [mlflow.types.DataType.string]
     assert signature.params.params[0].name == "max_new_tokens"
     # adapter-only: the base's weights (the tiny one: ~13 MB) are referenced, not copied
@@ -179,7 +180,11 @@ def test_the_run_logs_an_adapter_only_mlflow_model_that_answers_in_a_fresh_proce
     assert sum(phases) < (run.info.end_time - run.info.start_time) / 1000
     env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     proc = subprocess.run(
-        [sys.executable, "-c", PREDICT, run.info.run_id], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", PREDICT, run.data.tags["model_uri"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -200,7 +205,7 @@ def test_mlflow_models_serve_answers_a_request_over_loopback(trained, mlflow_ser
 
     _, run = trained
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model"]
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", run.data.tags["model_uri"]]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     env = subprocess_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     with open(tmp_path / "serve.log", "w") as log:

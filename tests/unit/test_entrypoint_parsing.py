@@ -199,3 +199,31 @@ def test_run_id_takes_runs_and_models_uris(uri, ok, capsys):
     else:
         err = one_line_error(generate_entry.main, ["--run_id", uri, "--prompt", "hi"], capsys)
         assert f"run_id={uri!r} is invalid: an MLflow run id (32 hexadecimal characters), runs:/" in err, err
+
+
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        (
+            {"rank": 16, "target_modules": "all_linear", "quantization": "nf4", "seed": 0},
+            "lora-r16-all_linear-nf4-seed0",
+        ),
+        (
+            {"rank": 8, "target_modules": "q_proj,v_proj", "quantization": "bf16", "seed": 3},
+            "lora-r8-q_proj-v_proj-bf16-seed3",
+        ),
+        (
+            {"rank": 4, "target_modules": "attn.c_proj", "quantization": "int8", "seed": 1},
+            "lora-r4-attn-c_proj-int8-seed1",
+        ),
+    ],
+)
+def test_a_logged_model_is_named_after_its_configuration_and_seed(settings, name):
+    """Every model of a study was named `model` in the MLflow UI; a name MLflow accepts and runs:/<id>/<name> parses."""
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    from lora_efficiency.mlflow_model import model_name
+
+    assert model_name(**settings) == name
+    _validate_logged_model_name(name)  # raises on / : . % " '
+    assert parse_args(GenerateConfig, "generate", ["--run_id", f"runs:/{'a' * 32}/{name}", "--prompt", "hi"], "")

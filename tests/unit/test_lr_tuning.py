@@ -4,6 +4,7 @@ sweep file's keys and bad input, and the report's "Learning rates" section on to
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from types import SimpleNamespace
 
@@ -145,6 +146,25 @@ def test_a_pilot_trains_short_at_its_rate_and_never_shares_a_main_run_s_key():
     assert pilot_key(p, "fp") != sweep_key(p, "fp")
     same = pilot_config(main, main.lr, main.max_steps)  # a pilot exactly like the main run of the first seed
     assert pilot_key(same, "fp") != sweep_key(dataclasses.replace(main, generate_samples=0), "fp")
+
+
+def test_a_pilot_at_a_pilot_seed_trains_at_that_seed_and_keeps_its_key_otherwise():
+    main = config(max_steps=40, seed=0)
+    assert pilot_config(main, 1e-3, 10, 1000).seed == 1000
+    assert pilot_key(pilot_config(main, 1e-3, 10), "fp") == pilot_key(pilot_config(main, 1e-3, 10, None), "fp")
+    assert pilot_key(pilot_config(main, 1e-3, 10, 1000), "fp") != pilot_key(pilot_config(main, 1e-3, 10), "fp")
+
+
+def test_pilots_train_at_pilot_seed_outside_the_main_seeds(tmp_path):
+    """A pilot at a main seed trains that seed's batches: its main run would repeat the run that chose its rate."""
+    sweep = load_sweep(sweep_file(tmp_path, lr_grid=[1e-4, 3e-4], pilot_seed=1000))
+    assert sweep.lr_grid.pilot_seed == 1000 and sweep.pilots == 2 * 2
+    assert load_sweep(sweep_file(tmp_path, lr_grid=[1e-4])).lr_grid.pilot_seed is None  # default: the first seed
+    with pytest.raises(ConfigError, match=r"pilot_seed=1 is invalid: a seed outside the main seeds \[0, 1\]"):
+        load_sweep(sweep_file(tmp_path, lr_grid=[1e-4], pilot_seed=1))
+    with pytest.raises(ConfigError, match=r"pilot_seed=-3 is invalid: an integer from 0 to 2\^32-1"):
+        load_sweep(sweep_file(tmp_path, lr_grid=[1e-4], pilot_seed=-3))
+    assert lr_settings({"lr_grid": [1e-4], "pilot_seed": 7}, {"pilot_seed": 1000}).pilot_seed == 1000  # profile wins
 
 
 def test_the_lr_group_leaves_out_the_rate_and_the_seed_only():
@@ -338,26 +358,27 @@ def test_pilots_of_the_scope_are_its_sweeps_children_and_its_groups():
     assert [p.run_id for p in pilots_in_scope(scope)] == ["p1", "p2"]
 
 
-def test_the_standard_profile_is_a_tuned_three_seed_study_with_a_full_fine_tuning_reference():
-    from lora_efficiency.study import profile_sweeps
+def test_the_standard_profile_asks_rank_and_modules_with_declared_contrasts_and_pilots_off_the_main_seeds():
+    from lora_efficiency.study import profile_sweeps, study_contrasts
     from lora_efficiency.sweep import load_sweep
 
     assert profile_sweeps("standard") == "configs/sweeps/standard.yaml"
     sweep = load_sweep(profile_sweeps("standard"), profile="standard")
     configs = [c.config for c in sweep.children]
-    assert sorted({c.seed for c in configs}) == [0, 1, 2]
-    assert {(c.method, c.target_modules, c.quantization) for c in configs} == {
-        ("full", "attention", "bf16"),  # target_modules is not used by full fine-tuning
-        ("lora", "all_linear", "bf16"),
-        ("lora", "all_linear", "nf4"),
+    assert sorted({c.seed for c in configs}) == list(range(9))  # the power the profile's comments compute
+    assert {(c.method, c.rank, c.target_modules, c.quantization) for c in configs} == {
+        ("lora", 16, "all_linear", "bf16"),
+        ("lora", 4, "all_linear", "bf16"),
+        ("lora", 16, "attention", "bf16"),
     }
-    assert all(c.dropout == 0.0 for c in configs)
+    assert all(c.dropout == 0.0 and c.alpha == 32.0 for c in configs)
     assert all(c.eval_every and c.max_steps % c.eval_every == 0 and c.eval_every <= c.max_steps / 2 for c in configs)
-    assert sweep.pilots == 3 * 2  # one pilot per configuration and learning rate
-    assert sweep.lr_grid.extend == 1  # and one more past whichever edge wins
+    assert sweep.pilots == 3 * 3 and sweep.lr_grid.extend == 0  # a fixed number of pilots: the budget holds
+    assert sweep.lr_grid.pilot_seed not in sweep.seeds  # no main run is the pilot that chose its rate
     assert all(sweep.lr_grid.steps(c) == c.max_steps for c in configs)  # pilots as long as the main runs
-    assert sweep.lr_grid.for_method("full") != sweep.lr_grid.for_method("lora")
-    assert sweep.axes == "lr,method,quantization,target_modules"  # the sweep run's sweep_axes tag
+    assert len(sweep.children) + sweep.pilots == 36  # the runs the profile's arithmetic counts (36 x 155 s)
+    contrasts = study_contrasts("standard", [sweep])  # each side is a configuration the study trains
+    assert [(c.test, c.margin) for c in contrasts] == [("equivalence", 0.02), ("difference", 0.05)]
 
 
 def test_every_profile_names_its_sweeps():
@@ -366,7 +387,78 @@ def test_every_profile_names_its_sweeps():
 
     three = ["configs/sweeps/rank.yaml", "configs/sweeps/modules.yaml", "configs/sweeps/quantization.yaml"]
     assert profile_sweeps("quick").split(",") == three
-    assert profile_sweeps("full").split(",") == ["configs/sweeps/standard.yaml", *three]
-    for name in ("standard", "rank", "modules", "quantization"):  # every sweep of the full profile loads
+    assert profile_sweeps("full").split(",") == ["configs/sweeps/reference.yaml", *three]
+    for name in ("reference", "rank", "modules", "quantization"):  # every sweep of the full profile loads
         sweep = load_sweep(f"configs/sweeps/{name}.yaml", profile="full")
         assert sweep.lr_grid is not None and all(c.config.eval_every == 50 for c in sweep.children)
+        assert sweep.lr_grid.pilot_seed not in sweep.seeds
+
+
+def test_main_runs_go_seed_by_seed_across_configurations(tmp_path):
+    """Seed 0 of every configuration, then seed 1 of every one: a slow stretch of the machine lands on one seed of
+    each configuration (which pairing by seed cancels), not on all seeds of one."""
+    from lora_efficiency import sweep as S
+
+    sweep = load_sweep(sweep_file(tmp_path, axes={"rank": [4, 8, 16]}, seeds=[0, 1, 2]))
+    assert [c.name for c in sweep.children][:3] == ["rank=4,seed=0", "rank=4,seed=1", "rank=4,seed=2"]  # as expanded
+    submitted = []
+    phase = SimpleNamespace(
+        sweep=sweep, fingerprint="fp", revision=lambda config: "", submit=lambda todo: submitted.extend(todo)
+    )
+    S._run_main(phase, {})
+    assert [child.name for child, _, _ in submitted] == [f"rank={r},seed={s}" for s in (0, 1, 2) for r in (4, 8, 16)]
+
+
+def test_a_contrast_that_names_no_configuration_of_the_study_is_an_error(tmp_path, monkeypatch):
+    from lora_efficiency import study
+
+    sweep = load_sweep(sweep_file(tmp_path))  # rank 4 and 8
+    ok = {"name": "r", "a": {"rank": 4}, "b": {"rank": 8, "alpha": 32}, "test": "equivalence", "margin": 0.02}
+    monkeypatch.setattr(study, "load_profile", lambda profile: {"contrasts": [ok]})
+    assert [c.name for c in study.study_contrasts("toy", [sweep])] == ["r"]  # alpha: 32 is the 32.0 of the runs
+    monkeypatch.setattr(study, "load_profile", lambda profile: {"contrasts": [{**ok, "b": {"rank": 5}}]})
+    with pytest.raises(ConfigError, match=r"contrasts\[0\]\.b=\{'rank': '5'\} is invalid"):
+        study.study_contrasts("toy", [sweep])
+
+
+def test_presets_that_resolve_to_the_same_modules_train_once_under_the_broadest_name(tmp_path):
+    """On a Llama-style model attention_mlp and all_linear both adapt q, k, v, o, gate, up and down: the sweep keeps
+    all_linear (its keys unchanged) and says which names it stands for; the model is read from its config alone
+    (a folder with config.json and no weights)."""
+    from lora_efficiency.sweep import ALIASES_TAG, parent_tags
+    from tests.conftest import tiny_llama_config
+
+    model = tmp_path / "llama-config-only"
+    tiny_llama_config(512).save_pretrained(model)
+    spec = {"base": {"model": str(model)}, "axes": {"target_modules": ["attention_mlp", "all_linear", "attention"]}}
+    sweep = load_sweep(sweep_file(tmp_path, **spec))
+    assert [c.name for c in sweep.children] == [
+        "target_modules=all_linear,seed=0",
+        "target_modules=all_linear,seed=1",
+        "target_modules=attention,seed=0",
+        "target_modules=attention,seed=1",
+    ]
+    assert sweep.aliases == {"all_linear": ["attention_mlp"]}
+    alone = config(model=str(model), target_modules="all_linear", seed=0)
+    assert sweep_key(sweep.children[0].config, "fp") == sweep_key(alone, "fp")  # the identity of the same child
+    tags = parent_tags(sweep, profile="", data_fingerprint="fp", backend="local")
+    assert json.loads(tags[ALIASES_TAG]) == {"all_linear": ["attention_mlp"]}
+    assert sweep.alias_lines() == [
+        "[s] target_modules attention_mlp adapt the same modules as all_linear on this model: trained once, as "
+        "all_linear"
+    ]
+    explicit = sweep_file(tmp_path, base={"model": str(model)}, axes={"target_modules": ["q_proj,v_proj", "q_v"]})
+    assert [c.config.target_modules for c in load_sweep(explicit).children] == ["q_v", "q_v"]  # a preset first
+
+
+def test_the_section_says_when_a_pilot_trained_at_a_seed_its_main_runs_are_scored_on():
+    tuned = {"lr_tuned": "true", "lr_group": "g", "lr_group_label": "rank=8", "lr_chosen_from": "0.001,0.003"}
+    mains = [run_data(f"m{s}", lr=1e-3, tags={**tuned, "seed": str(s)}) for s in range(2)]
+
+    def notes_with_pilots_at(seed: int) -> list[str]:
+        pilot = {"sweep_role": "pilot", "lr_group": "g", "lr_group_label": "rank=8", "seed": str(seed)}
+        pilots = [run_data(f"p{lr}", lr=lr, tags=pilot, val_loss=v) for lr, v in ((1e-3, 2.0), (3e-3, 2.1))]
+        return next((b[1] for b in lr_section(report_of(mains, pilots)) if b[0] == "ul"), [])
+
+    assert any("its pilots trained at seed 0, which its main runs are scored on" in n for n in notes_with_pilots_at(0))
+    assert not any("scored on" in n for n in notes_with_pilots_at(1000))  # pilot_seed outside the main seeds

@@ -498,3 +498,73 @@ def test_the_old_answer_length_dependent_speed_is_shown_apart_only_for_runs_that
     legacy = old_header.index("generation speed, answer-length dependent (older runs) (tokens/s)")
     assert old_rows[0][legacy] == "20.0 (1 seed)"
     assert old_rows[0][old_header.index("generation speed (tokens/s)")] == "not measured"
+
+
+def test_forgetting_section_sets_task_gain_against_general_text_lost_per_configuration():
+    """Biderman et al. 2024's trade-off per configuration: eval perplexity over the base alone's (the baseline of
+    its storage) against forget/ratio, each a geometric mean over seeds with its 95% interval on the log scale
+    (values by hand: ln ratios, t(0.975, 2) = 4.303)."""
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.forgetting import forgetting_section
+
+    def seed(ppl, ratio=None):
+        metrics = {"eval/perplexity": ppl}
+        if ratio is not None:
+            metrics |= {"forget/ratio": ratio, "forget/perplexity": 10 * ratio, "forget/base_perplexity": 10.0}
+        return SimpleNamespace(metrics=metrics)
+
+    lora = SimpleNamespace(
+        label="r16", settings={"quantization": "bf16"}, runs=[seed(4.0, 1.10), seed(3.6, 1.20), seed(4.4, 1.15)]
+    )
+    older = SimpleNamespace(label="r4 nf4", settings={"quantization": "nf4"}, runs=[seed(5.0)])
+    base = SimpleNamespace(metrics={"eval/perplexity": 8.0}, storage="bf16")
+    report = SimpleNamespace(configurations=[lora, older], scope=SimpleNamespace(baselines=[base]))
+    (_, title), (_, intro), (_, header, rows) = forgetting_section(report)
+    assert title == "Forgetting" and "LoRA Learns Less and Forgets Less" in intro
+    assert header[2:] == [
+        "task gain: perplexity / the base alone's",
+        "general text: perplexity before",
+        "general text: perplexity after",
+        "forgetting: after / before",
+    ]
+    assert rows[0] == ["r16", "3", "0.498 [0.388, 0.639]", "10.000", "11.500", "1.149 [1.032, 1.280]"]
+    assert rows[1] == ["r4 nf4", "1", "no nf4 baseline", "-", "-", "-"]  # logged before forgetting, no nf4 base
+
+
+def test_forgetting_section_says_when_no_run_logged_it():
+    from types import SimpleNamespace
+
+    from lora_efficiency.report.forgetting import forgetting_section
+
+    older = SimpleNamespace(label="r8", settings={"quantization": "nf4"}, runs=[SimpleNamespace(metrics={})])
+    blocks = forgetting_section(SimpleNamespace(configurations=[older], scope=SimpleNamespace(baselines=[])))
+    assert [b[0] for b in blocks] == ["h2", "p"] and "No run logged forgetting" in blocks[1][1]
+
+
+def test_a_configuration_trained_under_two_names_is_reported_once_with_both():
+    """The quick study of 2026-12-04 trained attention_mlp and all_linear (the same seven matrices on SmolLM2) and
+    listed them twice with identical numbers: the report keeps all_linear's runs and names it with both."""
+    from lora_efficiency.report.runs import one_per_resolved_modules
+
+    seven = "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+    runs = [run("al", s, modules="all_linear", resolved=seven, **{"eval/perplexity": 3.1 + s / 100}) for s in range(3)]
+    runs += [
+        run("am", s, modules="attention_mlp", resolved=seven, **{"eval/perplexity": 3.1 + s / 100}) for s in (0, 1)
+    ]
+    runs += [run("at", s, modules="attention", **{"eval/perplexity": 3.5}) for s in range(3)]
+    kept, notes = one_per_resolved_modules(runs)
+    assert sorted(r.name for r in kept) == ["al-s0", "al-s1", "al-s2", "at-s0", "at-s1", "at-s2"]
+    assert notes == [
+        f"2 runs of target_modules=attention_mlp left out: they adapt the same modules as all_linear ({seven}), one "
+        "configuration trained under two names"
+    ]
+    labels = [c.label for c in group_configurations(kept)]
+    assert labels == ["r16 all_linear (= attention_mlp) nf4", "r16 attention nf4"]
+    # a sweep that trained all_linear in place of attention_mlp (its tag) names it the same way
+    alone = [run("al", s, modules="all_linear", resolved=seven) for s in range(2)]
+    kept, notes = one_per_resolved_modules(alone, {"all_linear": {"attention_mlp"}})
+    assert notes == [] and {r.settings["target_modules"] for r in kept} == {"all_linear (= attention_mlp)"}
+    # runs that did not log what they adapted are never merged
+    unknown = [run("x", 0, modules="all_linear", resolved=""), run("y", 0, modules="attention_mlp", resolved="")]
+    assert len(one_per_resolved_modules(unknown)[0]) == 2
