@@ -7,6 +7,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,44 @@ def forgetting_metrics(after: dict[str, float], before: dict[str, float]) -> dic
         "forget/ratio": after["eval/perplexity"] / before["eval/perplexity"],
         "forget/tokens": after["eval/tokens"],
     }
+
+
+# The library versions whose kernels produce a cached score: a new torch or bitsandbytes scores afresh.
+SCORE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def cached_scores(kind: str, key: dict, score: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+    """`score()`, computed once per `key` (every input its numbers depend on, JSON-serialisable) and kept in
+    <cache>/scores/<kind>-<digest>.json beside the prepared data; returns (the scores, whether they came from the
+    cache). The key is stored beside the scores, so a file says what it holds."""
+    import hashlib
+    import importlib.metadata
+    import os
+    import tempfile
+
+    from lora_efficiency.models import cache_root
+
+    versions = {}
+    for name in SCORE_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = ""
+    key = {**key, "libraries": versions}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_root() / "scores" / f"{kind}-{digest}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):  # absent, or unreadable: score afresh
+        stored = json.loads(path.read_text())
+        if stored["key"] == json.loads(json.dumps(key, default=str)):
+            return stored["scores"], True
+    scores = score()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written whole or not at all: concurrent sweep children (Ray) may score the same key at once
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{kind}-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": key, "scores": scores}, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return scores, False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,8 +369,8 @@ def evaluate_model(
     measure_merged: bool,
     answer_kinds: dict[str, str],
 ) -> EvalResult:
-    """Held-out loss/perplexity, exact match over `generate_samples` examples, and generation speed (a fixed-length
-    pass over the first SPEED_PROMPTS prompts, SPEED_NEW_TOKENS tokens each).
+    """Held-out loss/perplexity, exact match over `generate_samples` examples, and, when generate_samples > 0,
+    generation speed (a fixed-length pass over the first SPEED_PROMPTS prompts, SPEED_NEW_TOKENS tokens each).
 
     measure_merged merges the adapter into the base (peft's merge_and_unload, only for unquantized bases) for
     a last speed pass: `model` must not be used afterwards. answer_kinds maps a task family to how its answers
@@ -365,8 +404,11 @@ def evaluate_model(
             "correct_by_kind": by_kind,
             "task": [e.task for e in chosen],
         }
-    # Text sets have no prompts: their passages' first words stand in, so speed is measured the same way.
+    # Text sets have no prompts: their passages' first words stand in, so speed is measured the same way. Only
+    # where answers are generated (generate_samples > 0): the pass took ~10 s of a quick nf4 run's ~80 s on a 2-core
+    # CPU (8 prompts x 32 tokens, plus the merged pass on unquantized bases), a share of every seed's wall clock.
     prompts = [e.prompt or " ".join(e.response.split()[:32]) for e in eval_examples[:SPEED_PROMPTS]]
+    prompts = prompts if generate_samples else []
     timed = {**gen, "max_new_tokens": SPEED_NEW_TOKENS, "fixed_length": True}
     if prompts:
         _, speed = generate_answers(model, tokenizer, prompts, **timed)

@@ -29,6 +29,7 @@ class RunData:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    end_ms: int = 0  # the run's end time; 0 while it runs (or where not read)
 
     @property
     def config_hash(self) -> str:
@@ -78,6 +79,7 @@ def run_data(run) -> RunData:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         tags=dict(run.data.tags),
+        end_ms=run.info.end_time or 0,
     )
 
 
