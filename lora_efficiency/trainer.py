@@ -712,6 +712,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         autocast_dtype=s.amp_dtype,
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
         answer_kinds=answer_kinds(s.prepared.manifest),
+        pack_length=cfg.seq_len if cfg.packing else 0,  # packed like training, where the model allows packing
     )
     metrics = {**evaluation.metrics, **forgetting, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
     metrics["time/evaluation_s"] = time.perf_counter() - t0  # held-out loss, exact match, generation speed
