@@ -435,8 +435,8 @@ def evaluate_model(
             "task": [e.task for e in chosen],
         }
     # Text sets have no prompts: their passages' first words stand in, so speed is measured the same way. Only
-    # where answers are generated (generate_samples > 0): the pass took ~10 s of a quick nf4 run's ~80 s on a 2-core
-    # CPU (8 prompts x 32 tokens, plus the merged pass on unquantized bases), a share of every seed's wall clock.
+    # where answers are generated (generate_samples > 0): 8 prompts x 32 tokens (and the merged pass on unquantized
+    # bases) in every seed's run, which the quick and standard profiles (generate_samples: 0) never read.
     prompts = [e.prompt or " ".join(e.response.split()[:32]) for e in eval_examples[:SPEED_PROMPTS]]
     prompts = prompts if generate_samples else []
     timed = {**gen, "max_new_tokens": SPEED_NEW_TOKENS, "fixed_length": True}

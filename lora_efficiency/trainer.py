@@ -157,8 +157,8 @@ def score_forgetting(
     run trains on that very text (data=python-docs), where it measures the task, not forgetting.
 
     That score is the base's, not the run's: it is cached on disk (evaluation.cached_scores) under everything it
-    depends on, so the seeds and settings of a sweep that share a base pay it once (16 x 256 tokens, nf4: ~6 s of
-    a ~80 s quick run on this 2-core CPU)."""
+    depends on, so the seeds and settings of a sweep that share a base pay it once (16 x 256 tokens, nf4: ~19 s of
+    a ~210 s quick run on a shared 2-core CPU at 1 thread, docs/benchmarks.md)."""
     if not cfg.forget_samples or prepared.manifest.get("dataset") == PYTHON_DOCS:
         return None
     t0 = time.perf_counter()
