@@ -42,8 +42,9 @@ def evaluate_losses(
 
     pack_length > 0 packs each family's examples into rows of up to that many tokens (position ids restart, so each
     example attends to itself only, as in training; an example's first token is never a target, as in its own row):
-    the first 100 held-out examples of the bundled set (7,678 tokens) took 23.3 s packed into 256-token rows against
-    28.6 s in padded batches of 8 (SmolLM2 nf4, 1 thread of this 2-core CPU, shared), the same loss to 1e-7.
+    the first 100 held-out examples of the bundled set (7,678 tokens) took 23.3 s packed into 256-token rows, 4 a
+    batch, against 28.6 s in padded batches of 8 (SmolLM2 nf4, 1 thread of this 2-core CPU, shared), the same loss
+    to 1e-7.
 
     Token weighting lets families with long answers dominate eval/loss (bundled set, SmolLM2's tokenizer, with the
     end-of-sequence token: JSON answers 28-31 tokens, arithmetic 3-5): the per-family numbers show each on its own.
