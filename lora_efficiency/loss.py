@@ -105,20 +105,31 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 @torch.no_grad()
+def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The next-token cross-entropy (float32) of every target position of `batch` (evaluation, no gradient), row by
+    row in order: the positions where labels[:, 1:] is not IGNORE_INDEX."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    if not uses_chunked_head(model):
+        return F.cross_entropy(_own_target_logits(model, batch, mask).float(), targets[mask], reduction="none")
+    hidden, targets = _target_hidden(model, batch, mask), targets[mask]
+    head = _causal_lm(model).get_output_embeddings()
+    chunks = [
+        F.cross_entropy(
+            head(hidden[start : start + LOSS_CHUNK_TOKENS]).float(),
+            targets[start : start + LOSS_CHUNK_TOKENS],
+            reduction="none",
+        )
+        for start in range(0, len(targets), LOSS_CHUNK_TOKENS)
+    ]
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@torch.no_grad()
 def token_loss_by_row(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of `batch` (evaluation, no gradient): the sum of next-token cross-entropy over the row's target
     positions (float32) and their count. Summed over the rows: token_loss_sum's two numbers, to float rounding."""
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    rows = mask.nonzero(as_tuple=True)[0]  # the row of each target position, in the order the logits come
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)[0]  # the row of each target position, in the order the losses come
     sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
-    if not uses_chunked_head(model):
-        losses = F.cross_entropy(_own_target_logits(model, batch, mask).float(), targets[mask], reduction="none")
-        return sums.index_add_(0, rows, losses), mask.sum(dim=1)
-    hidden, targets = _target_hidden(model, batch, mask), targets[mask]
-    head = _causal_lm(model).get_output_embeddings()
-    for start in range(0, len(targets), LOSS_CHUNK_TOKENS):
-        end = start + LOSS_CHUNK_TOKENS
-        losses = F.cross_entropy(head(hidden[start:end]).float(), targets[start:end], reduction="none")
-        sums.index_add_(0, rows[start:end], losses)
-    return sums, mask.sum(dim=1)
+    return sums.index_add_(0, rows, target_token_losses(model, batch)), mask.sum(dim=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -38,6 +39,7 @@ from lora_efficiency.devices import device_name, resolve_device
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import (
     PER_EXAMPLE_LOSSES,
+    cached_scores,
     eval_settings_tag,
     evaluate_loss,
     evaluate_model,
@@ -144,12 +146,19 @@ class Forgetting:
     before: dict[str, float]
     elapsed_s: float
     scoring: dict[str, Any]  # evaluate_loss's settings, the same before and after (the same batches)
+    cached: bool = False  # `before` read from the cache of base scores, not scored by this run
 
 
-def score_forgetting(cfg: TrainConfig, tokenizer, prepared: Prepared, model, device, amp_dtype) -> Forgetting | None:
+def score_forgetting(
+    cfg: TrainConfig, tokenizer, prepared: Prepared, model, device, amp_dtype, source: ModelSource
+) -> Forgetting | None:
     """forget_samples passages of the Python reference scored by `model` before it trains (LoRA's B starts at zero,
     full fine-tuning has not moved: the base alone, in the run's own storage and kernels); None when off, or when the
-    run trains on that very text (data=python-docs), where it measures the task, not forgetting."""
+    run trains on that very text (data=python-docs), where it measures the task, not forgetting.
+
+    That score is the base's, not the run's: it is cached on disk (evaluation.cached_scores) under everything it
+    depends on, so the seeds and settings of a sweep that share a base pay it once (16 x 256 tokens, nf4: ~19 s of
+    a ~210 s quick run on a shared 2-core CPU at 1 thread, docs/benchmarks.md)."""
     if not cfg.forget_samples or prepared.manifest.get("dataset") == PYTHON_DOCS:
         return None
     t0 = time.perf_counter()
@@ -159,8 +168,21 @@ def score_forgetting(cfg: TrainConfig, tokenizer, prepared: Prepared, model, dev
     # the first step raised a 2 x 512 run's memory/peak_mb by 181 MB, 20% over the planner's prediction).
     batch_size = min(cfg.eval_batch_size, cfg.batch_size)
     scoring = dict(batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=device, autocast_dtype=amp_dtype)
-    before = evaluate_loss(model, rows, **scoring)
-    return Forgetting(rows, before, time.perf_counter() - t0, scoring)
+    key = {
+        "model": source.path,
+        "model_id": source.model_id,
+        "revision": source.revision,
+        # what the weights are stored and computed in; DoRA's initial magnitude makes its start differ from the base
+        **{k: getattr(cfg, k) for k in ("method", "quantization", "double_quant", "use_dora", "attention")},
+        "attention_implementation": model.config._attn_implementation,
+        "rows": hashlib.sha256(json.dumps([rows.input_ids, rows.labels]).encode()).hexdigest(),
+        "batch_size": batch_size,
+        "pad_id": tokenizer.pad_token_id,
+        "device": device_name(device),
+        "autocast_dtype": str(amp_dtype),
+    }
+    before, cached = cached_scores("forgetting-base", key, lambda: evaluate_loss(model, rows, **scoring))
+    return Forgetting(rows, before, time.perf_counter() - t0, scoring, cached)
 
 
 @dataclass
@@ -193,6 +215,7 @@ class Session:
     forgetting: Forgetting | None = None  # general text scored before the first step (rank 0, forget_samples > 0)
     losses: list[float] = field(default_factory=list)
     tokens_total: int = 0  # real tokens trained on, over every process, resumed steps included
+    setup_s: float = 0.0  # setup()'s seconds, the base's forgetting score left out (it is in time/forgetting_s)
 
     @property
     def device(self) -> torch.device:
@@ -260,7 +283,9 @@ def train(
     group = distributed.setup(resolve_device(cfg.device), cfg.sharding)  # one of one, unless launched as several
     tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
     torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
     session = setup(cfg, model=model, group=group, tracker=tracker)
+    session.setup_s = time.perf_counter() - t0 - (session.forgetting.elapsed_s if session.forgetting else 0.0)
     hooks = [*callbacks, progress_callback(cfg.max_steps, session.first_step, show=group.is_main)]
     if cfg.eval_every and group.is_main:
         session.validator = Validator(
@@ -345,7 +370,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         )
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
     # before DDP or FSDP wrap it (FSDP shards it in place) and before a checkpoint resumes it: the base alone
-    forgetting = score_forgetting(cfg, tokenizer, prepared, trained, group.device, amp_dtype) if group.is_main else None
+    forgetting = group.is_main and score_forgetting(cfg, tokenizer, prepared, trained, group.device, amp_dtype, model)
     if cfg.method == "lora":  # peft's count: a 4-bit weight's packed storage counted as its parameters
         trainable_params, total_params = trained.get_nb_trainable_parameters()
     else:  # every weight trains
@@ -383,7 +408,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         predicted_mb=predicted_mb,
         trainable_params=trainable_params,
         total_params=total_params,
-        forgetting=forgetting,
+        forgetting=forgetting or None,
     )
     log_run_description(session, tracker)
     if cfg.resume_from:
@@ -660,7 +685,7 @@ def progress_callback(max_steps: int, first_step: int, *, show: bool) -> Callbac
 def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | None) -> TrainResult:
     """Save the adapter, then evaluate (the speed pass merges the adapter into an unquantized base, so it comes
     last), then log every summary number and the artifacts."""
-    cfg = s.cfg
+    cfg, t_finish = s.cfg, time.perf_counter()
     # named `adapter` wherever it lands (run artifacts, the MLflow model's artifacts, a user's download)
     adapter_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="run-")) / "adapter"
     # a full fine-tuning run's "adapter" is the whole model (540 MB in fp32 for SmolLM2-135M): written only
@@ -670,13 +695,9 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     elif output_dir:
         s.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     model_mb = s.base.get_memory_footprint() / 2**20
+    saving_s = time.perf_counter() - t_finish
+    forgetting = score_forgetting_after(s, tracker)  # before evaluate_model, which may merge the adapter into the base
     t0 = time.perf_counter()
-    forgetting = {}
-    if s.forgetting:  # before evaluate_model, which may merge the adapter into the base
-        forgetting = forgetting_metrics(
-            evaluate_loss(s.peft_model, s.forgetting.rows, **s.forgetting.scoring), s.forgetting.before
-        )
-        forgetting["time/forgetting_s"] = s.forgetting.elapsed_s + time.perf_counter() - t0
     evaluation = evaluate_model(
         s.peft_model,
         s.tokenizer,
@@ -691,13 +712,15 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         autocast_dtype=s.amp_dtype,
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
         answer_kinds=answer_kinds(s.prepared.manifest),
+        pack_length=cfg.seq_len if cfg.packing else 0,  # packed like training, where the model allows packing
     )
     metrics = {**evaluation.metrics, **forgetting, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
-    metrics["time/evaluation_s"] = time.perf_counter() - t0  # forgetting, held-out loss, exact match, generation speed
+    metrics["time/evaluation_s"] = time.perf_counter() - t0  # held-out loss, exact match, generation speed
     if s.validator:
         converged = s.validator.result()
         metrics.update({**converged.metrics(), "time/validation_s": s.validator.elapsed_s})
         tracker.set_tags({"converged": converged.status})
+    t_logging = time.perf_counter()
     tracker.log_metrics(metrics)
     eval_tag = eval_settings_tag(
         data_fingerprint=s.tags["data_fingerprint"],
@@ -723,9 +746,26 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         tracker.log_artifacts(str(adapter_dir), "adapter")
     tracker.log_text(loop.memory_trace_csv, "memory_trace.csv")
     tracker.log_text(json.dumps(s.resolved, indent=2, default=str), "config.json")
+    # saving the adapter, then logging the metrics, tables and artifacts (the MLflow model is the entry point's)
+    metrics["time/logging_s"] = saving_s + time.perf_counter() - t_logging
+    tracker.log_metrics({"time/logging_s": metrics["time/logging_s"]})
     return TrainResult(
         "FINISHED", s.losses, metrics, s.tags, s.modules, str(adapter_dir), loop.memory_trace, evaluation.samples
     )
+
+
+def score_forgetting_after(s: Session, tracker: Tracker) -> dict[str, float]:
+    """The forget/* metrics: the forgetting set scored by the trained model against the base's score."""
+    if not s.forgetting:
+        return {}
+    t0 = time.perf_counter()
+    after = evaluate_loss(s.peft_model, s.forgetting.rows, **s.forgetting.scoring)
+    tracker.set_tags({"forget_base_cached": str(s.forgetting.cached).lower()})
+    # before (0 when read from the cache) + after
+    return {
+        **forgetting_metrics(after, s.forgetting.before),
+        "time/forgetting_s": s.forgetting.elapsed_s + time.perf_counter() - t0,
+    }
 
 
 def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: float) -> dict[str, float]:
@@ -737,6 +777,7 @@ def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: fl
         "memory/model_mb": model_mb,
         "time/train_s": loop.train_s - (s.validator.elapsed_s if s.validator else 0.0),  # training alone
         "time/startup_s": loop.startup_s,
+        "time/setup_s": s.setup_s,  # data, model, optimizer, params: the run's share of time/startup_s
         "train/tokens": float(s.tokens_total),
         "perf/train_tokens_per_second": (
             loop.steady_tokens / loop.steady_s if loop.steady_s else s.tokens_total / loop.train_s

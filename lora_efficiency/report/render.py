@@ -26,6 +26,7 @@ from lora_efficiency.report.lr import lr_section
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY
 from lora_efficiency.report.runs import RunData, Scope
 from lora_efficiency.report.stats import PAIRED, Stat, cell, margin_text
+from lora_efficiency.report.timing import time_split_section
 
 Block = tuple  # (kind, *content): ("h1".."h3", text), ("p", text), ("ul", items), ("table", header, rows),
 # ("img", path, title)
@@ -179,6 +180,7 @@ def _document(report: Report, charts: dict[str, Path]) -> list[Block]:
         *convergence_section(report),
         *_declared_blocks(report),
         *forgetting_section(report),
+        *time_split_section(report),
         *_finding_blocks(report),
         *_recommendation_blocks(report),
         *_anchor_blocks(report),

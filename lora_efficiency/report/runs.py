@@ -34,6 +34,7 @@ class RunData:
     # other target_modules names that adapt the same modules on this model (one_per_resolved_modules): the
     # configuration is labelled "all_linear (= attention_mlp)"
     also_named: tuple[str, ...] = ()
+    end_ms: int = 0  # the run's end time; 0 while it runs (or where not read)
 
     @property
     def config_hash(self) -> str:
@@ -85,6 +86,7 @@ def run_data(run) -> RunData:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         tags=dict(run.data.tags),
+        end_ms=run.info.end_time or 0,
     )
 
 

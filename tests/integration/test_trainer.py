@@ -328,3 +328,39 @@ def test_no_forgetting_is_measured_when_off_or_on_the_forgetting_text_itself(tin
     assert not any(k.startswith("forget/") for k in result.metrics)
     result, _ = run(tiny_model_dir, "python-docs", tmp_path, forget_samples=4, exact_match="false")
     assert not any(k.startswith("forget/") for k in result.metrics)
+
+
+def test_the_base_forgetting_score_is_scored_once_per_key_and_no_speed_pass_without_generation(
+    tiny_model_dir, tiny_data_file, tmp_path, monkeypatch
+):
+    """The score before the first step is the base's: a second run with the same base, storage, forgetting set and
+    batches reads it from the cache (one forgetting pass instead of two, the same number); a run on another key
+    (seq_len: other passages) scores it again. generate_samples=0 asks for no answers: no generation-speed pass."""
+    import lora_efficiency.trainer as trainer_module
+
+    monkeypatch.setenv("LORA_EFFICIENCY_CACHE", str(tmp_path / "cache"))
+    passes = []
+    scored = trainer_module.evaluate_loss
+
+    def counting(model, rows, **scoring):
+        passes.append(len(rows))
+        return scored(model, rows, **scoring)
+
+    monkeypatch.setattr(trainer_module, "evaluate_loss", counting)
+    kwargs = dict(forget_samples=2, max_steps=1, eval_samples=4, generate_samples=0)
+    results = {}
+    for name, overrides in (("first", {}), ("other_seed", {"seed": 1}), ("other_seq_len", {"seq_len": 128})):
+        passes.clear()
+        result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path / name, **kwargs, **overrides)
+        results[name] = (len(passes), tracker.tags["forget_base_cached"], result.metrics)
+    assert results["first"][:2] == (2, "false")
+    assert results["other_seed"][:2] == (1, "true")
+    assert results["other_seq_len"][:2] == (2, "false")
+    first, again = results["first"][2], results["other_seed"][2]
+    assert again["forget/base_perplexity"] == first["forget/base_perplexity"]
+    assert again["forget/ratio"] == pytest.approx(again["forget/perplexity"] / first["forget/base_perplexity"])
+    assert len(list((tmp_path / "cache" / "scores").glob("forgetting-base-*.json"))) == 2
+    for _, _, metrics in results.values():
+        assert not any(k.startswith("inference/") for k in metrics)  # generate_samples=0: no speed pass
+        # the phases of the report's time split, each logged
+        assert all(metrics[f"time/{p}_s"] > 0 for p in ("setup", "train", "evaluation", "forgetting", "logging"))

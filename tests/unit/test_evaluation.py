@@ -221,6 +221,23 @@ def test_every_held_out_example_has_its_own_loss():
     assert weighted / sum(table["tokens"]) == pytest.approx(metrics["eval/loss"], rel=1e-6)
 
 
+def test_packed_evaluation_gives_every_example_the_loss_it_has_alone():
+    """Examples packed into shared rows (each attending to itself only) score what each scores in a row of its
+    own, first tokens included: rows 1 and 3 are text whose every token is a label, so a packed row's example
+    before them must not predict their first token."""
+    from lora_efficiency.evaluation import evaluate_losses
+
+    model, families, rows, kwargs = _family_setup()
+    for i in (1, 3):
+        rows.labels[i] = list(rows.input_ids[i])
+    alone, alone_table = evaluate_losses(model, rows, families=families, **kwargs)
+    for length in (30, 64):  # 30: several rows per family (examples of 8 to 26 tokens); 64: one row per family
+        packed, table = evaluate_losses(model, rows, families=families, pack_length=length, **kwargs)
+        assert table["tokens"] == alone_table["tokens"] and table["example"] == alone_table["example"]
+        assert table["loss"] == pytest.approx(alone_table["loss"], rel=1e-5)
+        assert packed == pytest.approx(alone, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generation speed: the model's, not its answers' lengths
 

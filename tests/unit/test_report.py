@@ -568,3 +568,34 @@ def test_a_configuration_trained_under_two_names_is_reported_once_with_both():
     # runs that did not log what they adapted are never merged
     unknown = [run("x", 0, modules="all_linear", resolved=""), run("y", 0, modules="attention_mlp", resolved="")]
     assert len(one_per_resolved_modules(unknown)[0]) == 2
+
+
+def test_time_split_section_shows_each_configurations_phases_from_its_runs_metrics():
+    from lora_efficiency.report.render import _document
+    from lora_efficiency.report.timing import TITLE, time_split_section
+
+    runs = known_runs()
+    for r in runs:  # each run: 100 s of wall clock, phases by seed
+        r.start_ms, r.end_ms = 1_000_000 * (r.seed + 1), 1_000_000 * (r.seed + 1) + 100_000
+        r.metrics |= {"time/setup_s": 4.0, "time/train_s": 80.0 + r.seed, "time/forgetting_s": 3.0}
+        r.metrics |= {"time/evaluation_s": 6.0, "time/logging_s": 1.0, "time/model_logging_s": 0.5}
+    runs[0].end_ms = 0  # still running: left out of its configuration's mean
+    report = build_report(scope_of(runs), defaults=DEFAULTS)
+    (h2, _), (p, _), (kind, header, rows) = time_split_section(report)
+    assert h2 == "h2" and kind == "table" and TITLE in [b[1] for b in _document(report, {}) if b[0] == "h2"]
+    assert header[:3] == ["configuration", "runs", "wall clock (s)"] and header[-2:] == ["other (s)", "training share"]
+    by_label = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    r4 = by_label[next(c.label for c in report.configurations if c.runs[0].name.startswith("r4-"))]
+    # r4: seeds 1 and 2 (seed 0 has no end): train 81 and 82 s -> 81.5; other = 100 - (4 + 81.5 + 0 + 3 + 6 + 1.5)
+    assert (r4["runs"], r4["wall clock (s)"], r4["setup (s)"], r4["training (s)"]) == ("2", "100.0", "4.0", "81.5")
+    assert (r4["validation (s)"], r4["forgetting (s)"], r4["evaluation (s)"], r4["logging (s)"]) == (
+        "0.0",
+        "3.0",
+        "6.0",
+        "1.5",
+    )
+    assert r4["other (s)"] == "4.0" and r4["training share"] == "82%"
+    assert len(rows) == 4
+    for r in runs:  # runs without the metrics (logged before them): no section
+        r.metrics.pop("time/train_s")
+    assert time_split_section(build_report(scope_of(runs), defaults=DEFAULTS)) == []
