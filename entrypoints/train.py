@@ -12,7 +12,6 @@ python -m entrypoints.train --num_processes 2 --sharding fsdp  # the base and ad
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def main(argv: list[str]) -> None:
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
             tracker.log_params({"resume_from": cfg.resume_from})
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
-            cfg = dataclasses.replace(cfg, resume_from=str(download_checkpoint(cfg.resume_from)))
+            cfg = cfg.replace(resume_from=str(download_checkpoint(cfg.resume_from)))
         result = train(cfg, model=source, tracker=tracker)
         if main_rank and cfg.method == "lora":  # runs:/<id>/model: the adapter as a pyfunc (base by hub id)
             from lora_efficiency.mlflow_model import log_adapter_model

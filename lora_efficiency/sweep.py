@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -299,7 +299,7 @@ def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
             rows_target_fraction=fractions[c.seq_len, c.packing],
             device=resolve_device(c.device),
             trust_remote_code=c.trust_remote_code,
-            **planner_inputs(asdict(c)),
+            **planner_inputs(c.flat()),
         )
     return out
 
@@ -504,7 +504,7 @@ def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> Non
         if isinstance(choice, NoLearningRate):
             phase.shown.not_run(child.name, str(choice))
             continue
-        config = replace(child.config, lr=choice.lr) if choice is not None else child.config
+        config = child.config.replace(lr=choice.lr) if choice is not None else child.config
         main = Child(child.name, config, child.overrides)
         key = sweep_key(config, phase.fingerprint, phase.revision(config))
         todo.append((main, key, main_tags(group, child.label, choice)))
@@ -610,7 +610,7 @@ def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement, 
         "seed": str(child.config.seed),
         "sweep_backend": place.backend,
     }
-    settings = settings_text(replace(child.config, data=data), note=f"sweep {sweep_name}, child {child.name}")
+    settings = settings_text(child.config.replace(data=data), note=f"sweep {sweep_name}, child {child.name}")
     return Job(child.name, key, place.experiment_id, tags, settings, place.env, child.config.num_processes)
 
 

@@ -12,7 +12,6 @@ memory sampler, and callbacks called with each step's StepStats (the progress di
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
@@ -289,7 +288,7 @@ def train(
 def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **overrides: Any) -> TrainConfig:
     """The run's TrainConfig: `config` or the defaults file's train section, with `overrides`, checked (one
     ConfigError naming every bad field). The model field records how `model` was named."""
-    values = dataclasses.asdict(config) if config else read_defaults("train")
+    values = config.flat() if config else read_defaults("train")
     values.update({k: (str(v) if isinstance(v, torch.device | Path) else v) for k, v in overrides.items()})
     values["model"] = model.name or model.path
     return build_config(TrainConfig, values)
@@ -341,7 +340,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             rows_target_fraction=D.target_fraction(rows, seq_len=cfg.seq_len),
             device=group.device,
             trust_remote_code=cfg.trust_remote_code,
-            **planner_inputs(dataclasses.asdict(cfg)),
+            **planner_inputs(cfg.flat()),
         )
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
     # before DDP or FSDP wrap it (FSDP shards it in place) and before a checkpoint resumes it: the base alone
@@ -450,7 +449,7 @@ def describe_run(
     cfg: TrainConfig, *, model: ModelSource, prepared: Prepared, modules: list[str], group: distributed.Group
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run's resolved settings (logged as params, hashed into config_hash) and its identifying tags."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_processes")}
+    settings = {k: v for k, v in cfg.flat().items() if k not in ("device", "num_processes")}
     fingerprint = prepared.manifest["fingerprint"]
     resolved = {
         **settings,

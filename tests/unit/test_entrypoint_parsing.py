@@ -48,7 +48,7 @@ def test_plan_takes_the_train_defaults_and_its_own_section():
     cfg = parse_args(PlanConfig, "plan", [], "")
     train = read_defaults("train")
     shared = {f.name for f in dataclasses.fields(PlanConfig)} - {"target_fraction", "budget_mb"}
-    assert {k: getattr(cfg, k) for k in shared} == {k: build_config(TrainConfig, train).__dict__[k] for k in shared}
+    assert {k: getattr(cfg, k) for k in shared} == {k: getattr(build_config(TrainConfig, train), k) for k in shared}
     assert (cfg.target_fraction, cfg.budget_mb) == (1.0, 0.0)  # every position a target; the machine's memory
     cfg = parse_args(PlanConfig, "plan", ["--rank", "64", "--budget_mb", "24576"], "")
     assert (cfg.rank, cfg.budget_mb) == (64, 24576.0)
@@ -144,7 +144,7 @@ def test_a_child_is_one_settings_file_that_reproduces_its_config(tmp_path):
     assert job.num_processes == 2
     path = tmp_path / "settings.yaml"
     path.write_text(job.settings, encoding="utf-8")
-    expected = dataclasses.replace(config, data=str(prepared))
+    expected = config.replace(data=str(prepared))
     assert parse_args(TrainConfig, "train", ["--config", str(path)], "") == expected
 
 
