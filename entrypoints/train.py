@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
             f"num_processes={cfg.num_processes} is invalid under a launcher of {distributed.world_size()} processes: "
             f"1 or {distributed.world_size()}"
         )
+    # lazy: after parsing: bad input exits before transformers, peft and MLflow load (~4 s more)
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.devices import resolve_device

@@ -13,14 +13,10 @@ import yaml
 from lora_efficiency.errors import ConfigError, UserError, invalid, shown
 from lora_efficiency.inputs import load_yaml, path_kind, read_yaml_file  # noqa: F401 - load_yaml: kept for its callers
 from lora_efficiency.names import KNOWN_SETS, PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
-from lora_efficiency.settings import (  # noqa: F401 - ALPHA_MAX, ATTENTIONS, SHARDINGS: config.<name> for callers
-    ALPHA_MAX,
-    ATTENTIONS,
+from lora_efficiency.settings import (
     DEVICE,
     GROUPS,
-    METHODS,
     SEED_MAX,
-    SHARDINGS,
     TrainConfig,
     flattened,
     from_flat,

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_efficiency.data import Rows, collate, tokenize_texts, unpacked
+from lora_efficiency.data import Rows, collate, format_prompt, tokenize_texts, unpacked
+from lora_efficiency.errors import UserError
 from lora_efficiency.loss import token_loss_by_row
-from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, python_docs_texts
+from lora_efficiency.models import positions_of
+from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, gsm8k_final_answer, python_docs_texts
 
 
 def evaluate_loss(model: torch.nn.Module, rows: Rows, **scoring) -> dict[str, float]:
@@ -144,8 +146,6 @@ def generate_answers(
     fixed_length, every row generates max_new_tokens (end of sequence suppressed until then: transformers'
     min_new_tokens), and the speed is the model's alone.
     """
-    from lora_efficiency.data import format_prompt
-    from lora_efficiency.models import positions_of
 
     limit = positions_of(model.config)  # GPT-2's learned table (1,024) fails with IndexError past its end
     was_training = model.training
@@ -271,7 +271,6 @@ def exact_match_scores(
     """Per answer: strict (after stripping) and by-kind match; and the metrics: eval/exact_match (strict; gsm8k-style
     references compare the final number's text), eval/exact_match_normalized (normalised text), eval/exact_match_by_kind
     (answers_match) overall and, where examples have task families, per family."""
-    from lora_efficiency.sources import gsm8k_final_answer
 
     strict, loose, by_kind = [], [], []
     for answer, reference, kind in zip(answers, references, kinds, strict=True):
@@ -383,8 +382,6 @@ def evaluate_model(
 def use_exact_match(setting: str, manifest: dict, data: str) -> bool:
     """auto: when the data has reference answers; true: always, but a plain-text set has nothing to match."""
     if setting == "true" and manifest["kind"] == "text":
-        from lora_efficiency.errors import UserError
-
         raise UserError(
             f"exact_match=true but data={data!r} ({manifest['dataset']}) is plain text with no reference "
             "answers: use exact_match=auto or false, or an instruction data set"
@@ -394,6 +391,5 @@ def use_exact_match(setting: str, manifest: dict, data: str) -> bool:
 
 def eval_settings_tag(**settings) -> str:
     """What an evaluation's numbers depend on, as a tag: the same tag means the same numbers."""
-    import json
 
     return json.dumps(settings, sort_keys=True)

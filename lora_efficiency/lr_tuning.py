@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora_efficiency.config import METHODS, TrainConfig
 from lora_efficiency.configuration import sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid
+from lora_efficiency.settings import METHODS, TrainConfig
 
 LR_KEYS = ("lr_grid", "pilot_steps", "lr_grid_extend")
 MAX_EXTEND = 5  # pilots past a grid's edge, per configuration

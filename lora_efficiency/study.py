@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import mlflow
+
 from lora_efficiency.children import flags
 from lora_efficiency.config import StudyConfig, TrainConfig, backend_options, is_path, report_folder
 from lora_efficiency.errors import UserError, printable
@@ -79,7 +81,6 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
 
 def run_study(study: Study, study_run_id: str, *, log: Callable[[str], None] = _say) -> list[str]:
     """The baselines, then every sweep, as child runs of the (open) study run; returns the failed runs' lines."""
-    import mlflow
 
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(study_run_id).info.experiment_id
@@ -154,7 +155,6 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
 
 def report_study(study: Study, study_run_id: str, failures: list[str]) -> None:
     """Write the report of the (closed) study run, then say what failed: the runs first, else the report."""
-    import mlflow
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment(client.get_run(study_run_id).info.experiment_id).name

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
+
 from lora_efficiency.report.findings import PERPLEXITY, Configuration, recommend
 
 MODEL_NAME = "model"  # the name train runs log their MLflow model under (mlflow_model.ARTIFACT)
@@ -55,8 +57,6 @@ def register_winners(
 
 
 def _ensure_registered_model(client, name: str, report_run_id: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -12,9 +12,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from transformers import AutoConfig
+
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
 from lora_efficiency.errors import UserError, shown
+from lora_efficiency.models import resolve_model
+from lora_efficiency.planner import estimate
 from lora_efficiency.report.metrics import PEAK_MB, PREDICTED_MB
 
 
@@ -303,7 +307,6 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
     Returns:
         One point per run that has one, and one note per reason runs were left out.
     """
-    from lora_efficiency.planner import estimate
 
     model_config = _model_configs()
     points, skipped = [], defaultdict(list)  # reason -> runs
@@ -333,9 +336,6 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
 def _model_configs() -> Callable[[dict[str, str]], object]:
     """A run's transformers config, read once per model; a failure is remembered and raised again, so an
     unreachable hub model is tried once."""
-    from transformers import AutoConfig
-
-    from lora_efficiency.models import resolve_model
 
     configs: dict[str, object] = {}
 

@@ -33,6 +33,8 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
+from scipy.stats import t
+
 from lora_efficiency.report.metrics import METRICS
 
 PAIRED = "paired by seed"
@@ -43,14 +45,12 @@ BETTER, WORSE, EQUIVALENT, CANNOT_TELL = "better", "worse", "equivalent", "canno
 
 def t_quantile(df: float, q: float = 0.975) -> float:
     """The q quantile of Student's t with df degrees of freedom (0.975: the two-sided 95 % quantile)."""
-    from scipy.stats import t
 
     return float(t.ppf(q, df))
 
 
 def t_sf(x: float, df: float) -> float:
     """P(T > x) for Student's t with df degrees of freedom."""
-    from scipy.stats import t
 
     return float(t.sf(x, df))
 
