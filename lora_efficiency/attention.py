@@ -43,7 +43,6 @@ def example_lengths(position_ids: torch.Tensor) -> list[list[int]]:
 def per_example_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function signature (query/key/value as batch, heads, tokens, head_dim); returns
     (output as batch, tokens, heads, head_dim, None)."""
-
     position_ids = kwargs.pop("position_ids", None)
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None or position_ids is None or q_len != kv_len or q_len == 1:
@@ -81,7 +80,6 @@ def _kernel(device: torch.device, length: int):
 def _mask(**kwargs):
     """No mask where none was given (a packed training row: per_example_attention splits it); otherwise the
     mask transformers' sdpa would build (generation with padding)."""
-
     if kwargs.get("attention_mask") is None:
         return None
     return sdpa_mask(**kwargs)
@@ -89,7 +87,6 @@ def _mask(**kwargs):
 
 def register() -> str:
     """Make NAME a transformers attention implementation (idempotent); returns NAME."""
-
     AttentionInterface.register(NAME, per_example_attention)
     AttentionMaskInterface.register(NAME, _mask)
     return NAME

@@ -60,7 +60,6 @@ def load_checkpoint(
     folder: Path, *, peft_model, optimizer, scheduler, scaler, config_hash: str, seed: int, device: torch.device
 ) -> dict:
     """Restore adapter weights, optimizer, scheduler, scaler and RNG from `folder`; returns its trainer state."""
-
     try:
         state = json.loads((folder / CHECKPOINT_STATE).read_text())
         tensors = load_file(str(folder / "optimizer_rng.safetensors"))

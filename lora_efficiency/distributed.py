@@ -155,7 +155,6 @@ def _loopback_store() -> Iterator[int]:
     a server this process already runs on that port: this one. Accelerate's "port in use" check (which would
     move the launch to another port, on every interface) is told the port is ours.
     """
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -174,7 +173,6 @@ def _loopback_store() -> Iterator[int]:
 
 def loopback_interface() -> str:
     """The name of the network interface that holds 127.0.0.1 ("lo" on Linux)."""
-
     for name, addresses in psutil.net_if_addrs().items():
         if any(a.address == "127.0.0.1" for a in addresses):
             return name
@@ -191,7 +189,6 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
     listens on 127.0.0.1 only (`_loopback_store`). Each failed rank has printed its own error line; torchrun's
     traceback of the failure is replaced by one UserError line.
     """
-
     # One machine: torchrun's MASTER_ADDR is 127.0.0.1, and gloo's and NCCL's own sockets (the collectives, NCCL's
     # bootstrap) go on loopback too, unless the caller chose an interface.
     for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):

@@ -146,7 +146,6 @@ def generate_answers(
     fixed_length, every row generates max_new_tokens (end of sequence suppressed until then: transformers'
     min_new_tokens), and the speed is the model's alone.
     """
-
     limit = positions_of(model.config)  # GPT-2's learned table (1,024) fails with IndexError past its end
     was_training = model.training
     model.eval()
@@ -271,7 +270,6 @@ def exact_match_scores(
     """Per answer: strict (after stripping) and by-kind match; and the metrics: eval/exact_match (strict; gsm8k-style
     references compare the final number's text), eval/exact_match_normalized (normalised text), eval/exact_match_by_kind
     (answers_match) overall and, where examples have task families, per family."""
-
     strict, loose, by_kind = [], [], []
     for answer, reference, kind in zip(answers, references, kinds, strict=True):
         by_kind.append(answers_match(answer, reference, kind))
@@ -391,5 +389,4 @@ def use_exact_match(setting: str, manifest: dict, data: str) -> bool:
 
 def eval_settings_tag(**settings) -> str:
     """What an evaluation's numbers depend on, as a tag: the same tag means the same numbers."""
-
     return json.dumps(settings, sort_keys=True)

@@ -47,7 +47,6 @@ def resolve_run_ref(ref: str) -> str:
     """The train run behind `ref`: a run id as given, runs:/<id>/model (the run must have logged that model) or
     models:/<name>@<alias> / models:/<name>/<version> (the version's source run). A name, alias, version or
     model that does not exist is a UserError naming what does."""
-
     client = mlflow.MlflowClient()
     if ref.startswith("runs:/"):
         run_id, _, path = ref.removeprefix("runs:/").partition("/")
@@ -98,7 +97,6 @@ def resolve_run_ref(ref: str) -> str:
 
 def train_run(run_id: str):
     """The MLflow run `run_id`, which must exist and carry an adapter artifact."""
-
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -130,7 +128,6 @@ def load_for_inference(
     trust_remote_code: bool = False,
 ):
     """(model with the adapter attached, or the bare base if adapter is None; tokenizer; model source)."""
-
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     base = load_base_model(
@@ -150,7 +147,6 @@ def load_for_inference(
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, device: torch.device | None = None) -> str:
     """Greedy answer to one prompt, formatted with the model's chat template."""
-
     device = device or next(model.parameters()).device
     dtype = None if next(model.parameters()).dtype == torch.float32 else compute_dtype(device)
     answers, _ = generate_answers(

@@ -78,7 +78,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
 def chat_signature():
     """Prompt strings in (a list, or a DataFrame whose `prompt` column is read), answers out, max_new_tokens as a
     parameter. The input column is unnamed so a plain list of strings passes MLflow's schema check."""
-
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
@@ -93,7 +92,6 @@ def _requirements() -> list[str]:
 
 def log_adapter_model(adapter_dir: str | Path, *, quantization: str) -> dict[str, float]:
     """Log `adapter_dir` as the active run's MLflow model `model`; returns its size as metrics (model/size_mb)."""
-
     with redacted_copy(str(adapter_dir)) as clean:  # no secret in a text file, as in run artifacts
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT,

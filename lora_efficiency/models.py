@@ -99,7 +99,6 @@ def provenance(source: ModelSource, *, trust_remote_code: bool = False) -> dict[
     from a 4-bit GGUF, so its "bf16" weights sit on a 4-bit grid and nf4/int8 re-quantize a 4-bit-rounded
     model; empty for an original checkpoint), `base_checkpoint_dtype` (the dtype the checkpoint declares) and a
     sentence, `base_provenance`, for the report."""
-
     tags = {"base_gguf_type": "", "base_checkpoint_dtype": "unknown"}
     source_file = Path(source.path) / "source.json"
     if source_file.is_file():  # a folder this project converted from a GGUF file
@@ -153,7 +152,6 @@ def packing_problem(config, *, model: str) -> str | None:
 
 def check_packing(source: ModelSource, *, trust_remote_code: bool = False) -> None:
     """Raise the packing_problem of `source`'s config, read before any weight is loaded."""
-
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # loading the model itself reports why, in the words the user needs
@@ -172,7 +170,6 @@ def positions_of(config) -> int:
 
 def max_positions(path: str, *, trust_remote_code: bool = False) -> int:
     """positions_of() the model at `path`; 0 when its config does not load (the model load says why)."""
-
     try:
         return positions_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     except (OSError, ValueError):
@@ -214,7 +211,6 @@ def register_in_hub_cache(folder: Path, repo_id: str) -> Path:
     and online, huggingface_hub moves refs/main to the hub's commit and downloads the original weights. Files
     are hard links (copies across filesystems): renaming or deleting this project's cache leaves them working.
     """
-
     origin = json.loads((folder / "source.json").read_text())
     revision = origin["sha256"][:40]
     repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
@@ -345,7 +341,6 @@ def load_base_model(
     attention: settings.ATTENTIONS (attention.py); generation keeps transformers' sdpa. shardable (FSDP): 4-bit
     weights packed into tensors of the compute dtype instead of uint8, so that FSDP shards and all-gathers them
     with the 16-bit weights beside them (what axolotl and HF's FSDP-QLoRA set: bnb_4bit_quant_storage)."""
-
     dtype = compute_dtype(device)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if quantization in ("nf4", "fp4"):
@@ -398,7 +393,6 @@ def no_cpu_inference_repacking(model: torch.nn.Module) -> None:
 def set_attention(model, attention: str) -> str:
     """Switch `model` to per-example attention where `attention` asks for it and its architecture allows it;
     returns the implementation in use. per_example on another architecture is a UserError naming both."""
-
     if attention == "sdpa" or (attention == "auto" and not A.supports_per_example(model.config)):
         return model.config._attn_implementation
     if not A.supports_per_example(model.config):
@@ -439,7 +433,6 @@ _ROLES: dict[str, tuple[str, ...]] = {
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Full names of the linear layers LoRA can adapt (nn.Linear, GPT-2's Conv1D, bnb layers), minus the head."""
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         name

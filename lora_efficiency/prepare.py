@@ -128,7 +128,6 @@ def prepare_data(
     (the bundled `instruct` set keeps its own fixed 300-example eval split). Rows longer than seq_len are
     truncated and counted.
     """
-
     datasets.disable_progress_bars()
     settings = {
         "seq_len": seq_len,
@@ -214,7 +213,6 @@ def _manifest(source, tokenizer, model: ModelSource, train, evaluation, *, key, 
 
 def _write_atomically(folder: Path, manifest: dict, train, train_records, evaluation, eval_records, *, kind) -> None:
     """Write into a temporary sibling, then rename: a reader never sees half a folder."""
-
     tmp = temp_sibling(folder.parent, TEMP_PREFIX)
     _to_dataset(Dataset, train, train_records, kind).save_to_disk(str(tmp / "train"))
     _to_dataset(Dataset, evaluation, eval_records, kind).save_to_disk(str(tmp / "eval"))

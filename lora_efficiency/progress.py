@@ -24,7 +24,6 @@ def bars_wanted() -> bool:
 
 def bar(*, total: int, desc: str, unit: str, position: int | None = None):
     """A tqdm bar on stderr; under a sweep, a step bar sits below the sweep's and is cleared when done."""
-
     if position is None:
         position = int(os.environ.get(BAR_POSITION_ENV, "0") or 0)
     return tqdm(total=total, desc=desc, unit=unit, position=position, leave=position == 0, dynamic_ncols=True)

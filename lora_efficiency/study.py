@@ -81,7 +81,6 @@ def load_study(cfg: StudyConfig, *, log: Callable[[str], None] = _say) -> Study:
 
 def run_study(study: Study, study_run_id: str, *, log: Callable[[str], None] = _say) -> list[str]:
     """The baselines, then every sweep, as child runs of the (open) study run; returns the failed runs' lines."""
-
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(study_run_id).info.experiment_id
     for quantization in study.config.baselines.split(","):
@@ -155,7 +154,6 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
 
 def report_study(study: Study, study_run_id: str, failures: list[str]) -> None:
     """Write the report of the (closed) study run, then say what failed: the runs first, else the report."""
-
     client = mlflow.MlflowClient()
     experiment = client.get_experiment(client.get_run(study_run_id).info.experiment_id).name
     cfg = study.config

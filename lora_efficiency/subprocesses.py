@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when its parent dies (kill -9 included), so none outlives it."""
-
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 

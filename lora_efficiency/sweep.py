@@ -225,7 +225,6 @@ def check_one_data(sweeps: list[Sweep], *, where: str, what: str = "a sweep") ->
 
 def prepare_once(sweeps: list[Sweep], *, where: str, what: str = "a sweep") -> Prepared:
     """Check that `sweeps` share one data set (check_one_data), then prepare it (cached): a Prepared."""
-
     check_one_data(sweeps, where=where, what=what)
     first = sweeps[0].children[0].config
     source = resolve_model(first.model)
@@ -286,7 +285,6 @@ class SweepResult:
 
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     """The memory planner's peak for every child (by name), before any runs: None where it cannot tell."""
-
     train_split = load_prepared(data_path).train
     fractions: dict[tuple[int, bool], float] = {}
     out: dict[str, float | None] = {}
@@ -353,7 +351,6 @@ def run_sweep(
     With a learning-rate grid (sweep.lr_grid) the backend is called twice: every pilot first (lora_efficiency.lr_tuning
     chooses each configuration's learning rate from them), then every main run at its configuration's choice.
     """
-
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     shown = _Progress(sweep, bars=progress.bars_wanted() and backend == "local", log=log)  # concurrent: lines
@@ -576,7 +573,6 @@ class _Placement:
 def _children_env(*, bars: bool) -> dict[str, str]:
     """What each child's environment adds to its host's: the store (absolute, for a child started anywhere) and
     how it shows progress (its step bar under the sweep's, or lines)."""
-
     return {
         "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
         "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child

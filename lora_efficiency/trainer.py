@@ -401,7 +401,6 @@ def build_model(
     fp32: peft's autocast_adapter_dtype). method=full: every weight trains, kept in fp32 (master weights: AdamW
     updates of ~lr x 1e-3 vanish when rounded to bf16's 8 bits of mantissa) with the forward under bf16 autocast
     for quantization=bf16/fp16, as HF Trainer's bf16=True does; quantization=fp32 trains in fp32 throughout."""
-
     full = cfg.method == "full"
     base = load_base_model(
         model,
@@ -435,7 +434,6 @@ def make_optimizer(
     params: list[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_ratio: float, max_steps: int
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW with a linear warm-up over warmup_ratio x max_steps, then cosine decay to 0 at max_steps."""
-
     # fused: one kernel for every parameter's update; on the CPU, 0.08 s a step for 133 M fp32 weights against
     # 0.27 s for the default foreach implementation (1 thread, 2026-12-02): it matters for method=full. It needs
     # floating-point parameters on the CPU or a GPU, which the trainable ones always are here.

@@ -43,13 +43,11 @@ def model_path(name: str) -> str:
 
 def model_source(name: str):
     """models.ModelSource of `--model name` (a random shape included)."""
-
     return resolve_model(model_path(name))
 
 
 def random_model_path(name: str) -> Path:
     """A RANDOM_SHAPES model with seeded random bf16 weights and SmolLM2's tokenizer, saved once in the cache."""
-
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target

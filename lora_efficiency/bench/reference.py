@@ -47,7 +47,6 @@ from lora_efficiency.models import compute_dtype, resolve_target_modules
 
 def reference_worker(spec: dict) -> dict:
     """HF Trainer + PEFT as a user writes it, on the same tokenized examples as the project."""
-
     hf_logging.set_verbosity_error()
     device = torch.device(spec["device"])
     source, tokenizer, prepared = prepared_data(spec)
@@ -81,7 +80,6 @@ def reference_worker(spec: dict) -> dict:
 def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool):
     """The base stored as `mode` (bitsandbytes for nf4/fp4/int8), wrapped in PEFT's LoRA as the guides do;
     gradient_checkpointing: what prepare_model_for_kbit_training turns on for k-bit bases."""
-
     dtype = compute_dtype(device)
     kwargs: dict = {"dtype": dtype if mode != "fp32" else torch.float32}
     if mode in ("nf4", "fp4"):
@@ -110,7 +108,6 @@ def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool):
 def _training_arguments(spec: dict, device):
     """The benchmark's recipe as TrainingArguments: same schedule and steps as the project, nothing saved or
     logged, and the Trainer's own count of non-padding input tokens."""
-
     dtype, mode = compute_dtype(device), spec["mode"]
     return TrainingArguments(
         train_sampling_strategy="group_by_length" if spec.get("strong") else "random",

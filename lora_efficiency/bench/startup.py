@@ -38,7 +38,6 @@ def measure_startup(
     first step. The first launch may meet cold caches; the later ones are the "second run of a sweep". The warm
     server's own start (its imports, once a sweep) is timed apart. One more fresh launch with `python -X
     importtime` says how much of a fresh one is imports."""
-
     uri = f"sqlite:///{work}/startup.db"
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment("bench-startup", artifact_location=str(work / "startup-artifacts"))
@@ -110,7 +109,6 @@ class _Launcher:
 
 def _python(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     """`python ARGS` (python's own options first) as a fresh process: its exit status and stderr."""
-
     command = [sys.executable, *args]
     proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     return proc.returncode, proc.stderr

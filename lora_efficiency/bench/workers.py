@@ -38,13 +38,11 @@ def worker_env(**extra: str) -> dict[str, str]:
     """The environment of the benchmark's child processes: the project on PYTHONPATH (subprocesses.child_env),
     progress as plain lines rather than bars (they go to a log file) and unbuffered output, so a failed child's
     log ends where it stopped; plus `extra`."""
-
     return child_env(**{PROGRESS_ENV: "lines", "PYTHONUNBUFFERED": "1"}, **extra)
 
 
 def prepared_data(spec: dict):
     """(model source, tokenizer, prepared data) of a spec: the same tokens on every side of the benchmark."""
-
     source = model_source(spec["model"])
     tokenizer = load_tokenizer(source)  # pad = eos where the tokenizer has no pad token, as users do
     prepared = resolve_data(spec["data"], model=source, tokenizer=tokenizer, seq_len=spec["seq_len"])
@@ -53,7 +51,6 @@ def prepared_data(spec: dict):
 
 def setup_worker(spec: dict) -> dict:
     """Matmul rates first (on an idle device), then the data and the model: batch budget and FLOPs per token."""
-
     device = torch.device(spec["device"])
     rates = matmul_rates(device)
     source, _, prepared = prepared_data(spec)

@@ -307,7 +307,6 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
     Returns:
         One point per run that has one, and one note per reason runs were left out.
     """
-
     model_config = _model_configs()
     points, skipped = [], defaultdict(list)  # reason -> runs
     for r in runs:
@@ -336,7 +335,6 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
 def _model_configs() -> Callable[[dict[str, str]], object]:
     """A run's transformers config, read once per model; a failure is remembered and raised again, so an
     unreachable hub model is tried once."""
-
     configs: dict[str, object] = {}
 
     def config_of(params: dict[str, str]) -> object:

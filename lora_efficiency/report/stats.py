@@ -45,13 +45,11 @@ BETTER, WORSE, EQUIVALENT, CANNOT_TELL = "better", "worse", "equivalent", "canno
 
 def t_quantile(df: float, q: float = 0.975) -> float:
     """The q quantile of Student's t with df degrees of freedom (0.975: the two-sided 95 % quantile)."""
-
     return float(t.ppf(q, df))
 
 
 def t_sf(x: float, df: float) -> float:
     """P(T > x) for Student's t with df degrees of freedom."""
-
     return float(t.sf(x, df))
 
 
