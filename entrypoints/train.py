@@ -59,11 +59,11 @@ def main(argv: list[str]) -> None:
         else contextlib.nullcontext(NullTracker())
     )
     with run as tracker:
+        resume_dir = None
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
-            tracker.log_params({"resume_from": cfg.resume_from})
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
-            cfg = cfg.replace(resume_from=str(download_checkpoint(cfg.resume_from)))
-        result = train(cfg, model=source, tracker=tracker)
+            resume_dir = download_checkpoint(cfg.resume_from)  # before the model loads; cfg keeps the run id
+        result = train(cfg, model=source, tracker=tracker, resume_dir=resume_dir)
         if main_rank and cfg.method == "lora":  # runs:/<id>/model: the adapter as a pyfunc (base by hub id)
             from lora_efficiency.mlflow_model import log_adapter_model
 

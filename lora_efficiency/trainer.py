@@ -239,6 +239,7 @@ def train(
     memory_sampler: Callable[[torch.device], MemorySampler] | None = None,
     output_dir: str | None = None,
     checkpoint_dir: str | Path | None = None,
+    resume_dir: str | Path | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train one LoRA adapter on `model`, evaluate it, and send every number to `tracker`.
@@ -250,7 +251,8 @@ def train(
 
     Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and step are saved in
     `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`;
-    `resume_from` (a checkpoint folder of the same settings and seed) continues with the same batches and loss curve.
+    `resume_from` (a checkpoint folder of the same settings and seed, or a train run's id whose latest checkpoint
+    `resume_dir` holds: entrypoints.train downloads it) continues with the same batches and loss curve.
 
     Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP (or FSDP2 with
     sharding=fsdp: each process holds 1/W of the base and adapter): each process takes `batch_size` rows of every
@@ -261,7 +263,7 @@ def train(
     group = distributed.setup(resolve_device(cfg.device), cfg.sharding)  # one of one, unless launched as several
     tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
     torch.manual_seed(cfg.seed)
-    session = setup(cfg, model=model, group=group, tracker=tracker)
+    session = setup(cfg, model=model, group=group, tracker=tracker, resume_dir=resume_dir)
     hooks = [*callbacks, progress_callback(cfg.max_steps, session.first_step, show=group.is_main)]
     if cfg.eval_every and group.is_main:
         session.validator = Validator(
@@ -312,7 +314,14 @@ def check_fits_model(cfg: TrainConfig, rows: D.Rows, model: ModelSource) -> None
         raise UserError(f"seq_len={cfg.seq_len} is invalid for model={cfg.model!r}: at most its {limit} positions")
 
 
-def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
+def setup(
+    cfg: TrainConfig,
+    *,
+    model: ModelSource,
+    group: distributed.Group,
+    tracker: Tracker,
+    resume_dir: str | Path | None = None,
+) -> Session:
     """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
     if cfg.packing:
         check_packing(model, trust_remote_code=cfg.trust_remote_code)
@@ -387,8 +396,8 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         forgetting=forgetting,
     )
     log_run_description(session, tracker)
-    if cfg.resume_from:
-        resume(session, Path(cfg.resume_from), tracker)
+    if cfg.resume_from:  # the settings keep the run id (settings.yaml reruns it), not where it was downloaded
+        resume(session, Path(resume_dir or cfg.resume_from), tracker)
     return session
 
 
