@@ -61,11 +61,10 @@ def main(argv: list[str]) -> None:
         trust_remote_code=cfg.trust_remote_code,
     )
     settings = eval_settings_tag(
-        data_fingerprint=prepared.manifest["fingerprint"],
+        prepared,
         eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples if do_exact_match else 0,
         max_new_tokens=cfg.max_new_tokens,
-        **({"eval_order": "balanced"} if prepared.eval_balanced else {}),
     )
     kind = "run" if cfg.run_id else ("baseline" if target.adapter is None else "adapter")
     name = _run_name(kind, cfg, source, target)

@@ -8,6 +8,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from lora_efficiency.errors import UserError
 from lora_efficiency.loss import token_loss_by_row
 from lora_efficiency.models import positions_of
 from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, gsm8k_final_answer, python_docs_texts
+
+if TYPE_CHECKING:  # a type only: prepare.py imports datasets (~2 s), which a served model (mlflow_model) never needs
+    from lora_efficiency.prepare import Prepared
 
 
 def evaluate_loss(model: torch.nn.Module, rows: Rows, **scoring) -> dict[str, float]:
@@ -387,6 +391,15 @@ def use_exact_match(setting: str, manifest: dict, data: str) -> bool:
     return setting == "true" or (setting == "auto" and bool(manifest.get("has_references")))
 
 
-def eval_settings_tag(**settings) -> str:
-    """What an evaluation's numbers depend on, as a tag: the same tag means the same numbers."""
+def eval_settings_tag(prepared: Prepared, *, eval_samples: int, generate_samples: int, max_new_tokens: int) -> str:
+    """What an evaluation of `prepared`'s held-out split depends on, as a tag (`eval_settings`, set by a train run
+    and by `evaluate`): the same tag means the same numbers."""
+    settings = {
+        "data_fingerprint": prepared.manifest["fingerprint"],
+        "eval_samples": eval_samples,
+        "generate_samples": generate_samples,
+        "max_new_tokens": max_new_tokens,
+    }
+    if prepared.eval_balanced:  # only then: runs on sets without task families keep the tag they always had
+        settings["eval_order"] = "balanced"
     return json.dumps(settings, sort_keys=True)

@@ -263,7 +263,9 @@ def train(
     group = distributed.setup(resolve_device(cfg.device), cfg.sharding)  # one of one, unless launched as several
     tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
     torch.manual_seed(cfg.seed)
-    session = setup(cfg, model=model, group=group, tracker=tracker, resume_dir=resume_dir)
+    session = setup(cfg, model=model, group=group, tracker=tracker)
+    if cfg.resume_from:  # the settings keep the run id (settings.yaml reruns it), not where it was downloaded
+        resume(session, Path(resume_dir or cfg.resume_from), tracker)
     hooks = [*callbacks, progress_callback(cfg.max_steps, session.first_step, show=group.is_main)]
     if cfg.eval_every and group.is_main:
         session.validator = Validator(
@@ -314,14 +316,7 @@ def check_fits_model(cfg: TrainConfig, rows: D.Rows, model: ModelSource) -> None
         raise UserError(f"seq_len={cfg.seq_len} is invalid for model={cfg.model!r}: at most its {limit} positions")
 
 
-def setup(
-    cfg: TrainConfig,
-    *,
-    model: ModelSource,
-    group: distributed.Group,
-    tracker: Tracker,
-    resume_dir: str | Path | None = None,
-) -> Session:
+def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tracker: Tracker) -> Session:
     """Load data and model, log what the run is (params, tags), build the optimizer, resume if asked."""
     if cfg.packing:
         check_packing(model, trust_remote_code=cfg.trust_remote_code)
@@ -396,8 +391,6 @@ def setup(
         forgetting=forgetting,
     )
     log_run_description(session, tracker)
-    if cfg.resume_from:  # the settings keep the run id (settings.yaml reruns it), not where it was downloaded
-        resume(session, Path(resume_dir or cfg.resume_from), tracker)
     return session
 
 
@@ -706,12 +699,10 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         tracker.set_tags({"converged": converged.status})
     tracker.log_metrics(metrics)
     eval_tag = eval_settings_tag(
-        data_fingerprint=s.tags["data_fingerprint"],
+        s.prepared,
         eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples,
         max_new_tokens=cfg.max_new_tokens,
-        # absent for the stored order, so runs on sets without task families keep the tag they always had
-        **({"eval_order": "balanced"} if s.prepared.eval_balanced else {}),
     )
     tracker.set_tags({"eval_settings": eval_tag, "memory_source": loop.memory_source})
     if evaluation.samples["prompt"]:
