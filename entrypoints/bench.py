@@ -21,6 +21,7 @@ from lora_efficiency.errors import printable
 
 def main(argv: list[str]) -> None:
     cfg = parse_args(BenchConfig, "bench", argv, description=__doc__)
+    # lazy: after parsing: bad input exits in ~0.3 s, before torch, transformers and MLflow load (~6 s)
     from lora_efficiency import bench
     from lora_efficiency.devices import resolve_device
 

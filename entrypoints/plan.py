@@ -26,9 +26,10 @@ from lora_efficiency.config import PlanConfig, parse_args
 
 def main(argv: list[str]) -> None:
     cfg = parse_args(PlanConfig, "plan", argv, description=__doc__)
-    if cfg.design:
+    if cfg.seeds.design:
         design(cfg)
         return
+    # lazy: after parsing: bad input exits in ~0.3 s, before torch, transformers and MLflow load (~6 s)
     import psutil
     import torch
     from transformers import AutoConfig
@@ -71,19 +72,20 @@ def main(argv: list[str]) -> None:
 
 def design(cfg: PlanConfig) -> None:
     """The seeds the profile's declared contrasts need, from a given sd or an experiment's earlier runs."""
+    # lazy: after parsing, like main's: bad input exits before the report's MLflow and scipy load
     from lora_efficiency.config import read_defaults
     from lora_efficiency.design import parse_contrasts
     from lora_efficiency.errors import UserError, printable
     from lora_efficiency.report.power import plan_lines
     from lora_efficiency.sweep import load_profile
 
-    profile = load_profile(cfg.design)
-    contrasts = parse_contrasts(profile.get("contrasts"), where=f"profile={cfg.design!r}")
+    profile = load_profile(cfg.seeds.design)
+    contrasts = parse_contrasts(profile.get("contrasts"), where=f"profile={cfg.seeds.design!r}")
     if not contrasts:
-        raise UserError(f"design={cfg.design!r}: the profile declares no contrasts (its `contrasts` list)")
+        raise UserError(f"design={cfg.seeds.design!r}: the profile declares no contrasts (its `contrasts` list)")
     seeds = len(profile.get("seeds") or [0])
-    configs, source = [], f"sd {cfg.sd:g} given"
-    if not cfg.sd:
+    configs, source = [], f"sd {cfg.seeds.sd:g} given"
+    if not cfg.seeds.sd:
         import mlflow
 
         from lora_efficiency.report import fetch_scope, group_configurations
@@ -92,15 +94,15 @@ def design(cfg: PlanConfig) -> None:
 
         check_tracking_store()
         client = mlflow.MlflowClient()
-        scope = fetch_scope(client, experiment=cfg.spread_experiment, sweep_run_id=cfg.spread_run_id)
+        scope = fetch_scope(client, experiment=cfg.seeds.spread_experiment, sweep_run_id=cfg.seeds.spread_run_id)
         configs = group_configurations(scope.runs)
         losses = fetch_per_example_losses(client, scope.runs)
         for c in configs:
             c.losses = {r.seed: losses[r.run_id] for r in c.runs if r.run_id in losses}
-        source = f"spread from experiment {cfg.spread_experiment}: {len(scope.runs)} runs"
+        source = f"spread from experiment {cfg.seeds.spread_experiment}: {len(scope.runs)} runs"
     defaults = {**read_defaults("train"), **(profile.get("train") or {})}
-    print(printable(f"profile {cfg.design} ({source}):"))
-    for line in plan_lines(contrasts, seeds, configs=configs, defaults=defaults, sd=cfg.sd):
+    print(printable(f"profile {cfg.seeds.design} ({source}):"))
+    for line in plan_lines(contrasts, seeds, configs=configs, defaults=defaults, sd=cfg.seeds.sd):
         print(printable(line))
 
 

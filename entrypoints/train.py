@@ -12,7 +12,6 @@ python -m entrypoints.train --num_processes 2 --sharding fsdp  # the base and ad
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ def main(argv: list[str]) -> None:
             f"num_processes={cfg.num_processes} is invalid under a launcher of {distributed.world_size()} processes: "
             f"1 or {distributed.world_size()}"
         )
+    # lazy: after parsing: bad input exits before transformers, peft and MLflow load (~4 s more)
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.devices import resolve_device
@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
     what = f"LoRA r={cfg.rank} on {cfg.target_modules}" if cfg.method == "lora" else "Full fine-tuning"
     description = (
         f"{what} of {source.model_id}, base stored as {cfg.quantization}, seed {cfg.seed}, {cfg.max_steps} steps "
-        f"on data {cfg.data or 'bundled-instruct'}; the adapter is the MLflow model `model`"
+        f"on data {cfg.data or 'bundled-instruct'}; the adapter is the MLflow model named"
+        " after its configuration and seed"
     )
     run = (
         start_run(run_name=name, entry_point="train", description=description)
@@ -59,11 +60,11 @@ def main(argv: list[str]) -> None:
         else contextlib.nullcontext(NullTracker())
     )
     with run as tracker:
+        resume_dir = None
         if cfg.resume_from and not Path(cfg.resume_from).is_dir():  # a run id: its latest checkpoint artifact
-            tracker.log_params({"resume_from": cfg.resume_from})
             tracker.set_tags({"resumed_from_run": cfg.resume_from})
-            cfg = dataclasses.replace(cfg, resume_from=str(download_checkpoint(cfg.resume_from)))
-        result = train(cfg, model=source, tracker=tracker)
+            resume_dir = download_checkpoint(cfg.resume_from)  # before the model loads; cfg keeps the run id
+        result = train(cfg, model=source, tracker=tracker, resume_dir=resume_dir)
         if main_rank and cfg.method == "lora":  # the adapter as a pyfunc (base by hub id), named after its run
             from lora_efficiency.mlflow_model import log_adapter_model, model_name
 

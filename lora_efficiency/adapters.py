@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+from huggingface_hub import ModelCard, ModelCardData
+
 from lora_efficiency.models import BUNDLED_HUB_ID, ModelSource, hub_reference, provenance
 from lora_efficiency.redaction import redact
 
@@ -60,8 +63,6 @@ def write_model_card(
 ) -> Path:
     """README.md of the adapter folder, written with huggingface_hub.ModelCard: metadata the hub reads (base_model,
     library peft, tags) and the base, data, settings, metrics and command of the run. Replaces peft's template."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     folder = Path(folder)
     base = json.loads((folder / BASE_FILE).read_text())
     adapter = json.loads((folder / "adapter_config.json").read_text())
@@ -110,9 +111,7 @@ def write_model_card(
 def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
     """Upload an adapter folder to the hub (a token from `token`, HF_TOKEN or `hf auth login`); returns the
     commit URL. huggingface_hub does the work: create_repo (no error if it exists) then upload_folder."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    api = huggingface_hub.HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="lora-efficiency adapter")
     return str(getattr(commit, "commit_url", commit))

@@ -19,6 +19,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "per_example_sdpa"
 # Decoder families whose attention layers receive position_ids (checked in transformers 5.23's modeling code)
@@ -39,8 +43,6 @@ def example_lengths(position_ids: torch.Tensor) -> list[list[int]]:
 def per_example_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function signature (query/key/value as batch, heads, tokens, head_dim); returns
     (output as batch, tokens, heads, head_dim, None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     position_ids = kwargs.pop("position_ids", None)
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None or position_ids is None or q_len != kv_len or q_len == 1:
@@ -70,8 +72,6 @@ MATH_KERNEL_MAX_TOKENS = 128
 
 
 def _kernel(device: torch.device, length: int):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     if device.type == "cpu" and length <= MATH_KERNEL_MAX_TOKENS:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
@@ -80,8 +80,6 @@ def _kernel(device: torch.device, length: int):
 def _mask(**kwargs):
     """No mask where none was given (a packed training row: per_example_attention splits it); otherwise the
     mask transformers' sdpa would build (generation with padding)."""
-    from transformers.masking_utils import sdpa_mask
-
     if kwargs.get("attention_mask") is None:
         return None
     return sdpa_mask(**kwargs)
@@ -89,9 +87,6 @@ def _mask(**kwargs):
 
 def register() -> str:
     """Make NAME a transformers attention implementation (idempotent); returns NAME."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(NAME, per_example_attention)
     AttentionMaskInterface.register(NAME, _mask)
     return NAME

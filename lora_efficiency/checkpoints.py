@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lora_efficiency.errors import UserError
 
@@ -30,7 +33,6 @@ def save_checkpoint(
     tokens_total: int,
     device: torch.device,
 ) -> Path:
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(folder, safe_serialization=True)
@@ -58,10 +60,6 @@ def load_checkpoint(
     folder: Path, *, peft_model, optimizer, scheduler, scaler, config_hash: str, seed: int, device: torch.device
 ) -> dict:
     """Restore adapter weights, optimizer, scheduler, scaler and RNG from `folder`; returns its trainer state."""
-    from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         state = json.loads((folder / CHECKPOINT_STATE).read_text())
         tensors = load_file(str(folder / "optimizer_rng.safetensors"))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_efficiency.forkserver import PRELOAD, ForkServer
+from lora_efficiency.redaction import mask_stored
 from lora_efficiency.subprocesses import child_env, die_with_parent
 
 TRAIN_MODULE = "entrypoints.train"
@@ -144,8 +145,7 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
     file lives while the child runs; the child logs the same settings as its run's settings.yaml, which lasts."""
     import mlflow  # lazy: a Ray worker unpickling run_job imports this module before it needs MLflow (~1 s)
 
-    from lora_efficiency.redaction import mask_stored
-    from lora_efficiency.tracking import owner_tags
+    from lora_efficiency.tracking import owner_tags  # lazy: imports MLflow (above)
 
     client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
     tags = {k: mask_stored(str(v)) for k, v in {**job.tags, **owner_tags()}.items()}  # as MlflowTracker stores them
@@ -170,7 +170,7 @@ def claim_winner(client, experiment_id: str, key: str, ours) -> str:
     looks, so of two sweeps on one experiment at least the later one sees the earlier claim; a claim whose owner was
     killed is no claim (tracking.owner_gone; the orphan sweep marks it FAILED). A claim from another host counts as
     long as its run is RUNNING: that host alone can judge its owner."""
-    from lora_efficiency.tracking import owner_gone
+    from lora_efficiency.tracking import owner_gone  # lazy: imports MLflow (run_job says why that waits)
 
     runs = client.search_runs([experiment_id], filter_string=f"tags.sweep_key = '{key}'", max_results=1000)
     if finished := [r.info.run_id for r in runs if r.info.status == "FINISHED"]:

@@ -17,13 +17,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from lora_efficiency.errors import TrackingError, UserError, cause_line, printable
 from lora_efficiency.redaction import redact
 
 
 def _fail_active_run(message: str) -> None:
     """Mark the run FAILED (the one `mlflow run` opened, or ours) so nothing is left RUNNING."""
-    import mlflow
+    if "mlflow" not in sys.modules and not os.environ.get("MLFLOW_RUN_ID"):
+        return  # no run can be open: bad input exits without importing MLflow (2 s of a 5 s `train --rank -1`)
+    import mlflow  # lazy: every entry point imports this module before parsing; MLflow's import takes ~1 s
 
     run = mlflow.active_run()
     run_id = run.info.run_id if run else os.environ.get("MLFLOW_RUN_ID")
@@ -180,8 +184,6 @@ def temp_sibling(parent: Path, prefix: str) -> Path:
     """A new temporary folder in `parent` (to fill, then rename into place), named after its owner:
     `<prefix><pid>-<process start time>-<host>-<random>`. Leftovers of owners that are gone (remove_leftovers) are
     removed first: a `kill -9` between mkdtemp and the rename left its folder there for good."""
-    import psutil
-
     parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(parent, prefix)
     owner = f"{os.getpid()}-{psutil.Process().create_time():.0f}-{socket.gethostname()}-"
@@ -191,8 +193,6 @@ def temp_sibling(parent: Path, prefix: str) -> Path:
 def remove_leftovers(parent: Path, prefix: str) -> None:
     """Remove the temp_sibling folders in `parent` whose process is gone: its pid dead, or reused by a process that
     started at another time. Never a live process's, another host's (a shared cache) or one named otherwise."""
-    import psutil
-
     host = socket.gethostname()
     for folder in parent.glob(f"{glob.escape(prefix)}*"):
         pid, started, rest = (folder.name.removeprefix(prefix).split("-", 2) + ["", ""])[:3]

@@ -6,14 +6,24 @@ import argparse
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
 from lora_efficiency.errors import ConfigError, UserError, invalid, shown
 from lora_efficiency.inputs import load_yaml, path_kind, read_yaml_file  # noqa: F401 - load_yaml: kept for its callers
 from lora_efficiency.names import KNOWN_SETS, PRESETS, QUANTIZATIONS, is_valid_target_spec, model_name_problem
-from lora_efficiency.settings import TrainConfig, flattened, grouped, setting
+from lora_efficiency.settings import (
+    DEVICE,
+    GROUPS,
+    SEED_MAX,
+    TrainConfig,
+    flattened,
+    from_flat,
+    grouped,
+    setting,
+    setting_fields,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "default.yaml"
@@ -90,50 +100,21 @@ def is_output_path(value: str, kind: str) -> bool:
         return False
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")  # torch.device() overflows on an index of 20 digits
-SEED_MAX = 2**32 - 1  # torch.manual_seed overflows above 2^64-1; numpy's and most samplers' seeds stop at 2^32-1
-ALPHA_MAX = 65536.0  # alpha / r scales the update: 1e300 turns every bf16 activation into inf
 INT_DIGITS = 18  # |n| < 10^18 fits int64 (torch, numpy, SQLite); Python refuses to parse ints of 4,300+ digits
-ATTENTIONS = ("auto", "per_example", "sdpa")  # attention.py; auto: per_example where the architecture allows it
-METHODS = ("lora", "full")  # full: every weight of the base trains (the reference LoRA is measured against)
 FULL_FT_STORAGES = ("bf16", "fp16", "fp32")
-SHARDINGS = ("none", "fsdp")  # none: DDP (a full copy of the base per process); fsdp: torch FSDP2 (distributed.py)
 
 
 def train_problems(v: dict[str, Any]) -> list[str]:
-    """Range and name checks of TrainConfig values; fields that failed conversion are absent and skipped."""
+    """Checks of TrainConfig values: each group's own (settings.py, beside the fields), then the names, files and
+    runs they name and what one setting allows of another. Fields that failed conversion are absent and skipped."""
     p: list[str] = []
     check = _checker(v, p)
-
-    for name in ("rank", "max_steps", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "max_new_tokens"):
-        check(name, lambda x: x >= 1, "an integer >= 1")
-    check("generate_samples", lambda x: x >= 0, "an integer >= 0 (0: no exact match)")
-    check("forget_samples", lambda x: 0 <= x <= 256, "an integer from 0 (no forgetting measured) to 256 passages")
-    check("exact_match", lambda x: x in ("auto", "true", "false"), "auto, true or false")
-    check("rank", lambda x: x < 1 or x <= 4096, "an integer from 1 to 4096")
-    check("seq_len", lambda x: 16 <= x <= 131072, "an integer from 16 to 131072")
-    check("seed", lambda x: 0 <= x <= SEED_MAX, f"an integer from 0 to {SEED_MAX}")
-    check("alpha", lambda x: 0 < x <= ALPHA_MAX, f"a number in (0, {ALPHA_MAX:g}]")
-    check("dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
-    check("lr", lambda x: 0 < x < 1, "a number in (0, 1)")
-    check("warmup_ratio", lambda x: 0 <= x < 1, "a number in [0, 1)")
-    check("weight_decay", lambda x: 0 <= x <= 100, "a number from 0 to 100")
-    check("max_grad_norm", lambda x: x > 0, "a number > 0")
+    for group in GROUPS.values():
+        for name, ok, allowed in group.checks():
+            check(name, ok, allowed)
     check("quantization", lambda x: x in QUANTIZATIONS, f"one of {', '.join(QUANTIZATIONS)}")
     modules = f"one of {', '.join(PRESETS)} or a comma list of module names, none empty"
     check("target_modules", is_valid_target_spec, modules)
-    check("device", DEVICE.fullmatch, "auto, cpu, cuda or cuda:N")
-    check("checkpoint_every", lambda x: x >= 0, "an integer >= 0 (0: no checkpoints)")
-    check(
-        "num_processes",
-        lambda x: 1 <= x <= 256,
-        "an integer from 1 to 256 (1: this process; N: N DDP processes, one per GPU)",
-    )
-    check("method", lambda x: x in METHODS, f"one of {', '.join(METHODS)}")
-    check("attention", lambda x: x in ATTENTIONS, f"one of {', '.join(ATTENTIONS)}")
-    check("val_samples", lambda x: x >= 1, "an integer >= 1")
-    check("converge_tol", lambda x: 0 < x < 1, "a number in (0, 1): the relative improvement that still counts")
-    check("eval_every", lambda x: x >= 0, "an integer >= 0 (0: no validation curve)")
     if v.get("eval_every", 0) > v.get("max_steps", 1 << 62) >= 1:
         p.append(invalid("eval_every", v["eval_every"], f"0 or an integer from 1 to max_steps={v['max_steps']}"))
     if v.get("method") == "full" and (v.get("checkpoint_every") or v.get("resume_from")):
@@ -157,7 +138,6 @@ def train_problems(v: dict[str, Any]) -> list[str]:
                 f"device={v['device']!r} is invalid with num_processes={v['num_processes']}: auto, cpu or cuda "
                 "(each process takes the GPU of its local rank)"
             )
-    check("sharding", lambda x: x in SHARDINGS, f"one of {', '.join(SHARDINGS)}")
     if v.get("sharding") == "fsdp":
         p.extend(fsdp_problems(v))
     check(
@@ -433,6 +413,16 @@ def report_problems(v: dict[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class SeedPlan:
+    """`plan --design <profile>`: the seeds its declared contrasts need, from a spread given or measured."""
+
+    design: str
+    spread_experiment: str
+    spread_run_id: str
+    sd: float
+
+
+@dataclasses.dataclass(frozen=True)
 class PlanConfig:
     """Settings of `plan`: the train settings the estimate depends on, whose defaults are the `train` section's
     (BASE_SECTIONS), and two of its own in the `plan` section; configs/default.yaml documents each field."""
@@ -450,10 +440,7 @@ class PlanConfig:
     trust_remote_code: bool
     target_fraction: float
     budget_mb: float
-    design: str
-    spread_experiment: str
-    spread_run_id: str
-    sd: float
+    seeds: SeedPlan  # plan --design: the seeds a profile's contrasts need (read flat: --design, --sd)
 
 
 def plan_problems(v: dict[str, Any]) -> list[str]:
@@ -662,8 +649,8 @@ def read_defaults(section: str, path: Path = DEFAULTS_FILE) -> dict[str, Any]:
 
 def build_config(cls: type, values: dict[str, Any]):
     """Convert and check every field; all problems are collected and raised together as one ConfigError."""
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = {f.name: kind for f, kind in setting_fields(cls)}
+    names = list(hints)
     problems = [f"unknown setting {k!r}: allowed are {', '.join(names)}" for k in values if k not in hints]
     converted = {}
     for name in names:
@@ -678,7 +665,7 @@ def build_config(cls: type, values: dict[str, Any]):
     problems += CHECKS[cls](converted)
     if problems:
         raise ConfigError(problems)
-    return cls(**converted)
+    return from_flat(cls, converted)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -696,7 +683,7 @@ SETTINGS_FILE = "settings.yaml"
 def settings_text(cfg: TrainConfig, resolved: dict[str, Any] | None = None, note: str = "") -> str:
     """A settings file for `cfg`: `python -m entrypoints.train --config <it>` trains the same run again (a
     `resolved` section is a record, not read back: what the model and data ARE when it ran)."""
-    body: dict[str, Any] = {"train": grouped(dataclasses.asdict(cfg))}
+    body: dict[str, Any] = {"train": grouped(cfg.flat())}
     if resolved:
         body["resolved"] = dict(resolved)
     header = f"# {note}\n" if note else ""
@@ -739,21 +726,21 @@ def parse_args(cls: type, section: str, argv: list[str], description: str):
     parser.add_argument("--defaults", default=str(DEFAULTS_FILE), help=f"YAML file with a {section!r} section")
     if cls in SETTINGS_FILES:
         parser.add_argument("--config", default="", help=f"a run's {SETTINGS_FILE} (a path or runs:/<id>/...)")
-    for f in dataclasses.fields(cls):
-        kind = get_type_hints(cls)[f.name].__name__
-        parser.add_argument(f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (type {kind})".lstrip())
+    for f, kind in setting_fields(cls):
+        help_text = f"{f.metadata.get('help', '')} (type {kind.__name__})".lstrip()
+        parser.add_argument(f"--{f.name}", default=None, help=help_text)
     args, unknown = parser.parse_known_args(argv)
     given = vars(args)
     defaults_file = Path(given.pop("defaults"))
     settings_file = given.pop("config") if cls in SETTINGS_FILES else ""  # SweepConfig's `config` is a field
     if unknown:
-        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        names = ", ".join(f.name for f, _ in setting_fields(cls))
         extra = "--defaults, --config" if cls in SETTINGS_FILES else "--defaults"
         raise UserError(f"unknown argument {' '.join(unknown)!r}: allowed are {extra} and --{{{names}}}")
     values = {}
     if cls in BASE_SECTIONS:
         base = read_defaults(BASE_SECTIONS[cls], defaults_file)
-        values = {f.name: base[f.name] for f in dataclasses.fields(cls) if f.name in base}
+        values = {f.name: base[f.name] for f, _ in setting_fields(cls) if f.name in base}
     values.update(read_defaults(section, defaults_file))
     if settings_file:
         values.update(read_settings_file(settings_file))

@@ -15,13 +15,21 @@ The planner's inputs (PLANNER_SETTINGS) are the settings the memory planner need
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from lora_efficiency.settings import Adapter, Compute, Evaluation, ModelData, Optimization, Validation, names
+from lora_efficiency.settings import (
+    Adapter,
+    Compute,
+    Evaluation,
+    ModelData,
+    Optimization,
+    TrainConfig,
+    Validation,
+    names,
+)
 
 # The identity groups, derived from the settings' groups (lora_efficiency.settings says what each one shapes).
 # What shapes the trained adapter: its method, the base's storage, the optimisation and the data layout.
@@ -94,7 +102,7 @@ def sweep_key(settings: Any, data_fingerprint: str, model_revision: str = "") ->
     the data's fingerprint and, for a local model folder, its content revision (`models.local_revision`: other
     weights under the same folder name are another child). num_processes enters only when > 1 and the revision
     only when there is one, so keys made before either existed (hub and bundled models) stay valid."""
-    settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
+    settings = settings.flat() if isinstance(settings, TrainConfig) else settings
     keep = _identity(settings, _NOT_IN_SWEEP_KEY)
     if keep.get("num_processes") == 1:
         del keep["num_processes"]

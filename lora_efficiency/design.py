@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from scipy import integrate, stats
+
 from lora_efficiency.errors import ConfigError, invalid
 
 EQUIVALENCE, DIFFERENCE = "equivalence", "difference"
@@ -163,8 +165,6 @@ def contrast_power(
     Returns:
         The probability that the test decides (equivalent / different), in [0, 1].
     """
-    from scipy import integrate, stats
-
     if n < 2:
         return 0.0
     level, df = alpha / k, n - 1

@@ -10,13 +10,23 @@ mlflow run . -e train --env-manager local -P num_processes=2 -P sharding=fsdp   
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from unittest import mock
 
+import psutil
 import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from lora_efficiency.config import parse_bool
+from lora_efficiency.errors import UserError
 
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK")  # set by accelerate launch, torchrun, and accelerate's mpirun path
 
@@ -42,7 +52,7 @@ class Group:
     rank: int
     size: int
     device: torch.device
-    sharding: str = "none"  # none: DDP; fsdp: FSDP2 (config.SHARDINGS)
+    sharding: str = "none"  # none: DDP; fsdp: FSDP2 (settings.SHARDINGS)
 
     @property
     def is_main(self) -> bool:
@@ -103,7 +113,7 @@ def shard(module: torch.nn.Module) -> torch.nn.Module:
     FSDP2 rather than accelerate's plugin (FSDP1 flat parameters): it shards each parameter on its own, so the
     frozen base and the trainable LoRA weights (different requires_grad, different dtypes) share a unit, and the
     trainer keeps its own loop, optimizer and autocast (Accelerator.prepare is not used, see setup())."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # lazy: entrypoints.train imports this module before parsing; ~1 s
 
     layers = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     for sub in list(module.modules())[1:]:
@@ -121,17 +131,13 @@ def setup(device: torch.device, sharding: str = "none") -> Group:
     """
     if not launched():
         return Group(0, 1, device)
-    from lora_efficiency.config import parse_bool
 
     for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch --use_fsdp / --use_deepspeed set these
         if parse_bool(os.environ.get(f"ACCELERATE_USE_{engine}", "false")):
-            from lora_efficiency.errors import UserError
-
             raise UserError(
                 f"accelerate launch with {engine}: not supported, the trainer shards with its own FSDP2; launch "
                 "with --multi_gpu and pass --sharding fsdp --num_processes N (docs/scaling.md)"
             )
-    from accelerate import PartialState
 
     state = PartialState(cpu=device.type == "cpu")
     if device.type == "cuda":
@@ -149,10 +155,6 @@ def _loopback_store() -> Iterator[int]:
     a server this process already runs on that port: this one. Accelerate's "port in use" check (which would
     move the launch to another port, on every interface) is told the port is ours.
     """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -171,8 +173,6 @@ def _loopback_store() -> Iterator[int]:
 
 def loopback_interface() -> str:
     """The name of the network interface that holds 127.0.0.1 ("lo" on Linux)."""
-    import psutil
-
     for name, addresses in psutil.net_if_addrs().items():
         if any(a.address == "127.0.0.1" for a in addresses):
             return name
@@ -189,13 +189,6 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
     listens on 127.0.0.1 only (`_loopback_store`). Each failed rank has printed its own error line; torchrun's
     traceback of the failure is replaced by one UserError line.
     """
-    import logging
-
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from lora_efficiency.errors import UserError
-
     # One machine: torchrun's MASTER_ADDR is 127.0.0.1, and gloo's and NCCL's own sockets (the collectives, NCCL's
     # bootstrap) go on loopback too, unless the caller chose an interface.
     for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):

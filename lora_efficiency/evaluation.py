@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import math
+import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from lora_efficiency.data import IGNORE_INDEX, Rows, collate, tokenize_texts, unpacked
+from lora_efficiency.data import IGNORE_INDEX, Rows, collate, format_prompt, tokenize_texts, unpacked
+from lora_efficiency.errors import UserError
 from lora_efficiency.loss import target_token_losses
-from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, python_docs_texts
+from lora_efficiency.models import cache_root, positions_of
+from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, gsm8k_final_answer, python_docs_texts
+
+if TYPE_CHECKING:  # a type only: prepare.py imports datasets (~2 s), which a served model (mlflow_model) never needs
+    from lora_efficiency.prepare import Prepared
 
 
 def evaluate_loss(model: torch.nn.Module, rows: Rows, **scoring) -> dict[str, float]:
@@ -152,12 +162,6 @@ def cached_scores(kind: str, key: dict, score: Callable[[], dict[str, float]]) -
     """`score()`, computed once per `key` (every input its numbers depend on, JSON-serialisable) and kept in
     <cache>/scores/<kind>-<digest>.json beside the prepared data; returns (the scores, whether they came from the
     cache). The key is stored beside the scores, so a file says what it holds."""
-    import hashlib
-    import importlib.metadata
-    import os
-    import tempfile
-
-    from lora_efficiency.models import cache_root
 
     versions = {}
     for name in SCORE_LIBRARIES:
@@ -212,9 +216,6 @@ def generate_answers(
     fixed_length, every row generates max_new_tokens (end of sequence suppressed until then: transformers'
     min_new_tokens), and the speed is the model's alone.
     """
-    from lora_efficiency.data import format_prompt
-    from lora_efficiency.models import positions_of
-
     limit = positions_of(model.config)  # GPT-2's learned table (1,024) fails with IndexError past its end
     was_training = model.training
     model.eval()
@@ -339,8 +340,6 @@ def exact_match_scores(
     """Per answer: strict (after stripping) and by-kind match; and the metrics: eval/exact_match (strict; gsm8k-style
     references compare the final number's text), eval/exact_match_normalized (normalised text), eval/exact_match_by_kind
     (answers_match) overall and, where examples have task families, per family."""
-    from lora_efficiency.sources import gsm8k_final_answer
-
     strict, loose, by_kind = [], [], []
     for answer, reference, kind in zip(answers, references, kinds, strict=True):
         by_kind.append(answers_match(answer, reference, kind))
@@ -456,8 +455,6 @@ def evaluate_model(
 def use_exact_match(setting: str, manifest: dict, data: str) -> bool:
     """auto: when the data has reference answers; true: always, but a plain-text set has nothing to match."""
     if setting == "true" and manifest["kind"] == "text":
-        from lora_efficiency.errors import UserError
-
         raise UserError(
             f"exact_match=true but data={data!r} ({manifest['dataset']}) is plain text with no reference "
             "answers: use exact_match=auto or false, or an instruction data set"
@@ -465,8 +462,15 @@ def use_exact_match(setting: str, manifest: dict, data: str) -> bool:
     return setting == "true" or (setting == "auto" and bool(manifest.get("has_references")))
 
 
-def eval_settings_tag(**settings) -> str:
-    """What an evaluation's numbers depend on, as a tag: the same tag means the same numbers."""
-    import json
-
+def eval_settings_tag(prepared: Prepared, *, eval_samples: int, generate_samples: int, max_new_tokens: int) -> str:
+    """What an evaluation of `prepared`'s held-out split depends on, as a tag (`eval_settings`, set by a train run
+    and by `evaluate`): the same tag means the same numbers."""
+    settings = {
+        "data_fingerprint": prepared.manifest["fingerprint"],
+        "eval_samples": eval_samples,
+        "generate_samples": generate_samples,
+        "max_new_tokens": max_new_tokens,
+    }
+    if prepared.eval_balanced:  # only then: runs on sets without task families keep the tag they always had
+        settings["eval_order"] = "balanced"
     return json.dumps(settings, sort_keys=True)

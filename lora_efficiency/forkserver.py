@@ -20,6 +20,7 @@ and the server answers {"returncode"} (negative: killed by that signal) when the
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import runpy
@@ -131,8 +132,6 @@ def serve(fd: int, preload: list[str]) -> None:
     closes the socket. Ctrl-C reaches the child (same process group), which marks its run; the server ignores it.
     A SIGTERM (the caller stopping: ForkServer.close(stop_child=True)) is passed on to the child, which marks its
     run FAILED as a `kill` of a fresh one would."""
-    import importlib
-
     child = [0]  # the running child's pid, 0 between children
 
     def pass_on(signum, frame) -> None:

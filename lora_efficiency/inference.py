@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import mlflow
 import torch
+from peft import PeftModel
+from safetensors import SafetensorError
 
 from lora_efficiency.errors import UserError
+from lora_efficiency.evaluation import generate_answers
 from lora_efficiency.models import (
     PICKLE_SUFFIXES,
     ModelSource,
@@ -42,8 +47,6 @@ def resolve_run_ref(ref: str) -> str:
     """The train run behind `ref`: a run id as given, runs:/<id>/<model name> or runs:/<id>/model (the run must have
     logged a model), or models:/<name>@<alias> / models:/<name>/<version> (the version's source run). A name, alias,
     version or model that does not exist is a UserError naming what does."""
-    import mlflow
-
     client = mlflow.MlflowClient()
     if ref.startswith("runs:/"):
         run_id, _, path = ref.removeprefix("runs:/").partition("/")
@@ -96,8 +99,6 @@ def resolve_run_ref(ref: str) -> str:
 
 def train_run(run_id: str):
     """The MLflow run `run_id`, which must exist and carry an adapter artifact."""
-    import mlflow
-
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -114,10 +115,6 @@ def train_run(run_id: str):
 
 
 def download_adapter(run_id: str) -> Path:
-    import os
-
-    import mlflow
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download clutters logs
 
     return check_adapter_folder(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter"))
@@ -133,8 +130,6 @@ def load_for_inference(
     trust_remote_code: bool = False,
 ):
     """(model with the adapter attached, or the bare base if adapter is None; tokenizer; model source)."""
-    from peft import PeftModel
-
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     base = load_base_model(
@@ -142,7 +137,6 @@ def load_for_inference(
     )
     if adapter is None:
         return base, tokenizer, source
-    from safetensors import SafetensorError
 
     folder = check_adapter_folder(adapter)
     try:
@@ -155,8 +149,6 @@ def load_for_inference(
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, device: torch.device | None = None) -> str:
     """Greedy answer to one prompt, formatted with the model's chat template."""
-    from lora_efficiency.evaluation import generate_answers
-
     device = device or next(model.parameters()).device
     dtype = None if next(model.parameters()).dtype == torch.float32 else compute_dtype(device)
     answers, _ = generate_answers(

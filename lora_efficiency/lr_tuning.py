@@ -23,15 +23,14 @@ runs as two phases; lora_efficiency.report.lr reads them back.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora_efficiency.config import METHODS, TrainConfig
 from lora_efficiency.configuration import sweep_key
 from lora_efficiency.errors import ConfigError, UserError, invalid
+from lora_efficiency.settings import METHODS, TrainConfig
 
 LR_KEYS = ("lr_grid", "pilot_steps", "lr_grid_extend", "pilot_seed")
 MAX_EXTEND = 5  # pilots past a grid's edge, per configuration
@@ -149,7 +148,7 @@ def check_grid_fits(grid: LrGrid, configs: Sequence[tuple[str, TrainConfig, Mapp
 
 def group_id(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:
     """The configuration without learning rate and seed: what its pilots and its main runs share (tag lr_group)."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("lr", "seed")}
+    settings = {k: v for k, v in config.flat().items() if k not in ("lr", "seed")}
     return sweep_key(settings, data_fingerprint, model_revision)
 
 
@@ -157,12 +156,12 @@ def pilot_config(config: TrainConfig, lr: float, steps: int, seed: int | None = 
     """One pilot of `config`: `steps` steps at `lr` (at `seed`, else the config's), the validation loss at its last
     step, no generated answers (exact match plays no part in the choice)."""
     seed = config.seed if seed is None else seed
-    return dataclasses.replace(config, lr=lr, max_steps=steps, eval_every=steps, generate_samples=0, seed=seed)
+    return config.replace(lr=lr, max_steps=steps, eval_every=steps, generate_samples=0, seed=seed)
 
 
 def pilot_key(config: TrainConfig, data_fingerprint: str, model_revision: str = "") -> str:
     """A pilot's sweep_key: never a main run's, even when the pilot trains exactly like one."""
-    return sweep_key({**dataclasses.asdict(config), ROLE: PILOT}, data_fingerprint, model_revision)
+    return sweep_key({**config.flat(), ROLE: PILOT}, data_fingerprint, model_revision)
 
 
 @dataclass(frozen=True)

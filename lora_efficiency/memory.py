@@ -61,7 +61,7 @@ class MemorySampler:
         self._nvml_handle = None
         if self.device.type == "cuda":
             try:
-                import pynvml
+                import pynvml  # lazy: NVIDIA's library, used on CUDA only (absent or driverless on a CPU machine)
 
                 pynvml.nvmlInit()
                 index = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -71,7 +71,7 @@ class MemorySampler:
 
     def read_mb(self) -> float:
         if self._nvml_handle is not None:
-            import pynvml
+            import pynvml  # lazy: as in __post_init__
 
             pid = os.getpid()
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml_handle):

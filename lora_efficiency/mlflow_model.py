@@ -21,8 +21,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+import lora_efficiency
 from lora_efficiency.adapters import BASE_FILE
+from lora_efficiency.evaluation import generate_answers
+from lora_efficiency.inference import load_for_inference
 from lora_efficiency.models import BUNDLED_HUB_ID, BUNDLED_MODEL, compute_dtype
 from lora_efficiency.tracking import redacted_copy
 
@@ -37,8 +42,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
     """predict(list of prompts or a DataFrame with a `prompt` column) -> the greedy answers, one per prompt."""
 
     def load_context(self, context) -> None:
-        from lora_efficiency.inference import load_for_inference
-
         config = context.model_config or {}
         folder = Path(context.artifacts["adapter"])
         base = json.loads((folder / BASE_FILE).read_text())
@@ -55,8 +58,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        from lora_efficiency.evaluation import generate_answers
-
         if isinstance(model_input, pd.DataFrame):
             column = model_input["prompt"] if "prompt" in model_input.columns else model_input.iloc[:, 0]
             prompts = [str(p) for p in column]
@@ -79,9 +80,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
 def chat_signature():
     """Prompt strings in (a list, or a DataFrame whose `prompt` column is read), answers out, max_new_tokens as a
     parameter. The input column is unnamed so a plain list of strings passes MLflow's schema check."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
@@ -104,8 +102,6 @@ def model_name(*, rank: int, target_modules: str, quantization: str, seed: int) 
 def log_adapter_model(adapter_dir: str | Path, *, quantization: str, name: str = ARTIFACT) -> dict[str, float]:
     """Log `adapter_dir` as the active run's MLflow model `name` (model_name), tag the run with its URI (model_uri:
     models:/<model id>); returns its size as metrics (model/size_mb)."""
-    import lora_efficiency
-
     with redacted_copy(str(adapter_dir)) as clean:  # no secret in a text file, as in run artifacts
         info = mlflow.pyfunc.log_model(
             name=name,

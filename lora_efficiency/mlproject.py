@@ -6,9 +6,8 @@ generated, never edited by hand (tests/unit/test_mlproject.py fails when the two
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from typing import Any, get_type_hints
+from typing import Any
 
 from lora_efficiency.config import (
     EvaluateConfig,
@@ -20,6 +19,7 @@ from lora_efficiency.config import (
     convert,
     read_defaults,
 )
+from lora_efficiency.settings import setting_fields
 
 HEADER = """\
 # GENERATED from configs/default.yaml by `make mlproject`: edit the defaults there, not here
@@ -71,8 +71,8 @@ def render() -> str:
     """The whole MLproject text."""
     out = [HEADER]
     for entry, (section, cls, comment) in ENTRY_POINTS.items():
-        defaults, hints = read_defaults(section), get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
+        defaults, hints = read_defaults(section), {f.name: kind for f, kind in setting_fields(cls)}
+        names = list(hints)
         if comment:
             out.append(f"  {comment}\n")
         out.append(f"  {entry}:\n    parameters:\n")

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
 
+from lora_efficiency import attention as A
 from lora_efficiency.cli import temp_sibling
 from lora_efficiency.errors import UserError
 from lora_efficiency.names import BUNDLED_MODEL, PRESETS, model_name_problem
@@ -63,8 +68,6 @@ def bundled_model_path() -> Path:
 
 
 def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16)
     config = gguf_model.config
@@ -96,8 +99,6 @@ def provenance(source: ModelSource, *, trust_remote_code: bool = False) -> dict[
     from a 4-bit GGUF, so its "bf16" weights sit on a 4-bit grid and nf4/int8 re-quantize a 4-bit-rounded
     model; empty for an original checkpoint), `base_checkpoint_dtype` (the dtype the checkpoint declares) and a
     sentence, `base_provenance`, for the report."""
-    from transformers import AutoConfig
-
     tags = {"base_gguf_type": "", "base_checkpoint_dtype": "unknown"}
     source_file = Path(source.path) / "source.json"
     if source_file.is_file():  # a folder this project converted from a GGUF file
@@ -151,8 +152,6 @@ def packing_problem(config, *, model: str) -> str | None:
 
 def check_packing(source: ModelSource, *, trust_remote_code: bool = False) -> None:
     """Raise the packing_problem of `source`'s config, read before any weight is loaded."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # loading the model itself reports why, in the words the user needs
@@ -171,8 +170,6 @@ def positions_of(config) -> int:
 
 def max_positions(path: str, *, trust_remote_code: bool = False) -> int:
     """positions_of() the model at `path`; 0 when its config does not load (the model load says why)."""
-    from transformers import AutoConfig
-
     try:
         return positions_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     except (OSError, ValueError):
@@ -214,8 +211,6 @@ def register_in_hub_cache(folder: Path, repo_id: str) -> Path:
     and online, huggingface_hub moves refs/main to the hub's commit and downloads the original weights. Files
     are hard links (copies across filesystems): renaming or deleting this project's cache leaves them working.
     """
-    from huggingface_hub import constants
-
     origin = json.loads((folder / "source.json").read_text())
     revision = origin["sha256"][:40]
     repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
@@ -316,8 +311,6 @@ def _load_error(source: ModelSource, exc: Exception) -> UserError:
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:  # a hub id offline, a corrupt tokenizer or config file
@@ -345,11 +338,9 @@ def load_base_model(
     shardable: bool = False,
 ):
     """Load the frozen base model with its weights stored as `quantization`; the QLoRA branch is here.
-    attention: config.ATTENTIONS (attention.py); generation keeps transformers' sdpa. shardable (FSDP): 4-bit
+    attention: settings.ATTENTIONS (attention.py); generation keeps transformers' sdpa. shardable (FSDP): 4-bit
     weights packed into tensors of the compute dtype instead of uint8, so that FSDP shards and all-gathers them
     with the 16-bit weights beside them (what axolotl and HF's FSDP-QLoRA set: bnb_4bit_quant_storage)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     dtype = compute_dtype(device)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if quantization in ("nf4", "fp4"):
@@ -368,7 +359,6 @@ def load_base_model(
         kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quantization]
     # bitsandbytes places quantized weights itself; a device_map keeps them from being moved afterwards.
     kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    from safetensors import SafetensorError
 
     try:  # use_safetensors: weights in pickle files (.bin) are never unpickled
         model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=True, **kwargs)
@@ -403,8 +393,6 @@ def no_cpu_inference_repacking(model: torch.nn.Module) -> None:
 def set_attention(model, attention: str) -> str:
     """Switch `model` to per-example attention where `attention` asks for it and its architecture allows it;
     returns the implementation in use. per_example on another architecture is a UserError naming both."""
-    from lora_efficiency import attention as A
-
     if attention == "sdpa" or (attention == "auto" and not A.supports_per_example(model.config)):
         return model.config._attn_implementation
     if not A.supports_per_example(model.config):
@@ -445,8 +433,6 @@ _ROLES: dict[str, tuple[str, ...]] = {
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Full names of the linear layers LoRA can adapt (nn.Linear, GPT-2's Conv1D, bnb layers), minus the head."""
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         name
@@ -490,8 +476,6 @@ def target_modules_from_config(path: str, specs, *, trust_remote_code: bool = Fa
     """What each target_modules value in `specs` adapts in the model at `path`, from its config alone: the model is
     built on the meta device (no weights read, nothing allocated; SmolLM2-135M in well under a second), once for
     all of them. A value that matches nothing is left out (the run itself says why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -8,8 +8,12 @@ from typing import NamedTuple
 
 import psutil
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
+from lora_efficiency.loss import LOSS_CHUNK_TOKENS
 from lora_efficiency.memory import MB
+from lora_efficiency.models import linear_module_names, resolve_target_modules
 
 # The memory planner: the peak a run will reach, predicted from the model's config before anything loads.
 # Every constant below was measured on this stack (torch 2.13 CPU, transformers 5.23, peft 0.21.2,
@@ -86,10 +90,6 @@ class MetaModel(NamedTuple):
 def meta_model(model_config, target_modules: str) -> MetaModel:
     """`model_config`'s model on the meta device: nothing is allocated, so a 1B model's layers are counted in
     well under a second. The planner sizes memory from it and the benchmark counts model FLOPs from it."""
-    from transformers import AutoModelForCausalLM
-
-    from lora_efficiency.models import linear_module_names, resolve_target_modules
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     linear = linear_module_names(model)
@@ -100,8 +100,6 @@ def meta_model(model_config, target_modules: str) -> MetaModel:
 
 def _in_out_features(module: torch.nn.Module) -> tuple[int, int]:
     """(in, out) of nn.Linear (weight [out, in]) and of GPT-2's Conv1D (weight [in, out])."""
-    from transformers.pytorch_utils import Conv1D
-
     rows, cols = module.weight.shape
     return (rows, cols) if isinstance(module, Conv1D) else (cols, rows)
 
@@ -208,8 +206,6 @@ def estimate(
     `target_fraction` of them are loss targets (1.0 for plain text or train_on_prompt, the upper bound; 0.17
     for the bundled instruct set packed to 512).
     """
-    from lora_efficiency.loss import LOSS_CHUNK_TOKENS
-
     cpu = torch.device(device).type == "cpu"
     meta = meta_model(model_config, target_modules)
     weight_bytes, load_bytes = _weight_bytes(model_config, meta, quantization, double_quant, cpu)
@@ -265,8 +261,6 @@ def predict_peak_mb(
     Advisory only: the planner knows Llama-, GPT-2- and NeoX-style blocks, and a model it cannot read must not
     stop a run that would train fine, so any failure here means "no prediction".
     """
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         return estimate(config, device=device, target_fraction=rows_target_fraction, **settings).total_mb

@@ -16,12 +16,17 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import mlflow
+from datasets import Dataset, load_from_disk
+
 from lora_efficiency import data as D
 from lora_efficiency.cli import remove_leftovers, temp_sibling
 from lora_efficiency.config import is_run_id
 from lora_efficiency.errors import UserError
 from lora_efficiency.models import ModelSource, cache_root
 from lora_efficiency.names import BUNDLED_DATA
+from lora_efficiency.sources import load_source
 
 FORMAT_VERSION = 1  # bump when the folder layout or the tokenization rules change: old caches are not reused
 TEMP_PREFIX = ".prepare-"  # a folder being written: its owner follows (cli.temp_sibling), then it is renamed
@@ -123,10 +128,6 @@ def prepare_data(
     (the bundled `instruct` set keeps its own fixed 300-example eval split). Rows longer than seq_len are
     truncated and counted.
     """
-    import datasets
-
-    from lora_efficiency.sources import load_source
-
     datasets.disable_progress_bars()
     settings = {
         "seq_len": seq_len,
@@ -212,8 +213,6 @@ def _manifest(source, tokenizer, model: ModelSource, train, evaluation, *, key, 
 
 def _write_atomically(folder: Path, manifest: dict, train, train_records, evaluation, eval_records, *, kind) -> None:
     """Write into a temporary sibling, then rename: a reader never sees half a folder."""
-    from datasets import Dataset
-
     tmp = temp_sibling(folder.parent, TEMP_PREFIX)
     _to_dataset(Dataset, train, train_records, kind).save_to_disk(str(tmp / "train"))
     _to_dataset(Dataset, evaluation, eval_records, kind).save_to_disk(str(tmp / "eval"))
@@ -249,7 +248,6 @@ def load_prepared(folder: str | Path) -> Prepared:
             f"data={str(folder)!r} was prepared by format {manifest.get('format_version')}, this "
             f"version reads format {FORMAT_VERSION}: run prepare again"
         )
-    from datasets import load_from_disk
 
     splits = {}
     for name in ("train", "eval"):
@@ -303,8 +301,6 @@ def resolve_data(data: str, *, model: ModelSource, tokenizer, seq_len: int, trai
 
 
 def _prepared_path_of_run(run_id: str) -> str:
-    import mlflow
-
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except Exception:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from tqdm import tqdm
+
 PROGRESS_ENV = "LORA_EFFICIENCY_PROGRESS"
 BAR_POSITION_ENV = "LORA_EFFICIENCY_BAR_POSITION"
 
@@ -22,8 +24,6 @@ def bars_wanted() -> bool:
 
 def bar(*, total: int, desc: str, unit: str, position: int | None = None):
     """A tqdm bar on stderr; under a sweep, a step bar sits below the sweep's and is cleared when done."""
-    from tqdm import tqdm
-
     if position is None:
         position = int(os.environ.get(BAR_POSITION_ENV, "0") or 0)
     return tqdm(total=total, desc=desc, unit=unit, position=position, leave=position == 0, dynamic_ncols=True)

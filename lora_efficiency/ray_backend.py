@@ -51,13 +51,13 @@ def check_cluster_settings(*, address: str, tracking_uri: str) -> None:
             "PostgreSQL and an object store) or a database URI, or leave ray_address empty for a local Ray instance"
         )
     try:
-        import ray  # noqa: F401
+        import ray  # noqa: F401 - lazy: optional (backend=ray only), absent from a plain install
     except ImportError:
         raise UserError("backend='ray' needs the ray package: pip install ray==2.60.0 (make setup)") from None
 
 
 def _connect(address: str):
-    import ray
+    import ray  # lazy: optional (check_cluster_settings)
 
     if ray.is_initialized():
         return ray, False
@@ -85,7 +85,7 @@ def _connect(address: str):
 def _run_on_node(job: Job) -> Outcome:
     """children.run_job on the node Ray placed the task on, the child's run tagged with that node: the host name
     (owner_host) does not tell apart two nodes on one machine or two pods of one name."""
-    import ray
+    import ray  # lazy: optional (check_cluster_settings)
 
     node = {"ray_node_id": ray.get_runtime_context().get_node_id(), "ray_node_ip": ray.util.get_node_ip_address()}
     return run_job(dataclasses.replace(job, tags={**job.tags, **node}))
@@ -100,7 +100,7 @@ def _gpus(gpus_per_trial: str, num_processes: int, cluster_gpus: float) -> float
 def _lost_task(job: Job, exc: Exception, seconds: float) -> Outcome:
     """The outcome of a task whose worker died: its run, if the task got as far as creating it, is found by its
     sweep_key tag (still RUNNING) so the sweep marks it FAILED."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: as check_backend's
 
     client = MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
     runs = client.search_runs(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import pydoc_data.topics
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -196,9 +197,9 @@ def python_docs_texts(chunk_words: int = 256) -> list[str]:
     """
     if chunk_words < 1:
         raise ConfigError([invalid("chunk_words", chunk_words, "at least 1")])
-    from pydoc_data.topics import topics
 
     passages, current, words = [], [], 0
+    topics = pydoc_data.topics.topics  # read when called: a test reorders it
     for key in sorted(topics):
         for paragraph in re.split(r"\n[ \t]*\n", topics[key]):
             for piece in _pieces(paragraph.strip("\n"), chunk_words):

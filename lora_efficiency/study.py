@@ -17,7 +17,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+import mlflow
 
 from lora_efficiency.children import flags
 from lora_efficiency.config import StudyConfig, TrainConfig, backend_options, is_path, report_folder
@@ -89,7 +91,7 @@ def study_contrasts(profile: str, sweeps: list[Sweep]) -> list[Contrast]:
     settings; of several, the one with its other settings at the first sweep's base, the profile's defaults)."""
     where = f"profile={profile!r}"
     contrasts = parse_contrasts(load_profile(profile).get("contrasts"), where=where, settings=REPORT_SETTINGS)
-    configs = [asdict(c.config) for s in sweeps for c in s.children]
+    configs = [c.config.flat() for s in sweeps for c in s.children]
     problems = []
     for i, contrast in enumerate(contrasts):
         for side in ("a", "b"):
@@ -108,8 +110,6 @@ def study_contrasts(profile: str, sweeps: list[Sweep]) -> list[Contrast]:
 
 def run_study(study: Study, study_run_id: str, *, log: Callable[[str], None] = _say) -> list[str]:
     """The baselines, then every sweep, as child runs of the (open) study run; returns the failed runs' lines."""
-    import mlflow
-
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(study_run_id).info.experiment_id
     for quantization in study.config.baselines.split(","):
@@ -183,8 +183,6 @@ def _run_one_sweep(client, experiment_id: str, study_run_id: str, study: Study, 
 
 def report_study(study: Study, study_run_id: str, failures: list[str]) -> None:
     """Write the report of the (closed) study run, then say what failed: the runs first, else the report."""
-    import mlflow
-
     client = mlflow.MlflowClient()
     experiment = client.get_experiment(client.get_run(study_run_id).info.experiment_id).name
     cfg = study.config

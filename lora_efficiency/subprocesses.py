@@ -3,7 +3,9 @@ the project's modules from any working folder."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,9 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when its parent dies (kill -9 included), so none outlives it."""
-    import ctypes
-    import signal
-
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 

@@ -19,11 +19,14 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_efficiency import progress
+import mlflow
+
+from lora_efficiency import data as D
+from lora_efficiency import planner, progress
 from lora_efficiency.children import Job, Outcome, run_here
 from lora_efficiency.config import (
     CONFIG_DIR,
@@ -35,6 +38,7 @@ from lora_efficiency.config import (
     settings_text,
 )
 from lora_efficiency.configuration import planner_inputs, sweep_key
+from lora_efficiency.devices import resolve_device
 from lora_efficiency.errors import ConfigError, UserError, invalid, printable, shown
 from lora_efficiency.lr_tuning import (
     GROUP,
@@ -54,7 +58,11 @@ from lora_efficiency.lr_tuning import (
     pilot_key,
     pilot_tags,
 )
+from lora_efficiency.models import load_tokenizer, local_revision, resolve_model
 from lora_efficiency.names import preferred_name
+from lora_efficiency.planner import predict_peak_mb
+from lora_efficiency.prepare import load_prepared, resolve_data
+from lora_efficiency.ray_backend import run_jobs
 from lora_efficiency.redaction import redact
 from lora_efficiency.tracking import fail_orphaned_runs
 
@@ -260,7 +268,7 @@ def one_per_resolved_modules(children: list[Child]) -> tuple[list[Child], dict[s
     groups: dict[str, list[Child]] = defaultdict(list)
     for c in children:
         if (modules := adapts(c)) is not None:
-            rest = {k: v for k, v in asdict(c.config).items() if k != "target_modules"}
+            rest = {k: v for k, v in c.config.flat().items() if k != "target_modules"}
             groups[json.dumps([rest, modules], sort_keys=True, default=str)].append(c)
     dropped, aliases = set(), defaultdict(set)
     for group in groups.values():
@@ -291,9 +299,6 @@ def check_one_data(sweeps: list[Sweep], *, where: str, what: str = "a sweep") ->
 
 def prepare_once(sweeps: list[Sweep], *, where: str, what: str = "a sweep") -> Prepared:
     """Check that `sweeps` share one data set (check_one_data), then prepare it (cached): a Prepared."""
-    from lora_efficiency.models import load_tokenizer, resolve_model
-    from lora_efficiency.prepare import resolve_data
-
     check_one_data(sweeps, where=where, what=what)
     first = sweeps[0].children[0].config
     source = resolve_model(first.model)
@@ -354,12 +359,6 @@ class SweepResult:
 
 def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
     """The memory planner's peak for every child (by name), before any runs: None where it cannot tell."""
-    from lora_efficiency import data as D
-    from lora_efficiency.devices import resolve_device
-    from lora_efficiency.models import resolve_model
-    from lora_efficiency.planner import predict_peak_mb
-    from lora_efficiency.prepare import load_prepared
-
     train_split = load_prepared(data_path).train
     fractions: dict[tuple[int, bool], float] = {}
     out: dict[str, float | None] = {}
@@ -373,7 +372,7 @@ def predicted_peaks(sweep: Sweep, data_path: str) -> dict[str, float | None]:
             rows_target_fraction=fractions[c.seq_len, c.packing],
             device=resolve_device(c.device),
             trust_remote_code=c.trust_remote_code,
-            **planner_inputs(asdict(c)),
+            **planner_inputs(c.flat()),
         )
     return out
 
@@ -429,8 +428,6 @@ def run_sweep(
     With a learning-rate grid (sweep.lr_grid) the backend is called twice: every pilot first (lora_efficiency.lr_tuning
     chooses each configuration's learning rate from them), then every main run at its configuration's choice.
     """
-    import mlflow
-
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     shown = _Progress(sweep, bars=progress.bars_wanted() and backend == "local", log=log)  # concurrent: lines
@@ -473,8 +470,6 @@ class _Phase:
     def revision(self, config: TrainConfig) -> str:
         """The content revision of the child's model when it is a local folder here (else ''), once per sweep."""
         if config.model not in self.revisions:
-            from lora_efficiency.models import local_revision
-
             self.revisions[config.model] = local_revision(config.model)
         return self.revisions[config.model]
 
@@ -592,7 +587,7 @@ def _run_main(phase: _Phase, choices: dict[str, Choice | NoLearningRate]) -> Non
         if isinstance(choice, NoLearningRate):
             phase.shown.not_run(child.name, str(choice))
             continue
-        config = replace(child.config, lr=choice.lr) if choice is not None else child.config
+        config = child.config.replace(lr=choice.lr) if choice is not None else child.config
         main = Child(child.name, config, child.overrides)
         key = sweep_key(config, phase.fingerprint, phase.revision(config))
         todo.append((main, key, main_tags(group, child.label, choice)))
@@ -666,8 +661,6 @@ class _Placement:
 def _children_env(*, bars: bool) -> dict[str, str]:
     """What each child's environment adds to its host's: the store (absolute, for a child started anywhere) and
     how it shows progress (its step bar under the sweep's, or lines)."""
-    import mlflow
-
     return {
         "MLFLOW_TRACKING_URI": absolute_tracking_uri(mlflow.get_tracking_uri()),
         "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),  # not 5 INFO lines a child
@@ -677,10 +670,7 @@ def _children_env(*, bars: bool) -> dict[str, str]:
 
 
 def _warn_if_too_big(child: Child, need_mb: float | None, say: Callable[[str], None], sweep_name: str) -> None:
-    from lora_efficiency.devices import resolve_device
-    from lora_efficiency.planner import available_mb
-
-    have_mb = available_mb(resolve_device(child.config.device))
+    have_mb = planner.available_mb(resolve_device(child.config.device))
     if need_mb is not None and need_mb > have_mb:
         say(
             f"[{sweep_name}] warning: {child.name} is predicted to need {need_mb:,.0f} MB, the device has "
@@ -698,7 +688,7 @@ def _job(sweep_name: str, child: Child, key: str, data: str, place: _Placement, 
         "seed": str(child.config.seed),
         "sweep_backend": place.backend,
     }
-    settings = settings_text(replace(child.config, data=data), note=f"sweep {sweep_name}, child {child.name}")
+    settings = settings_text(child.config.replace(data=data), note=f"sweep {sweep_name}, child {child.name}")
     return Job(child.name, key, place.experiment_id, tags, settings, place.env, child.config.num_processes)
 
 
@@ -715,7 +705,6 @@ def _backend(
     if backend != "ray":
         return functools.partial(run_here, warm=warm_children)
     # imported only for backend ray: importing ray_backend sets RAY_DEDUP_LOGS, which local children need not see
-    from lora_efficiency.ray_backend import run_jobs
 
     return functools.partial(
         run_jobs,

@@ -16,8 +16,17 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import mlflow
+import psutil
 import requests
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import LoggedModelStatus
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
 from lora_efficiency.cli import no_interrupts, quiet_log_records
 from lora_efficiency.errors import TrackingError, UserError, cause_line
@@ -165,11 +174,6 @@ def data_inputs(manifest: dict, prepared_path: str, splits: tuple[str, ...] = ("
     content fingerprint of the tokenized splits, source = where the records came from (the hub set, the file,
     or, for a set generated in code, the origin and the prepared folder). A MetaDataset: the rows stay in the
     prepared folder, not copied into the tracking store."""
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-
     origin = mask_stored(manifest.get("origin", ""))  # a path may hold a token, like any param
     if origin.startswith("hub:"):  # the hub's default revision: the origin records none
         source = HuggingFaceDatasetSource(path=origin.removeprefix("hub:"))
@@ -231,8 +235,6 @@ def download_checkpoint(run_id: str) -> Path:
 def owner_tags() -> dict[str, str]:
     """Who writes a run: this host, this process and its start time (a pid alone is reused after the process
     dies). A RUNNING run whose owner is gone is FAILED by the next command on its store (fail_orphaned_runs)."""
-    import psutil
-
     return {
         "owner_host": socket.gethostname(),
         "owner_pid": str(os.getpid()),
@@ -243,8 +245,6 @@ def owner_tags() -> dict[str, str]:
 def owner_gone(tags: dict[str, str]) -> str:
     """Why a RUNNING run's owner (owner_tags) is gone, or "" when it lives or cannot be judged (another host, no
     owner tags): its pid is dead, or now belongs to a process started at another time."""
-    import psutil
-
     if tags.get("owner_host") != socket.gethostname() or not tags.get("owner_pid", "").isdigit():
         return ""  # another machine's run: not ours to judge
     pid = int(tags["owner_pid"])
@@ -263,8 +263,6 @@ def fail_orphaned_runs(client, experiment_id: str | None = None, *, by: str = ""
     """Mark FAILED, with an `error` tag saying why, every RUNNING run whose owner is gone (a `kill -9`, a machine
     that lost power), in `experiment_id` or, None, in every experiment of the store: no run stays RUNNING forever.
     A MLflow model such a run was logging (a LoggedModel still PENDING) is marked FAILED too. Returns how many runs."""
-    from mlflow.entities import LoggedModelStatus
-
     ids = [experiment_id] if experiment_id is not None else _experiment_ids(client)
     failed = 0
     for chunk in (ids[i : i + 100] for i in range(0, len(ids), 100)):
@@ -300,8 +298,6 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
     them and one fails ("table experiments already exists", "duplicate column": 4 of 4 tries). A file lock beside
     the database serializes that; the second finds the tables made. Where no lock file can be made (a read-only
     folder: nothing can be created there either), the store is opened without one."""
-    import filelock
-
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or uri.startswith(prefix + ":memory:"):
         yield
@@ -322,9 +318,6 @@ def _probe_health(uri: str) -> None:
     """GET <server>/health once, with the credentials MLflow's client would send: a `user:password@` in the URI
     (requests takes it from there; urllib took it for the host and failed) or MLFLOW_TRACKING_USERNAME/PASSWORD,
     MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH (host creds)."""
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
     http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=5).raise_for_status()
 
 

@@ -12,7 +12,6 @@ memory sampler, and callbacks called with each step's StepStats (the progress di
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -27,6 +26,8 @@ from typing import Any, Protocol
 
 import psutil
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import get_scheduler
 
 from lora_efficiency import data as D
 from lora_efficiency import distributed, progress
@@ -261,6 +262,7 @@ def train(
     memory_sampler: Callable[[torch.device], MemorySampler] | None = None,
     output_dir: str | None = None,
     checkpoint_dir: str | Path | None = None,
+    resume_dir: str | Path | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train one LoRA adapter on `model`, evaluate it, and send every number to `tracker`.
@@ -272,7 +274,8 @@ def train(
 
     Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and step are saved in
     `checkpoint_dir/step-NNNNNN/` (a temporary folder if None) and logged as the artifact `checkpoints/step-NNNNNN`;
-    `resume_from` (a checkpoint folder of the same settings and seed) continues with the same batches and loss curve.
+    `resume_from` (a checkpoint folder of the same settings and seed, or a train run's id whose latest checkpoint
+    `resume_dir` holds: entrypoints.train downloads it) continues with the same batches and loss curve.
 
     Started by a launcher (`accelerate launch`, torchrun) as one of W processes, it trains with DDP (or FSDP2 with
     sharding=fsdp: each process holds 1/W of the base and adapter): each process takes `batch_size` rows of every
@@ -286,6 +289,8 @@ def train(
     t0 = time.perf_counter()
     session = setup(cfg, model=model, group=group, tracker=tracker)
     session.setup_s = time.perf_counter() - t0 - (session.forgetting.elapsed_s if session.forgetting else 0.0)
+    if cfg.resume_from:  # the settings keep the run id (settings.yaml reruns it), not where it was downloaded
+        resume(session, Path(resume_dir or cfg.resume_from), tracker)
     hooks = [*callbacks, progress_callback(cfg.max_steps, session.first_step, show=group.is_main)]
     if cfg.eval_every and group.is_main:
         session.validator = Validator(
@@ -314,7 +319,7 @@ def train(
 def train_settings(config: TrainConfig | None = None, *, model: ModelSource, **overrides: Any) -> TrainConfig:
     """The run's TrainConfig: `config` or the defaults file's train section, with `overrides`, checked (one
     ConfigError naming every bad field). The model field records how `model` was named."""
-    values = dataclasses.asdict(config) if config else read_defaults("train")
+    values = config.flat() if config else read_defaults("train")
     values.update({k: (str(v) if isinstance(v, torch.device | Path) else v) for k, v in overrides.items()})
     values["model"] = model.name or model.path
     return build_config(TrainConfig, values)
@@ -366,7 +371,7 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
             rows_target_fraction=D.target_fraction(rows, seq_len=cfg.seq_len),
             device=group.device,
             trust_remote_code=cfg.trust_remote_code,
-            **planner_inputs(dataclasses.asdict(cfg)),
+            **planner_inputs(cfg.flat()),
         )
     base, trained, modules, amp_dtype = build_model(cfg, model, group.device)
     # before DDP or FSDP wrap it (FSDP shards it in place) and before a checkpoint resumes it: the base alone
@@ -411,8 +416,6 @@ def setup(cfg: TrainConfig, *, model: ModelSource, group: distributed.Group, tra
         forgetting=forgetting or None,
     )
     log_run_description(session, tracker)
-    if cfg.resume_from:
-        resume(session, Path(cfg.resume_from), tracker)
     return session
 
 
@@ -425,8 +428,6 @@ def build_model(
     fp32: peft's autocast_adapter_dtype). method=full: every weight trains, kept in fp32 (master weights: AdamW
     updates of ~lr x 1e-3 vanish when rounded to bf16's 8 bits of mantissa) with the forward under bf16 autocast
     for quantization=bf16/fp16, as HF Trainer's bf16=True does; quantization=fp32 trains in fp32 throughout."""
-    from peft import LoraConfig, get_peft_model
-
     full = cfg.method == "full"
     base = load_base_model(
         model,
@@ -460,8 +461,6 @@ def make_optimizer(
     params: list[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_ratio: float, max_steps: int
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW with a linear warm-up over warmup_ratio x max_steps, then cosine decay to 0 at max_steps."""
-    from transformers import get_scheduler
-
     # fused: one kernel for every parameter's update; on the CPU, 0.08 s a step for 133 M fp32 weights against
     # 0.27 s for the default foreach implementation (1 thread, 2026-12-02): it matters for method=full. It needs
     # floating-point parameters on the CPU or a GPU, which the trainable ones always are here.
@@ -475,7 +474,7 @@ def describe_run(
     cfg: TrainConfig, *, model: ModelSource, prepared: Prepared, modules: list[str], group: distributed.Group
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The run's resolved settings (logged as params, hashed into config_hash) and its identifying tags."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_processes")}
+    settings = {k: v for k, v in cfg.flat().items() if k not in ("device", "num_processes")}
     fingerprint = prepared.manifest["fingerprint"]
     resolved = {
         **settings,
@@ -723,12 +722,10 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     t_logging = time.perf_counter()
     tracker.log_metrics(metrics)
     eval_tag = eval_settings_tag(
-        data_fingerprint=s.tags["data_fingerprint"],
+        s.prepared,
         eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples,
         max_new_tokens=cfg.max_new_tokens,
-        # absent for the stored order, so runs on sets without task families keep the tag they always had
-        **({"eval_order": "balanced"} if s.prepared.eval_balanced else {}),
     )
     tracker.set_tags({"eval_settings": eval_tag, "memory_source": loop.memory_source})
     if evaluation.samples["prompt"]:

@@ -201,7 +201,6 @@ def train_worker(spec: dict) -> dict:
 
 
 def _train_case(case: dict) -> dict:
-    import dataclasses
 
     import torch
     from transformers import AutoConfig
@@ -230,7 +229,7 @@ def _train_case(case: dict) -> dict:
         AutoConfig.from_pretrained(source.path),
         device=case["device"],
         target_fraction=target_fraction,
-        **planner_inputs(dataclasses.asdict(cfg)),
+        **planner_inputs(cfg.flat()),
     )
     tracker = Tags()
     result = train(model=source, output_dir=output_dir, tracker=tracker, **settings)

@@ -3,10 +3,17 @@ rates (the MFU's denominator), where a launch's import time goes, and the machin
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
+
+import psutil
+import torch
+
+from lora_efficiency.planner import meta_model
 
 
 def training_flops_per_token(config, *, rank: int, target_modules: str, context: float) -> dict[str, float]:
@@ -20,8 +27,6 @@ def training_flops_per_token(config, *, rank: int, target_modules: str, context:
     values, no weights) costs 12*L*H*Q*T with T the context a token attends over: the token-weighted mean
     example length, since neither side attends across examples.
     """
-    from lora_efficiency.planner import meta_model
-
     model, modules, linear, adapted = meta_model(config, target_modules)
     frozen = sum(modules[n].weight.numel() for n in linear)
     lora = sum(rank * sum(modules[n].weight.shape) for n in adapted)  # A is r x in, B is out x r
@@ -61,8 +66,6 @@ def performed_flops_per_token(parts: dict[str, float], performed: dict[str, floa
 
 def matmul_rates(device, *, repeats: int = 10) -> dict[str, float]:
     """Dense matmul FLOP/s in bf16 and fp32 (2048^3 on a CPU, 8192^3 on a GPU), median of `repeats`."""
-    import torch
-
     size = 8192 if device.type == "cuda" else 2048
     rates = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -82,8 +85,6 @@ def matmul_rates(device, *, repeats: int = 10) -> dict[str, float]:
 
 def sync(device) -> None:
     """Wait for the GPU's queued kernels, so a clock read after it times the work (a no-op on the CPU)."""
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -108,11 +109,6 @@ def import_times(stderr: str, top: int = 8) -> dict:
 
 def machine(device: str) -> dict:
     """The CPU (and whether it has AVX512-BF16, which decides the CPU's bf16 speed), cores, RAM and the GPU."""
-    import platform
-
-    import psutil
-    import torch
-
     cpu = platform.processor() or platform.machine()
     flags = ""
     try:
@@ -133,8 +129,5 @@ def machine(device: str) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata
-    import platform
-
     names = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "mlflow")
     return {"python": platform.python_version(), **{n: importlib.metadata.version(n) for n in names}}

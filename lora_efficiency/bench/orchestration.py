@@ -15,6 +15,8 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
+from scipy import stats
+
 from lora_efficiency.bench.figures import machine, performed_flops_per_token, versions
 from lora_efficiency.bench.recipe import ALPHA, DROPOUT, LR, RANK, TARGET_MODULES, WARMUP_RATIO
 from lora_efficiency.bench.startup import measure_startup
@@ -221,8 +223,6 @@ def mode_results(runs: dict[str, list[dict]], setup: dict) -> dict:
     memory); the overhead of tracking and memory sampling (paired by repeat, with a 95% t-interval); the
     per-example attention lever (project_untracked against project_sdpa); and each side's MFU: the FLOPs it
     performs (figures.performed_flops_per_token) x its real tokens/s / the measured bf16 matmul rate."""
-    from scipy import stats
-
     sides = {name: side_summary(runs[name]) for name, *_ in SIDES}
     ref, strong, proj = sides["reference"], sides["reference_strong"], sides["project"]
     # Tracking on and off see the same batches in the same order (same seed): compare them repeat by repeat.

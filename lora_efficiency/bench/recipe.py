@@ -7,7 +7,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
 from lora_efficiency.config import BENCH_MODES
+from lora_efficiency.models import bundled_model_path, cache_root, resolve_model
 
 # dropout: the train default since 2026-12-03 (0; configs/sweeps/dropout.yaml); 0.05 before
 RANK, ALPHA, DROPOUT, TARGET_MODULES = 16, 32.0, 0.0, "attention"
@@ -39,18 +43,11 @@ def model_path(name: str) -> str:
 
 def model_source(name: str):
     """models.ModelSource of `--model name` (a random shape included)."""
-    from lora_efficiency.models import resolve_model
-
     return resolve_model(model_path(name))
 
 
 def random_model_path(name: str) -> Path:
     """A RANDOM_SHAPES model with seeded random bf16 weights and SmolLM2's tokenizer, saved once in the cache."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from lora_efficiency.models import bundled_model_path, cache_root
-
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target

@@ -15,6 +15,20 @@ padded micro-batch computes width x width scores a row)."""
 
 from __future__ import annotations
 
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.utils import logging as hf_logging
+
 from lora_efficiency.bench.recipe import (
     ALPHA,
     DROPOUT,
@@ -27,15 +41,12 @@ from lora_efficiency.bench.recipe import (
     WEIGHT_DECAY,
 )
 from lora_efficiency.bench.workers import StepWindow, prepared_data
+from lora_efficiency.memory import MemorySampler
+from lora_efficiency.models import compute_dtype, resolve_target_modules
 
 
 def reference_worker(spec: dict) -> dict:
     """HF Trainer + PEFT as a user writes it, on the same tokenized examples as the project."""
-    import torch
-    from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     device = torch.device(spec["device"])
     source, tokenizer, prepared = prepared_data(spec)
@@ -69,12 +80,6 @@ def reference_worker(spec: dict) -> dict:
 def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool):
     """The base stored as `mode` (bitsandbytes for nf4/fp4/int8), wrapped in PEFT's LoRA as the guides do;
     gradient_checkpointing: what prepare_model_for_kbit_training turns on for k-bit bases."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from lora_efficiency.models import compute_dtype, resolve_target_modules
-
     dtype = compute_dtype(device)
     kwargs: dict = {"dtype": dtype if mode != "fp32" else torch.float32}
     if mode in ("nf4", "fp4"):
@@ -103,11 +108,6 @@ def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool):
 def _training_arguments(spec: dict, device):
     """The benchmark's recipe as TrainingArguments: same schedule and steps as the project, nothing saved or
     logged, and the Trainer's own count of non-padding input tokens."""
-    import torch
-    from transformers import TrainingArguments
-
-    from lora_efficiency.models import compute_dtype
-
     dtype, mode = compute_dtype(device), spec["mode"]
     return TrainingArguments(
         train_sampling_strategy="group_by_length" if spec.get("strong") else "random",
@@ -135,9 +135,6 @@ def _training_arguments(spec: dict, device):
 def _clock_callback(device, window: StepWindow):
     """A TrainerCallback that samples memory over training, stamps each optimizer step's end in `window` and
     keeps the Trainer's running count of non-padding input tokens (`tokens_seen`, one entry a step)."""
-    from transformers import TrainerCallback
-
-    from lora_efficiency.memory import MemorySampler
 
     class Clock(TrainerCallback):
         sampler = None

@@ -6,12 +6,18 @@ of the fresh one is imports."""
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import mlflow
 
 from lora_efficiency.bench.figures import import_times
 from lora_efficiency.bench.recipe import model_path
 from lora_efficiency.bench.workers import worker_env
+from lora_efficiency.children import WarmChildren, _run_child
+from lora_efficiency.config import TrainConfig, build_config, read_defaults, settings_text
 
 
 def measure_startup(
@@ -32,11 +38,6 @@ def measure_startup(
     first step. The first launch may meet cold caches; the later ones are the "second run of a sweep". The warm
     server's own start (its imports, once a sweep) is timed apart. One more fresh launch with `python -X
     importtime` says how much of a fresh one is imports."""
-    import mlflow
-
-    from lora_efficiency.children import WarmChildren, _run_child
-    from lora_efficiency.config import TrainConfig, build_config, read_defaults, settings_text
-
     uri = f"sqlite:///{work}/startup.db"
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment("bench-startup", artifact_location=str(work / "startup-artifacts"))
@@ -108,9 +109,6 @@ class _Launcher:
 
 def _python(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     """`python ARGS` (python's own options first) as a fresh process: its exit status and stderr."""
-    import subprocess
-    import sys
-
     command = [sys.executable, *args]
     proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     return proc.returncode, proc.stderr

@@ -9,6 +9,11 @@ import functools
 import statistics
 import time
 
+import torch
+from transformers import AutoConfig
+
+from lora_efficiency import attention
+from lora_efficiency import data as D
 from lora_efficiency.bench.figures import matmul_rates, sync, training_flops_per_token
 from lora_efficiency.bench.recipe import (
     ALPHA,
@@ -22,6 +27,10 @@ from lora_efficiency.bench.recipe import (
     WEIGHT_DECAY,
     model_source,
 )
+from lora_efficiency.memory import MemorySampler
+from lora_efficiency.models import load_tokenizer
+from lora_efficiency.prepare import resolve_data
+from lora_efficiency.progress import PROGRESS_ENV
 from lora_efficiency.subprocesses import child_env
 
 
@@ -29,16 +38,11 @@ def worker_env(**extra: str) -> dict[str, str]:
     """The environment of the benchmark's child processes: the project on PYTHONPATH (subprocesses.child_env),
     progress as plain lines rather than bars (they go to a log file) and unbuffered output, so a failed child's
     log ends where it stopped; plus `extra`."""
-    from lora_efficiency.progress import PROGRESS_ENV
-
     return child_env(**{PROGRESS_ENV: "lines", "PYTHONUNBUFFERED": "1"}, **extra)
 
 
 def prepared_data(spec: dict):
     """(model source, tokenizer, prepared data) of a spec: the same tokens on every side of the benchmark."""
-    from lora_efficiency.models import load_tokenizer
-    from lora_efficiency.prepare import resolve_data
-
     source = model_source(spec["model"])
     tokenizer = load_tokenizer(source)  # pad = eos where the tokenizer has no pad token, as users do
     prepared = resolve_data(spec["data"], model=source, tokenizer=tokenizer, seq_len=spec["seq_len"])
@@ -47,12 +51,6 @@ def prepared_data(spec: dict):
 
 def setup_worker(spec: dict) -> dict:
     """Matmul rates first (on an idle device), then the data and the model: batch budget and FLOPs per token."""
-    import torch
-    from transformers import AutoConfig
-
-    from lora_efficiency import attention
-    from lora_efficiency import data as D
-
     device = torch.device(spec["device"])
     rates = matmul_rates(device)
     source, _, prepared = prepared_data(spec)
@@ -124,8 +122,6 @@ class StepWindow:
 
 
 def _profiler(device):
-    import torch
-
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -155,9 +151,7 @@ class ClockTracker:
 def project_worker(spec: dict) -> dict:
     """lora_efficiency.trainer.train, tracking on (an MLflow run in the store MLFLOW_TRACKING_URI names) or off.
     A step callback stamps each step's end (right after the trainer times it) and keeps its real tokens."""
-    import torch
-
-    from lora_efficiency.memory import MemorySampler
+    # lazy: the reference worker imports this module too, and the trainer's imports would add to its measured RSS
     from lora_efficiency.trainer import NullTracker, StepStats, train
 
     device = torch.device(spec["device"])
@@ -170,7 +164,7 @@ def project_worker(spec: dict) -> dict:
 
     run = functools.partial(train, callbacks=[on_step], **_project_settings(spec, device))
     if spec["tracking"]:
-        from lora_efficiency.tracking import start_run
+        from lora_efficiency.tracking import start_run  # lazy: as the trainer above (MLflow's import)
 
         with start_run(run_name=f"bench-{spec['mode']}", entry_point="bench") as tracker:
             clock = ClockTracker(tracker)

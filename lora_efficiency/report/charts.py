@@ -34,7 +34,7 @@ INTERVALS = "error bars: 95% interval of the mean over seeds"
 
 def _figure(ncols: int, title: str, *, width: float = 5.0, height: float = 4.4):
     """A Figure of `ncols` panels in a row under one title, each with a light grid."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: ~0.5 s, only when a chart is drawn (the report's tests mostly don't)
 
     fig = Figure(figsize=(width * ncols, height), layout="constrained", dpi=110)
     axes = fig.subplots(1, ncols, squeeze=False)[0]
@@ -166,7 +166,7 @@ def _numbered(ax, configs: list[Configuration], xs: list[float], ys: list[float]
 
 
 def _key(fig, configs: list[Configuration], number: dict[str, int]) -> None:
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # lazy: as _figure's
 
     shown = sorted(configs, key=lambda c: number[c.key])
     handles = [Line2D([], [], linestyle="none") for _ in shown]
@@ -247,7 +247,7 @@ def chart_bars(comp: Comparison, metrics: tuple[str, ...], title: str):
 def chart_loss_curves(report: Report, curves: dict | None = None, *, name: str = "loss_curves", ylabel: str = ""):
     """train/loss per step (or `curves`: another metric's history, such as val/loss), the mean over seeds, one panel
     per comparison (a configuration may be in several)."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: as _figure's
 
     curves = report.loss_curves if curves is None else curves
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
 from lora_efficiency.design import Contrast, pick
+from lora_efficiency.names import QUANTIZATIONS
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint, RunData, Scope
 from lora_efficiency.report.stats import (
@@ -220,8 +221,6 @@ def _count_matching_defaults(group: list[Configuration], defaults: dict[str, obj
 
 
 def _axis_order(name: str, c: Configuration) -> tuple:
-    from lora_efficiency.names import QUANTIZATIONS
-
     s = c.settings
     if name == "rank":
         return (int(s["rank"]),)

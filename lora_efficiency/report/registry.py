@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
+
 from lora_efficiency.report.findings import PERPLEXITY, Configuration, recommend
 
 
@@ -63,8 +65,6 @@ def _logged_models(client, experiment_id: str) -> list:
 
 
 def _ensure_registered_model(client, name: str, report_run_id: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -9,14 +9,22 @@ are called: mlflow itself is not imported here.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
+from lora_efficiency.design import contrasts_from_json
 from lora_efficiency.errors import UserError, shown
+from lora_efficiency.models import resolve_model
 from lora_efficiency.names import preferred_name
+from lora_efficiency.planner import estimate
 from lora_efficiency.report.metrics import PEAK_MB, PREDICTED_MB
 
 
@@ -159,8 +167,6 @@ def fetch_scope(client, *, experiment: str, sweep_run_id: str = "") -> Scope:
 def declared_contrasts(scope: Scope) -> list:  # list[design.Contrast]
     """The contrasts the scope's study declared before its runs: its study run's `study_contrasts` tag (what the
     profile said when the study started); none for a sweep or an older study."""
-    from lora_efficiency.design import contrasts_from_json
-
     return contrasts_from_json(scope.root.tags.get("study_contrasts", "")) if scope.root is not None else []
 
 
@@ -356,8 +362,6 @@ def fetch_per_example_losses(client, runs: list[RunData]) -> dict[str, dict[str,
     """Each run's per-example losses ({example, task, tokens, loss} columns), by run id; a run without the artifact
     (logged before it existed), or with one not in that shape, is left out: its comparisons count seed noise only
     and say so."""
-    import os
-
     found: dict[str, dict[str, list]] = {}
     # one progress bar per run (30 runs: 60 lines of "Downloading artifacts") would bury the report's own output
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -375,10 +379,6 @@ def fetch_per_example_losses(client, runs: list[RunData]) -> dict[str, dict[str,
 
 
 def _download_tables(client, runs: list[RunData], found: dict[str, dict[str, list]]) -> None:
-    import json
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="per-example-") as tmp:
         for r in runs:
             try:
@@ -416,8 +416,6 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
     Returns:
         One point per run that has one, and one note per reason runs were left out.
     """
-    from lora_efficiency.planner import estimate
-
     model_config = _model_configs()
     points, skipped = [], defaultdict(list)  # reason -> runs
     for r in runs:
@@ -446,10 +444,6 @@ def predict_peak_memory(runs: list[RunData]) -> tuple[list[MemoryPoint], list[st
 def _model_configs() -> Callable[[dict[str, str]], object]:
     """A run's transformers config, read once per model; a failure is remembered and raised again, so an
     unreachable hub model is tried once."""
-    from transformers import AutoConfig
-
-    from lora_efficiency.models import resolve_model
-
     configs: dict[str, object] = {}
 
     def config_of(params: dict[str, str]) -> object:

@@ -40,7 +40,10 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from lora_efficiency.design import MAX_SEEDS
+import numpy as np
+from scipy.stats import t
+
+from lora_efficiency.design import DIFFERENCE, EQUIVALENCE, MAX_SEEDS, seeds_needed
 from lora_efficiency.report.metrics import METRICS
 
 PAIRED = "paired by seed"
@@ -51,15 +54,11 @@ BETTER, WORSE, EQUIVALENT, CANNOT_TELL = "better", "worse", "equivalent", "canno
 
 def t_quantile(df: float, q: float = 0.975) -> float:
     """The q quantile of Student's t with df degrees of freedom (0.975: the two-sided 95 % quantile)."""
-    from scipy.stats import t
-
     return float(t.ppf(q, df))
 
 
 def t_sf(x: float, df: float) -> float:
     """P(T > x) for Student's t with df degrees of freedom."""
-    from scipy.stats import t
-
     return float(t.sf(x, df))
 
 
@@ -285,8 +284,6 @@ def example_noise(
         (the bootstrap standard error of mean_i [loss_a,i - loss_b,i], each loss token-weighted over the resampled
         examples, the number of examples), or None with fewer than 2 examples scored in every table.
     """
-    import numpy as np
-
     tables = [(_examples(a, task), _examples(b, task)) for a, b in pairs]
     ids = sorted(set.intersection(*(set(a) & set(b) for a, b in tables)), key=str) if tables else []
     m = len(ids)
@@ -401,8 +398,6 @@ class Judgement:
         (the paired sd of its seeds; the examples' noise as a floor seeds do not reduce), planned at alpha / k for
         its Holm family of k, and what they would decide; None where no such number applies (decided, unpaired,
         untested, no margin)."""
-        from lora_efficiency.design import DIFFERENCE, EQUIVALENCE, seeds_needed
-
         e = self.effect
         if self.verdict != CANNOT_TELL or e.design != PAIRED or e.seed_sd is None or self.margin is None:
             return None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lora_efficiency.config import TrainConfig
+from lora_efficiency.configuration import TRAIN_SETTINGS
 from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def test_run_finished_with_every_resolved_param(trained):
     _, run = trained
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert {f.name for f in TrainConfig.__dataclass_fields__.values()} <= set(params)
+    assert set(TRAIN_SETTINGS) <= set(params)
     assert params["rank"] == "8" and params["lr"] == "2e-4"  # as `mlflow run` logged them, no clash
     assert params["target_modules_resolved"] == "k_proj,o_proj,q_proj,v_proj"
     assert params["quantization"] == "nf4" and params["compute_dtype"] == "bfloat16"
@@ -356,7 +356,7 @@ def test_a_run_is_its_settings_file(trained, mlflow_server):
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/settings.yaml")
     settings = load_yaml(text)
     flat = {name: value for group in settings["train"].values() for name, value in group.items()}  # by group
-    assert set(flat) == set(TrainConfig.__dataclass_fields__)
+    assert set(flat) == set(TRAIN_SETTINGS)
     assert settings["train"]["adapter"]["rank"] == 8 and settings["train"]["optimization"]["max_steps"] == 3
     assert settings["resolved"]["base_model_revision"] == run.data.tags["base_model_revision"]
     assert settings["resolved"]["base_model_revision"].startswith("local-")  # the tiny model's folder content

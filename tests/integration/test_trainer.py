@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 
 from lora_efficiency.config import TrainConfig
 from lora_efficiency.models import load_base_model, resolve_model
+from lora_efficiency.settings import setting_fields
 from lora_efficiency.trainer import train
 
 STEP_METRICS = {
@@ -81,7 +81,7 @@ def run(tiny_model_dir, tiny_data_file, tmp_path, **overrides):
 
 def test_logs_every_setting_metric_tag_and_artifact(tiny_model_dir, tiny_data_file, tmp_path):
     result, tracker = run(tiny_model_dir, tiny_data_file, tmp_path, quantization="nf4", exact_match="true")
-    config_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "device"}
+    config_fields = {f.name for f, _ in setting_fields(TrainConfig)} - {"model", "device"}
     assert config_fields <= set(tracker.params)
     assert tracker.params["target_modules_resolved"] == "k_proj,o_proj,q_proj,v_proj"
     assert tracker.params["device_resolved"] == "cpu"

@@ -6,12 +6,10 @@ no target token, a model with fewer positions than seq_len or generation needs, 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import get_type_hints
 
 import mlflow
 import pytest
@@ -23,6 +21,7 @@ from entrypoints import train as train_entry
 from lora_efficiency.cli import run_cli
 from lora_efficiency.config import CHECKS, DEFAULTS_FILE, ReportConfig, TrainConfig, parse_args
 from lora_efficiency.errors import ConfigError, UserError
+from lora_efficiency.settings import setting_fields
 from tests.conftest import subprocess_env
 from tests.reliability.conftest import assert_one_line_error, run_entry_point, statuses
 
@@ -43,7 +42,7 @@ def problems_of(cls: type, argv: list[str]) -> str:
 @pytest.mark.parametrize("cls", list(CHECKS), ids=lambda c: c.__name__)
 def test_integers_of_any_size_are_one_problem_naming_the_field(cls):
     """Every integer field of every entry point: 5,000 digits (Python refuses to parse 4,300+), 2^64 + 1."""
-    fields = [f.name for f in dataclasses.fields(cls) if get_type_hints(cls)[f.name] is int]
+    fields = [f.name for f, kind in setting_fields(cls) if kind is int]
     for name in fields:
         for value in ("9" * 5000, "-" + "9" * 5000, str(2**64 + 1)):
             message = problems_of(cls, [f"--{name}", value])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from lora_efficiency.errors import UserError
@@ -91,6 +93,11 @@ def test_kill_9_then_resume_from_the_run_id(tiny_model_dir, tiny_data_file, tmp_
     resumed = next(r for r in runs_of(client, "resume") if r.info.run_id != killed.info.run_id)
     assert resumed.info.status == "FINISHED"
     assert resumed.data.params["resume_from"] == killed.info.run_id
+    # its settings file reruns it: the run it resumed from, not the temporary folder its checkpoint was fetched to
+    settings = yaml.safe_load(
+        Path(client.download_artifacts(resumed.info.run_id, "settings.yaml", tmp_path)).read_text()
+    )
+    assert settings["train"]["compute"]["resume_from"] == killed.info.run_id
     assert resumed.data.tags["resumed_from_step"] == "3"
     history = {m.step: m.value for m in client.get_metric_history(resumed.info.run_id, "train/loss")}
     assert sorted(history) == [4, 5, 6]

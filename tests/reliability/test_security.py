@@ -3,7 +3,6 @@ files are refused; trust_remote_code is off by default; `make ui` binds 127.0.0.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import shutil
@@ -18,6 +17,7 @@ from entrypoints import prepare as prepare_entry
 from entrypoints import train as train_entry
 from lora_efficiency.config import DEFAULTS_FILE, EvaluateConfig, PrepareConfig, TrainConfig
 from lora_efficiency.redaction import redact
+from lora_efficiency.settings import setting_fields
 from tests.reliability.conftest import assert_one_line_error, run_entry_point, statuses
 
 ROOT = DEFAULTS_FILE.parents[1]
@@ -130,7 +130,7 @@ def test_trust_remote_code_is_off_unless_set():
     defaults = yaml.safe_load(DEFAULTS_FILE.read_text())
     project = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     for cls, section in ((TrainConfig, "train"), (PrepareConfig, "prepare"), (EvaluateConfig, "evaluate")):
-        assert "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}
+        assert "trust_remote_code" in {f.name for f, _ in setting_fields(cls)}
         assert defaults[section]["trust_remote_code"] is False
         if section != "train":  # train's MLproject entry declares only `config`: its defaults are default.yaml's
             assert project[section]["parameters"]["trust_remote_code"]["default"] == "false"

@@ -3,8 +3,6 @@ like a sweep, that its sweeps share one data set before any run opens; what the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import yaml
 
@@ -23,6 +21,7 @@ from lora_efficiency.config import (
     read_defaults,
 )
 from lora_efficiency.errors import UserError
+from lora_efficiency.settings import setting_fields
 from lora_efficiency.sweep import Child, Sweep, SweepResult, check_one_data
 
 
@@ -48,8 +47,8 @@ def test_plan_takes_the_train_defaults_and_its_own_section():
     cfg = parse_args(PlanConfig, "plan", [], "")
     train = read_defaults("train")
     own = {"target_fraction", "budget_mb", "design", "spread_experiment", "spread_run_id", "sd"}
-    shared = {f.name for f in dataclasses.fields(PlanConfig)} - own
-    assert {k: getattr(cfg, k) for k in shared} == {k: build_config(TrainConfig, train).__dict__[k] for k in shared}
+    shared = {f.name for f, _ in setting_fields(PlanConfig)} - own
+    assert {k: getattr(cfg, k) for k in shared} == {k: getattr(build_config(TrainConfig, train), k) for k in shared}
     assert (cfg.target_fraction, cfg.budget_mb) == (1.0, 0.0)  # every position a target; the machine's memory
     cfg = parse_args(PlanConfig, "plan", ["--rank", "64", "--budget_mb", "24576"], "")
     assert (cfg.rank, cfg.budget_mb) == (64, 24576.0)
@@ -145,7 +144,7 @@ def test_a_child_is_one_settings_file_that_reproduces_its_config(tmp_path):
     assert job.num_processes == 2
     path = tmp_path / "settings.yaml"
     path.write_text(job.settings, encoding="utf-8")
-    expected = dataclasses.replace(config, data=str(prepared))
+    expected = config.replace(data=str(prepared))
     assert parse_args(TrainConfig, "train", ["--config", str(path)], "") == expected
 
 

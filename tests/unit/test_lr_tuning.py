@@ -3,7 +3,6 @@ sweep file's keys and bad input, and the report's "Learning rates" section on to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -145,7 +144,7 @@ def test_a_pilot_trains_short_at_its_rate_and_never_shares_a_main_run_s_key():
     assert (p.lr, p.max_steps, p.eval_every, p.generate_samples) == (1e-3, 10, 10, 0)
     assert pilot_key(p, "fp") != sweep_key(p, "fp")
     same = pilot_config(main, main.lr, main.max_steps)  # a pilot exactly like the main run of the first seed
-    assert pilot_key(same, "fp") != sweep_key(dataclasses.replace(main, generate_samples=0), "fp")
+    assert pilot_key(same, "fp") != sweep_key(main.replace(generate_samples=0), "fp")
 
 
 def test_a_pilot_at_a_pilot_seed_trains_at_that_seed_and_keeps_its_key_otherwise():
@@ -169,8 +168,8 @@ def test_pilots_train_at_pilot_seed_outside_the_main_seeds(tmp_path):
 
 def test_the_lr_group_leaves_out_the_rate_and_the_seed_only():
     base = config()
-    assert group_id(base, "fp") == group_id(dataclasses.replace(base, lr=1e-3, seed=5), "fp")
-    assert group_id(base, "fp") != group_id(dataclasses.replace(base, rank=8), "fp")
+    assert group_id(base, "fp") == group_id(base.replace(lr=1e-3, seed=5), "fp")
+    assert group_id(base, "fp") != group_id(base.replace(rank=8), "fp")
     assert group_id(base, "fp") != group_id(base, "other data")
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -78,7 +76,7 @@ def test_sweep_backend_checks(over, message):
 
 def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
     one = build_config(TrainConfig, _train_values())
-    two = dataclasses.replace(one, num_processes=2)
+    two = one.replace(num_processes=2)
     assert sweep_key(one, "fp") != sweep_key(two, "fp")
     # the key a single-process child had before num_processes existed: the same settings without it (and without
     # the settings added since: method at its default lora, sharding at its default none, forget_samples at its
@@ -88,7 +86,7 @@ def test_sweep_key_of_one_process_is_unchanged_by_the_num_processes_setting():
 
     settings = {
         k: v
-        for k, v in dataclasses.asdict(one).items()
+        for k, v in one.flat().items()
         if k not in ("device", "data", "checkpoint_every", "resume_from", "num_processes")
         and k not in ("method", "sharding", "forget_samples", "eval_every", "val_samples", "converge_tol", "attention")
     }

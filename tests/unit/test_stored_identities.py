@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from lora_efficiency.config import TrainConfig, build_config, read_defaults
@@ -16,7 +14,7 @@ FINGERPRINT = "0123456789abcdef"
 
 def _resolved(cfg: TrainConfig, world_size: int = 1) -> dict:
     """What trainer.describe_run hashes, with fixed stand-ins for what a run finds when it starts."""
-    flat = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_processes")}
+    flat = {k: v for k, v in cfg.flat().items() if k not in ("device", "num_processes")}
     resolved = {
         **flat,
         "device_resolved": "cpu",
