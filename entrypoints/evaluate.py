@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from lora_efficiency.devices import resolve_device
-    from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, eval_settings_tag, use_exact_match
+    from lora_efficiency.evaluation import PER_EXAMPLE_LOSSES, Scoring
     from lora_efficiency.inference import download_adapter, load_for_inference, resolve_run_ref
     from lora_efficiency.models import load_tokenizer, resolve_model
     from lora_efficiency.prepare import resolve_data
@@ -49,7 +49,15 @@ def main(argv: list[str]) -> None:
     device = resolve_device(cfg.device)
     source = resolve_model(target.model)
     prepared = resolve_data(target.data, model=source, tokenizer=load_tokenizer(source), seq_len=target.seq_len)
-    do_exact_match = use_exact_match(cfg.exact_match, prepared.manifest, target.data)
+    scoring = Scoring.of(
+        prepared,
+        data=target.data,
+        exact_match=cfg.exact_match,
+        eval_samples=cfg.eval_samples,
+        generate_samples=cfg.generate_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+    )
     if cfg.run_id:  # downloaded once every setting is known to be good
         target.adapter = download_adapter(cfg.run_id)
     network, tokenizer, _ = load_for_inference(
@@ -60,12 +68,7 @@ def main(argv: list[str]) -> None:
         double_quant=target.double_quant,
         trust_remote_code=cfg.trust_remote_code,
     )
-    settings = eval_settings_tag(
-        prepared,
-        eval_samples=cfg.eval_samples,
-        generate_samples=cfg.generate_samples if do_exact_match else 0,
-        max_new_tokens=cfg.max_new_tokens,
-    )
+    settings = scoring.tag
     kind = "run" if cfg.run_id else ("baseline" if target.adapter is None else "adapter")
     name = _run_name(kind, cfg, source, target)
     what = {
@@ -82,7 +85,7 @@ def main(argv: list[str]) -> None:
         if given != cfg.run_id:
             tracker.set_tags({"evaluated_model_uri": given})
         tracker.log_data_inputs(prepared.manifest, str(prepared.path), splits=("eval",))  # the split it scores
-        result = _evaluate(cfg, network, tokenizer, prepared, target, device, do_exact_match)
+        result = _evaluate(scoring, network, tokenizer, target, device)
         tracker.log_metrics(result.metrics)
         if result.samples["prompt"]:
             tracker.log_table(result.samples, "eval_samples.json")
@@ -147,28 +150,16 @@ def _log_what_is_evaluated(tracker, cfg: EvaluateConfig, kind: str, settings: st
     )
 
 
-def _evaluate(cfg: EvaluateConfig, network, tokenizer, prepared, target: _Target, device, do_exact_match: bool):
+def _evaluate(scoring, network, tokenizer, target: _Target, device):
     # lazy: as main's (after parsing)
-    from lora_efficiency.data import TokenizedSplit, unpacked
-    from lora_efficiency.evaluation import evaluate_model
     from lora_efficiency.models import compute_dtype
-    from lora_efficiency.sources import answer_kinds
 
-    n = cfg.eval_samples
-    return evaluate_model(
+    return scoring.run(
         network,
         tokenizer,
-        eval_rows=unpacked(TokenizedSplit(prepared.eval.input_ids[:n], prepared.eval.labels[:n])),
-        eval_examples=prepared.eval_examples[:n],
-        exact_match=do_exact_match,
-        generate_samples=cfg.generate_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        pad_id=tokenizer.pad_token_id,
         device=device,
         autocast_dtype=None if target.quantization == "fp32" else compute_dtype(device),
         measure_merged=target.adapter is not None and target.quantization in ("bf16", "fp16", "fp32"),
-        answer_kinds=answer_kinds(prepared.manifest),
     )
 
 

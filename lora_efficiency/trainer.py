@@ -40,13 +40,11 @@ from lora_efficiency.devices import device_name, resolve_device
 from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import (
     PER_EXAMPLE_LOSSES,
+    Scoring,
     cached_scores,
-    eval_settings_tag,
     evaluate_loss,
-    evaluate_model,
     forgetting_metrics,
     forgetting_rows,
-    use_exact_match,
 )
 from lora_efficiency.loss import token_loss_sum
 from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
@@ -63,7 +61,6 @@ from lora_efficiency.models import (
 from lora_efficiency.names import PYTHON_DOCS
 from lora_efficiency.planner import predict_peak_mb
 from lora_efficiency.prepare import Prepared, resolve_data
-from lora_efficiency.sources import answer_kinds
 from lora_efficiency.validation import Validator
 
 __all__ = ["NullTracker", "StepStats", "TrainResult", "Tracker", "config_hash", "train"]
@@ -697,20 +694,22 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
     saving_s = time.perf_counter() - t_finish
     forgetting = score_forgetting_after(s, tracker)  # before evaluate_model, which may merge the adapter into the base
     t0 = time.perf_counter()
-    evaluation = evaluate_model(
-        s.peft_model,
-        s.tokenizer,
-        eval_rows=s.eval_rows,
-        eval_examples=s.prepared.eval_examples[: cfg.eval_samples],
-        exact_match=use_exact_match(cfg.exact_match, s.prepared.manifest, cfg.data),
+    scoring = Scoring.of(
+        s.prepared,
+        data=cfg.data,
+        exact_match=cfg.exact_match,
+        eval_samples=cfg.eval_samples,
         generate_samples=cfg.generate_samples,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.eval_batch_size,
-        pad_id=s.tokenizer.pad_token_id,
+    )
+    evaluation = scoring.run(
+        s.peft_model,
+        s.tokenizer,
         device=s.device,
         autocast_dtype=s.amp_dtype,
         measure_merged=cfg.quantization in ("bf16", "fp16", "fp32"),
-        answer_kinds=answer_kinds(s.prepared.manifest),
+        eval_rows=s.eval_rows,
         pack_length=cfg.seq_len if cfg.packing else 0,  # packed like training, where the model allows packing
     )
     metrics = {**evaluation.metrics, **forgetting, **loop.memory, **summary_metrics(s, loop, adapter_dir, model_mb)}
@@ -721,13 +720,7 @@ def finish(s: Session, loop: LoopStats, *, tracker: Tracker, output_dir: str | N
         tracker.set_tags({"converged": converged.status})
     t_logging = time.perf_counter()
     tracker.log_metrics(metrics)
-    eval_tag = eval_settings_tag(
-        s.prepared,
-        eval_samples=cfg.eval_samples,
-        generate_samples=cfg.generate_samples,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-    tracker.set_tags({"eval_settings": eval_tag, "memory_source": loop.memory_source})
+    tracker.set_tags({"eval_settings": scoring.tag, "memory_source": loop.memory_source})
     if evaluation.samples["prompt"]:
         tracker.log_table(evaluation.samples, "eval_samples.json")
     tracker.log_table(evaluation.per_example, PER_EXAMPLE_LOSSES)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_efficiency.data import bundled_instruct
+from lora_efficiency.errors import UserError
 from lora_efficiency.evaluation import NUMBER_REL_TOL, answers_match, exact_match_scores, family_metric, gsm8k_number
 from lora_efficiency.sources import BUNDLED_ANSWER_KINDS, GSM8K, JSON, NUMBER, STRING, answer_kinds, load_source
 
@@ -334,3 +335,43 @@ def test_forgetting_is_scored_on_general_text_spread_over_the_python_reference(t
     m = forgetting_metrics(after, before)
     assert m["forget/ratio"] == pytest.approx(8.166 / 7.389) and m["forget/base_perplexity"] == 7.389
     assert m["forget/perplexity"] == 8.166 and m["forget/tokens"] == 200.0
+
+
+def test_a_train_run_and_evaluate_score_and_tag_the_same_way():
+    """One Scoring for both callers: the first eval_samples held-out examples, and an eval_settings tag that
+    counts generated answers only where exact match runs (a train run on plain text used to tag
+    generate_samples=<setting> while `evaluate` tagged 0, so `evaluate --run_id` never matched it)."""
+    import json
+
+    from lora_efficiency.data import Example, TokenizedSplit
+    from lora_efficiency.evaluation import Scoring, evaluate_losses
+    from lora_efficiency.prepare import Prepared
+
+    model, families, rows, kwargs = _family_setup()
+    held_out = TokenizedSplit(rows.input_ids, rows.labels)
+    examples = [Example(prompt=f"q{i}", response="a", task=f) for i, f in enumerate(families)]
+    text = Prepared(None, {"kind": "text", "fingerprint": "fp", "dataset": "notes"}, held_out, held_out, examples)
+    counts = dict(eval_samples=5, generate_samples=3, max_new_tokens=4, batch_size=2)
+    scoring = Scoring.of(text, data="notes.txt", exact_match="auto", **counts)
+    assert not scoring.exact_match
+    assert json.loads(scoring.tag) == {
+        "data_fingerprint": "fp",
+        "eval_samples": 5,
+        "generate_samples": 0,  # nothing is generated on plain text, whatever the setting
+        "max_new_tokens": 4,
+    }
+    with pytest.raises(UserError, match=r"exact_match=true but data='notes.txt'"):
+        Scoring.of(text, data="notes.txt", exact_match="true", **counts)
+    tokenizer = type("Tok", (), {"pad_token_id": 0})()
+    scoring = Scoring.of(
+        text, data="notes.txt", exact_match="auto", **{**counts, "generate_samples": 0}
+    )  # no speed pass
+    result = scoring.run(model, tokenizer, device=torch.device("cpu"), autocast_dtype=None, measure_merged=False)
+    five = type(rows)(*(getattr(rows, f)[:5] for f in ("input_ids", "labels", "position_ids")))
+    metrics, table = evaluate_losses(model, five, families=families[:5], **kwargs)
+    assert result.metrics["eval/loss"] == pytest.approx(metrics["eval/loss"], rel=1e-6)
+    assert result.per_example["example"] == list(range(5)) and result.per_example["loss"] == pytest.approx(
+        table["loss"], rel=1e-6
+    )
+    answers = Prepared(None, {"kind": "instruct", "fingerprint": "fp", "has_references": True}, held_out, held_out, [])
+    assert json.loads(Scoring.of(answers, data="", exact_match="auto", **counts).tag)["generate_samples"] == 3
