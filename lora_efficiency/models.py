@@ -384,6 +384,21 @@ def load_base_model(
     return model
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile (inductor) each decoder layer of `model` (the classes its `_no_split_modules` names), peft's
+    LoRA layers and bitsandbytes' 4-bit layers inside them included; returns how many layers. Compilation happens
+    at the first forward of each new shape; inductor's FX graph and AOTAutograd caches (on by default in torch 2.x)
+    are kept under the project's cache folder, so a sweep's children after the first load the compiled layers
+    instead of compiling them again. The layers, not the whole model: the loss (loss.py) calls the decoder and the
+    output head itself, not the model's forward, and a layer is one graph reused by every layer of its shape."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def no_cpu_inference_repacking(model: torch.nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel (a no-op without 4-bit layers).
 
