@@ -61,12 +61,14 @@ PLANNER_SETTINGS = (
     "dropout",
 )
 
-# Out of config_hash: seeds must group; names, device, checkpointing and how attention is computed (the same
-# arithmetic, per example or masked over the row) do not change the adapter.
+# Out of config_hash: seeds must group; names, device, checkpointing, how attention is computed (the same
+# arithmetic, per example or masked over the row) and whether the layers are compiled (the same arithmetic, fused:
+# tests/integration/test_trainer.py pins the loss) do not change the adapter.
 _NOT_IN_CONFIG_HASH = (
     "seed",
     "device",
     "attention",
+    "compile",
     "device_resolved",
     "data",
     "model",
@@ -75,7 +77,7 @@ _NOT_IN_CONFIG_HASH = (
     *MONITOR_SETTINGS,
 )
 # Out of sweep_key: the data enters by fingerprint; device, checkpointing and monitoring do not change the child.
-_NOT_IN_SWEEP_KEY = ("device", "attention", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
+_NOT_IN_SWEEP_KEY = ("device", "attention", "compile", "data", "checkpoint_every", "resume_from", *MONITOR_SETTINGS)
 # Settings added after runs were stored: they enter an identity only when not at their default, so the hashes
 # and keys of earlier runs (all of them LoRA, none sharded) stay valid.
 _ONLY_WHEN_SET = {"method": "lora", "sharding": "none", "forget_samples": 16}

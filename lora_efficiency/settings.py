@@ -152,6 +152,7 @@ class Compute:
     seed: int = setting("seed of every random draw, 0 to 2^32-1")
     device: str = setting("auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N")
     attention: str = setting("per_example, sdpa or auto (per_example where the architecture allows it)")
+    compile: bool = setting("torch.compile each decoder layer (inductor) for training; false: eager")
     trust_remote_code: bool = setting("run code shipped with a hub model")
     checkpoint_every: int = setting("save a resumable checkpoint every N steps (0: never)")
     resume_from: str = setting("a train run's id (its latest checkpoint) or a checkpoint folder")

@@ -51,6 +51,7 @@ from lora_efficiency.memory import DEFAULT_INTERVAL_S, MemorySampler
 from lora_efficiency.models import (
     ModelSource,
     check_packing,
+    compile_layers,
     compute_dtype,
     load_base_model,
     load_tokenizer,
@@ -232,6 +233,10 @@ class Session:
             "autocast_dtype": self.amp_dtype,
         }
 
+    def compiled(self):
+        """Where the compiled layers run compiled (train() keeps them eager elsewhere): the training step."""
+        return torch.compiler.set_stance("default") if self.cfg.compile else contextlib.nullcontext()
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
@@ -244,6 +249,7 @@ class LoopStats:
     steady_s: float  # steps after the first (which pays allocator warm-up and lazy initialisation)
     steady_tokens: int
     startup_s: float  # process start -> first training step
+    first_step_s: float  # the first step: one-off costs, compile=true's compilation (or its cache load) included
     memory: dict[str, float]  # the sampler's summary, taken before evaluation
     memory_trace: list[tuple[float, float]]
     memory_trace_csv: str
@@ -283,6 +289,16 @@ def train(
     group = distributed.setup(resolve_device(cfg.device), cfg.sharding)  # one of one, unless launched as several
     tracker = (tracker or NullTracker()) if group.is_main else NullTracker()
     torch.manual_seed(cfg.seed)
+    # compile=true compiles the decoder layers for the training step alone (fit lifts this stance around it):
+    # scoring forgetting, validation, evaluation and generation run other shapes (and a KV cache) that would
+    # each compile again, for a few forward passes.
+    with torch.compiler.set_stance("force_eager"):
+        return _train(cfg, group, model, tracker, callbacks, memory_sampler, output_dir, checkpoint_dir, resume_dir)
+
+
+def _train(
+    cfg, group, model, tracker, callbacks, memory_sampler, output_dir, checkpoint_dir, resume_dir
+) -> TrainResult:
     t0 = time.perf_counter()
     session = setup(cfg, model=model, group=group, tracker=tracker)
     session.setup_s = time.perf_counter() - t0 - (session.forgetting.elapsed_s if session.forgetting else 0.0)
@@ -440,6 +456,8 @@ def build_model(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = None if cfg.quantization == "fp32" else compute_dtype(device)
     if full:
+        if cfg.compile:
+            compile_layers(base)
         return base, base.requires_grad_(True), modules, amp_dtype
     lora = LoraConfig(
         r=cfg.rank,
@@ -451,7 +469,10 @@ def build_model(
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
     )
-    return base, get_peft_model(base, lora), modules, amp_dtype
+    trained = get_peft_model(base, lora)
+    if cfg.compile:
+        compile_layers(base)
+    return base, trained, modules, amp_dtype
 
 
 def make_optimizer(
@@ -558,7 +579,7 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
         world_size=group.size,
     )
     loss_model, trainable = s.loss_model, s.trainable
-    steady_s, steady_tokens = 0.0, 0
+    steady_s, steady_tokens, first_step_s = 0.0, 0, 0.0
     sampler.start()
     t_start = time.perf_counter()
     startup_s = time.time() - psutil.Process().create_time()
@@ -571,7 +592,7 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
         s.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for i, (batch, _, _) in enumerate(micro):
-            with group.no_sync(loss_model, last=i == cfg.grad_accum - 1):
+            with group.no_sync(loss_model, last=i == cfg.grad_accum - 1), s.compiled():
                 with s.autocast():
                     loss_sum, _ = loss_model({k: v.to(device) for k, v in batch.items()})
                 s.scaler.scale(loss_sum * group.size / max(n_targets, 1)).backward()
@@ -593,6 +614,8 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
         s.tokens_total += tokens
         if step > s.first_step:  # the first step pays one-off costs (allocator warm-up, lazy init): out of the mean
             steady_s, steady_tokens = steady_s + step_s, steady_tokens + tokens
+        else:
+            first_step_s = step_s
         stats = StepStats(
             step, loss, s.scheduler.get_last_lr()[0], float(grad_norm), tokens, n_targets, step_s, sampler.current_mb()
         )
@@ -604,7 +627,7 @@ def fit(s: Session, *, tracker: Tracker, callbacks: Sequence[Callback], sampler:
     memory = sampler.summary()  # now: the high-water mark must not include evaluation and saving
     memory_trace = (sampler.samples, sampler.trace_csv(), sampler.source)
     memory = gather_memory(memory, group, s.peft_model)
-    return LoopStats(train_s, steady_s, steady_tokens, startup_s, memory, *memory_trace)
+    return LoopStats(train_s, steady_s, steady_tokens, startup_s, first_step_s, memory, *memory_trace)
 
 
 def step_metrics(stats: StepStats) -> dict[str, float]:
@@ -768,6 +791,7 @@ def summary_metrics(s: Session, loop: LoopStats, adapter_dir: Path, model_mb: fl
         "time/train_s": loop.train_s - (s.validator.elapsed_s if s.validator else 0.0),  # training alone
         "time/startup_s": loop.startup_s,
         "time/setup_s": s.setup_s,  # data, model, optimizer, params: the run's share of time/startup_s
+        "time/first_step_s": loop.first_step_s,
         "train/tokens": float(s.tokens_total),
         "perf/train_tokens_per_second": (
             loop.steady_tokens / loop.steady_s if loop.steady_s else s.tokens_total / loop.train_s

@@ -21,19 +21,29 @@ from lora_efficiency.bench.figures import machine, performed_flops_per_token, ve
 from lora_efficiency.bench.recipe import ALPHA, DROPOUT, LR, RANK, TARGET_MODULES, WARMUP_RATIO
 from lora_efficiency.bench.startup import measure_startup
 from lora_efficiency.bench.workers import worker_env
+from lora_efficiency.config import read_defaults
 from lora_efficiency.subprocesses import die_with_parent
 
+# The project's sides run with the train defaults (configs/default.yaml), compile included; one more side runs
+# with compile flipped, so that compiling is measured as a lever of its own.
+COMPILE_DEFAULT = bool(read_defaults("train")["compile"])
+COMPILE_FLIPPED = "project_eager" if COMPILE_DEFAULT else "project_compiled"
 # The sides of a mode, each run once per repeat: (name, worker kind, extra spec, tracked in MLflow).
 # reference: HF Trainer + PEFT as the guides write it; reference_strong: as a careful user writes it
-# (reference.py); project_sdpa: the project with transformers' masked sdpa instead of per-example attention
-# (attention.py), untracked like project_untracked, so the two measure that lever alone.
+# (reference.py), and reference_strong_compiled: the same with sdpa and TrainingArguments(torch_compile=True); the
+# project is compared with the faster of the two. project_sdpa: the project with transformers' masked sdpa
+# instead of per-example attention (attention.py), untracked like project_untracked, so the two measure that lever
+# alone; COMPILE_FLIPPED likewise measures compile.
 SIDES = (
     ("reference", "reference", {"strong": False}, False),
     ("reference_strong", "reference", {"strong": True}, False),
+    ("reference_strong_compiled", "reference", {"strong": True, "torch_compile": True}, False),
     ("project", "project", {"tracking": True}, True),
     ("project_untracked", "project", {"tracking": False}, False),
     ("project_sdpa", "project", {"tracking": False, "attention": "sdpa"}, False),
+    (COMPILE_FLIPPED, "project", {"tracking": False, "compile": not COMPILE_DEFAULT}, False),
 )
+STRONG_SIDES = ("reference_strong", "reference_strong_compiled")
 
 
 def run_worker(kind: str, spec: dict, *, work: Path, label: str, env: dict[str, str] | None = None) -> dict:
@@ -219,12 +229,20 @@ def _setup(base: dict, ref_batch_size: int, *, work: Path, log: Callable[[str], 
 
 
 def mode_results(runs: dict[str, list[dict]], setup: dict) -> dict:
-    """One mode's figures: each side's medians; the project against both references (tokens/s, step time, peak
-    memory); the overhead of tracking and memory sampling (paired by repeat, with a 95% t-interval); the
-    per-example attention lever (project_untracked against project_sdpa); and each side's MFU: the FLOPs it
-    performs (figures.performed_flops_per_token) x its real tokens/s / the measured bf16 matmul rate."""
+    """One mode's figures: each side's medians; the project against the naive reference and the faster strong one
+    (tokens/s, step time, peak memory); what compiling buys the strong reference and the project; the overhead of
+    tracking and memory sampling (paired by repeat, with a 95% t-interval); the per-example attention lever
+    (project_untracked against project_sdpa); and each side's MFU: the FLOPs it performs
+    (figures.performed_flops_per_token) x its real tokens/s / the measured bf16 matmul rate."""
     sides = {name: side_summary(runs[name]) for name, *_ in SIDES}
-    ref, strong, proj = sides["reference"], sides["reference_strong"], sides["project"]
+    # the strong reference the project is held to: the faster of the two a careful user may write
+    strong_name = max(STRONG_SIDES, key=lambda n: sides[n]["tokens_per_second"])
+    ref, strong, proj = sides["reference"], sides[strong_name], sides["project"]
+    compiled, eager = (
+        (sides["project_untracked"], sides[COMPILE_FLIPPED])
+        if COMPILE_DEFAULT
+        else (sides[COMPILE_FLIPPED], sides["project_untracked"])
+    )
     # Tracking on and off see the same batches in the same order (same seed): compare them repeat by repeat.
     overheads = [
         sum(on["step_times_s"]) / sum(off["step_times_s"]) - 1
@@ -246,7 +264,13 @@ def mode_results(runs: dict[str, list[dict]], setup: dict) -> dict:
         "reference_gradient_checkpointing": runs["reference"][0]["gradient_checkpointing"],
         "reference_strong_gradient_checkpointing": runs["reference_strong"][0]["gradient_checkpointing"],
         "tokens_per_second_ratio": proj["tokens_per_second"] / ref["tokens_per_second"],
+        "strong_reference": strong_name,
         "tokens_per_second_ratio_strong": proj["tokens_per_second"] / strong["tokens_per_second"],
+        "reference_strong_compile_speedup": (
+            sides["reference_strong_compiled"]["tokens_per_second"] / sides["reference_strong"]["tokens_per_second"]
+        ),
+        "project_compile": COMPILE_DEFAULT,
+        "compile_speedup": compiled["tokens_per_second"] / eager["tokens_per_second"],
         "step_time_ratio": proj["step_time_s"] / ref["step_time_s"],
         "peak_memory_ratio": proj["peak_memory_mb"] / ref["peak_memory_mb"],
         "peak_memory_ratio_strong": proj["peak_memory_mb"] / strong["peak_memory_mb"],

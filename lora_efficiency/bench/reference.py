@@ -6,8 +6,9 @@ tokenized examples, so every side sees the same tokens.
   `prepare_model_for_kbit_training` with its defaults (gradient checkpointing on).
 - strong (spec strong=True): what a careful user writes with the same libraries: completion-only labels (the
   project's labels, -100 on the prompt, padded with -100 by `DataCollatorForSeq2Seq`), micro-batches grouped by
-  length (`train_sampling_strategy="group_by_length"`, transformers' LengthGroupedSampler), and gradient
-  checkpointing as the project's run has it (off) on every base.
+  length (`train_sampling_strategy="group_by_length"`, transformers' LengthGroupedSampler), sdpa attention, and
+  gradient checkpointing as the project's run has it (off) on every base; with spec torch_compile=True also
+  `TrainingArguments(torch_compile=True)`.
 
 Both count what they compute for the performed-FLOPs MFU: positions (padding included), the positions the output
 head runs on (all of them: a causal LM's forward computes every position's logits) and attention pairs (each
@@ -58,7 +59,7 @@ def reference_worker(spec: dict) -> dict:
     else:
         dataset = Dataset.from_dict({"input_ids": prepared.train.input_ids})
         inner = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    model = _peft_model(source.path, device, spec["mode"], gradient_checkpointing=not strong)
+    model = _peft_model(source.path, device, spec["mode"], gradient_checkpointing=not strong, sdpa=strong)
     collator = _CountingCollator(inner)
     window = StepWindow.for_spec(device, spec)
     clock = _clock_callback(device, window)
@@ -77,11 +78,14 @@ def reference_worker(spec: dict) -> dict:
     }
 
 
-def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool):
+def _peft_model(path: str, device, mode: str, *, gradient_checkpointing: bool, sdpa: bool):
     """The base stored as `mode` (bitsandbytes for nf4/fp4/int8), wrapped in PEFT's LoRA as the guides do;
-    gradient_checkpointing: what prepare_model_for_kbit_training turns on for k-bit bases."""
+    gradient_checkpointing: what prepare_model_for_kbit_training turns on for k-bit bases; sdpa: asked for by name
+    (attn_implementation="sdpa"), as a careful user does, rather than left to the model's default."""
     dtype = compute_dtype(device)
     kwargs: dict = {"dtype": dtype if mode != "fp32" else torch.float32}
+    if sdpa:
+        kwargs["attn_implementation"] = "sdpa"
     if mode in ("nf4", "fp4"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
@@ -129,6 +133,9 @@ def _training_arguments(spec: dict, device):
         logging_strategy="no",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        # strong, compiled: the whole model through torch.compile (inductor), as Trainer does it; each new padded
+        # width may compile again, which the warm-up steps absorb only in part: a cost this user pays too
+        torch_compile=bool(spec.get("torch_compile")),
     )
 
 

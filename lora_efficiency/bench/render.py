@@ -84,9 +84,9 @@ def _header(results: dict, command: str) -> list[str]:
 def _summary(results: dict, cpu: bool) -> list[str]:
     """A row per mode: the ratios against the targets (on the CPU, where the targets were set)."""
     lines = [
-        "| base | real tokens/s, project / strong reference | project / naive reference | peak memory, project / "
-        "strong reference | per-example attention, tokens/s against masked sdpa | tracking + sampling overhead "
-        "(95% interval) | MFU, project / strong / naive |",
+        "| base | real tokens/s, project / strong reference (the faster of eager and torch_compile) | project / "
+        "naive reference | peak memory, project / that strong reference | per-example attention, tokens/s against "
+        "masked sdpa | tracking + sampling overhead (95% interval) | MFU, project / strong / naive |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, x in results["modes"].items():
@@ -102,6 +102,7 @@ def _summary(results: dict, cpu: bool) -> list[str]:
         lines.append(
             f"| {mode} | {x['tokens_per_second_ratio_strong']:.2f}"
             f"{_verdict(x['tokens_per_second_ratio_strong'], target('tokens_per_second_ratio_strong'), True)} "
+            f"({'compiled' if x['strong_reference'] == 'reference_strong_compiled' else 'eager'}) "
             f"| {x['tokens_per_second_ratio']:.2f}"
             f"{_verdict(x['tokens_per_second_ratio'], target('tokens_per_second_ratio'), True)} "
             f"| {x['peak_memory_ratio_strong']:.2f}"
@@ -110,7 +111,7 @@ def _summary(results: dict, cpu: bool) -> list[str]:
             f"| {x['tracking_overhead']:+.1%}{spread}"
             f"{overhead_verdict or _verdict(x['tracking_overhead'], target('tracking_overhead'), False)} "
             f"| {_pct(mfu['project'])}{_verdict(mfu['project'], target('mfu'), True)} / "
-            f"{_pct(mfu['reference_strong'])} / {_pct(mfu['reference'])} |"
+            f"{_pct(mfu[x['strong_reference']])} / {_pct(mfu['reference'])} |"
         )
     return lines
 
@@ -147,13 +148,25 @@ def _startup(startup: dict | None, cpu: bool) -> list[str]:
 
 def _mode_section(mode: str, x: dict, s: dict) -> list[str]:
     """### MODE base: every side's figures side by side, what tracking costs, and the profiles if any."""
-    names = ("reference", "reference_strong", "project", "project_untracked", "project_sdpa")
+    flipped = "project_eager" if x["project_compile"] else "project_compiled"
+    names = (
+        "reference",
+        "reference_strong",
+        "reference_strong_compiled",
+        "project",
+        "project_untracked",
+        "project_sdpa",
+        flipped,
+    )
+    compiled = ", compiled" if x["project_compile"] else ""
     heads = (
         "naive reference" + (", checkpointing on" if x["reference_gradient_checkpointing"] else ""),
         "strong reference" + (", checkpointing on" if x["reference_strong_gradient_checkpointing"] else ""),
-        "project",
-        "project, untracked",
-        "project, untracked, masked sdpa",
+        "strong reference, torch_compile",
+        "project" + compiled,
+        "project, untracked" + compiled,
+        "project, untracked, masked sdpa" + compiled,
+        "project, untracked, " + ("eager" if x["project_compile"] else "compiled"),
     )
     sides = [x[n] for n in names]
 
@@ -184,6 +197,12 @@ def _mode_section(mode: str, x: dict, s: dict) -> list[str]:
         f"{x['project_untracked']['step_time_s']:.3f} s without ({x['tracking_overhead']:+.1%}, the median of the "
         f"repeats' paired differences on the same batches); the logging call itself takes "
         f"{x['logging_ms_per_step']:.2f} ms a step, the rest runs in MLflow's and the sampler's threads.",
+        "",
+        f"Compiling: the strong reference's torch_compile=True gives {x['reference_strong_compile_speedup']:.2f}x "
+        f"its eager tokens/s; the project's compile=true {x['compile_speedup']:.2f}x its compile=false (untracked, "
+        f"the same batches). The project is compared with the "
+        f"{'compiled' if x['strong_reference'] == 'reference_strong_compiled' else 'eager'} strong reference, "
+        "the faster.",
     ]
     for side, table in x.get("profiles", {}).items():
         lines += [

@@ -215,6 +215,7 @@ def _project_settings(spec: dict, device) -> dict:
         dropout=DROPOUT,
         target_modules=TARGET_MODULES,
         attention=spec.get("attention", "auto"),
+        **({"compile": spec["compile"]} if "compile" in spec else {}),
         quantization=spec["mode"],
         max_steps=spec["steps"],
         batch_size=spec["batch_size"],
