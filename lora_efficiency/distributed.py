@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from unittest import mock
 
+import accelerate.commands.launch as accelerate_launch
 import psutil
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from lora_efficiency.config import parse_bool
@@ -197,7 +197,7 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         with _loopback_store() as port, mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
-            args = launch_command_parser().parse_args(
+            args = accelerate_launch.launch_command_parser().parse_args(
                 [
                     "--multi_gpu",
                     "--num_processes",
@@ -215,7 +215,7 @@ def launch(num_processes: int, module: str, argv: list[str]) -> None:
                     *argv,
                 ]
             )
-            launch_command(args)
+            accelerate_launch.launch_command(args)
     except ChildFailedError as exc:
         failed = ", ".join(f"rank {rank}: exit status {f.exitcode}" for rank, f in sorted(exc.failures.items()))
         raise UserError(
