@@ -345,14 +345,22 @@ class StudyConfig(Backend):
     output: str
 
 
+def is_profile(name: str) -> bool:
+    """A profile's name (main's profile=, plan's design=): a file configs/profiles/<name>.yaml."""
+    return bool(re.fullmatch(r"\w[\w.-]*", name)) and is_path(CONFIG_DIR / "profiles" / f"{name}.yaml", "file")
+
+
+def profile_names() -> str:
+    return ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml")))
+
+
 def study_problems(v: dict[str, Any]) -> list[str]:
     p: list[str] = []
     check = _checker(v, p)
     check(
         "profile",
-        lambda x: not x or (re.fullmatch(r"\w[\w.-]*", x) and is_path(CONFIG_DIR / "profiles" / f"{x}.yaml", "file")),
-        "a profile in configs/profiles/: "
-        + ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml"))),
+        lambda x: not x or is_profile(x),
+        f"a profile in configs/profiles/: {profile_names()}",
     )
     check(
         "sweeps",
@@ -450,9 +458,9 @@ def plan_problems(v: dict[str, Any]) -> list[str]:
     check("budget_mb", lambda x: x >= 0, "a number of MB > 0, or 0 (the machine's: GPU memory, else available RAM)")
     check(
         "design",
-        lambda x: not x or (re.fullmatch(r"\w[\w.-]*", x) and is_path(CONFIG_DIR / "profiles" / f"{x}.yaml", "file")),
+        lambda x: not x or is_profile(x),
         "empty (plan memory) or a profile in configs/profiles/ whose declared contrasts to plan seeds for: "
-        + ", ".join(sorted(f.stem for f in (CONFIG_DIR / "profiles").glob("*.yaml"))),
+        + profile_names(),
     )
     check(
         "spread_run_id",

@@ -166,3 +166,13 @@ def build_study(client, experiment: str) -> dict[str, str]:
         ids[sweep] = parent
     client.set_terminated(study, "FINISHED")
     return ids
+
+
+# a declared contrast as a profile writes it (tests of lora_efficiency.design and of the report built on it)
+CONTRAST = {
+    "name": "rank r4 vs r16 (all linear)",
+    "a": {"rank": 4, "target_modules": "all_linear"},
+    "b": {"rank": 16, "target_modules": "all_linear"},
+    "test": "equivalence",
+    "margin": 0.02,
+}

@@ -15,15 +15,8 @@ from lora_efficiency.design import seeds_needed
 from lora_efficiency.report import build_report, fetch_scope
 from lora_efficiency.report.runs import PER_EXAMPLE_LOSSES as TABLE
 from lora_efficiency.report.runs import declared_contrasts, fetch_per_example_losses
-from tests.report_store import EVAL_SETTINGS, _log, train_params
+from tests.report_store import CONTRAST, EVAL_SETTINGS, _log, train_params
 
-CONTRAST = {
-    "name": "rank r4 vs r16 (all linear)",
-    "a": {"rank": 4, "target_modules": "all_linear"},
-    "b": {"rank": 16, "target_modules": "all_linear"},
-    "test": "equivalence",
-    "margin": 0.02,
-}
 DEFAULTS = {"rank": 16, "target_modules": "all_linear", "quantization": "nf4", "double_quant": True}
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from lora_efficiency.design import EQUIVALENCE, contrast_power, parse_contrasts, seeds_needed
 from lora_efficiency.errors import ConfigError
+from tests.report_store import CONTRAST
 
 # issue 28: RESULTS.md's LoRA vs full FT interval 1.017 [0.980, 1.055] over 3 pairs -> paired sd of ln ppl 0.0148
 SD = 0.0148
@@ -41,15 +42,6 @@ def test_a_difference_test_matches_the_noncentral_t():
     ncp, t = theta / (SD / n**0.5), stats.t.ppf(0.975, n - 1)
     expected = stats.nct.sf(t, n - 1, ncp) + stats.nct.cdf(-t, n - 1, ncp)
     assert contrast_power(SD, n, 0.03, "difference") == pytest.approx(expected, abs=1e-6)
-
-
-CONTRAST = {
-    "name": "rank r4 vs r16 (all linear)",
-    "a": {"rank": 4, "target_modules": "all_linear"},
-    "b": {"rank": 16, "target_modules": "all_linear"},
-    "test": "equivalence",
-    "margin": 0.02,
-}
 
 
 def test_a_declared_contrast_parses_with_the_default_metric():
