@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,7 @@ class Outcome:
     returncode: int
     stderr: str
     seconds: float
-    claimed_by: str = ""  # not run: the run of another sweep that claimed the same sweep_key first (claim_winner)
+    claimed_by: str = ""  # not run: the run of another sweep that claimed the same sweep_key first (claim)
 
 
 class _Stderr:
@@ -149,9 +150,13 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
 
     client = mlflow.MlflowClient(job.env.get("MLFLOW_TRACKING_URI"))
     tags = {k: mask_stored(str(v)) for k, v in {**job.tags, **owner_tags()}.items()}  # as MlflowTracker stores them
-    run = client.create_run(job.experiment_id, run_name=mask_stored(job.name), tags=tags)
-    if winner := claim_winner(client, job.experiment_id, job.key, run):
-        client.delete_run(run.info.run_id)  # our claim lost: withdrawn, so no report counts it
+    run, winner = claim(
+        client,
+        job.experiment_id,
+        job.key,
+        lambda: client.create_run(job.experiment_id, run_name=mask_stored(job.name), tags=tags),
+    )
+    if run is None:
         return Outcome("", 0, "", 0.0, claimed_by=winner)
     # the project root on PYTHONPATH: `-m entrypoints.train` from any working folder (a Ray worker's)
     env = child_env({**os.environ, **job.env}, MLFLOW_RUN_ID=run.info.run_id, MLFLOW_EXPERIMENT_ID=job.experiment_id)
@@ -163,29 +168,60 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
     return Outcome(run.info.run_id, returncode, stderr, time.perf_counter() - t0)
 
 
-def claim_winner(client, experiment_id: str, key: str, ours) -> str:
-    """The store as the lock: the run created for `key` (its `sweep_key` tag, our claim) trains it unless another
-    claim came first. Returns "" when ours wins, else the run id of the one that does: a FINISHED run of `key`, or
-    the earliest (start time, then run id) RUNNING claim whose owner lives. Every sweep creates its claim before it
-    looks, so of two sweeps on one experiment at least the later one sees the earlier claim; a claim whose owner was
-    killed is no claim (tracking.owner_gone; the orphan sweep marks it FAILED). A claim from another host counts as
-    long as its run is RUNNING: that host alone can judge its owner."""
+# Rounds of claim, look, withdraw before a sweep leaves a configuration to the other claimant: two claimants collide
+# again only when both look inside the same ~0.1 s of a backoff drawn from up to CLAIM_BACKOFF_S * 2**round.
+CLAIM_ROUNDS = 8
+CLAIM_BACKOFF_S = 0.3
+
+
+def claim(client, experiment_id: str, key: str, create_run: Callable[[], Any]) -> tuple[Any, str]:
+    """The store as the lock: (our run, "") when the run created for `key` (its `sweep_key` tag, our claim) may train
+    it, else (None, the run id that does): a FINISHED run of `key` or another live claim.
+
+    A claim wins only when, created, it sees no other live claim; otherwise it is withdrawn (deleted, so no report
+    counts it). Two winners would each have looked before the other's claim existed, which cannot be: each creates
+    its claim before it looks. (Was: the earliest claim by start time won, so a claim stamped earlier but stored
+    later won beside one that never saw it, and both trained: CI, 2026-12-05.) Two claims that see each other both
+    withdraw; each waits a random backoff and looks again: a claim still there is the winner (or one withdrawing
+    that will try again), so we leave it the key; none there, we claim again. A claim whose owner was killed is no
+    claim (tracking.owner_gone; the orphan sweep marks it FAILED); one from another host counts while RUNNING."""
+    rng = random.Random()  # not the global generator: a seeded run's draws stay its own
+    others: list[str] = []
+    for round_ in range(CLAIM_ROUNDS):
+        ours = create_run()
+        finished, others = _claims(client, experiment_id, key, ours.info.run_id)
+        if not finished and (not others or round_ == CLAIM_ROUNDS - 1):  # the last round trains rather than drop it
+            return ours, ""
+        client.delete_run(ours.info.run_id)
+        if finished:
+            return None, finished[0]
+        time.sleep(rng.uniform(0.0, CLAIM_BACKOFF_S * 2**round_))
+        finished, others = _claims(client, experiment_id, key, "")
+        if finished or others:
+            return None, (finished or others)[0]
+    raise AssertionError("unreachable: the last round returns")
+
+
+def _claims(client, experiment_id: str, key: str, ours: str) -> tuple[list[str], list[str]]:
+    """The FINISHED runs of `key`, and the other live claims on it, earliest first."""
     from lora_efficiency.tracking import owner_gone  # lazy: imports MLflow (run_job says why that waits)
 
-    runs = client.search_runs([experiment_id], filter_string=f"tags.sweep_key = '{key}'", max_results=1000)
-    if finished := [r.info.run_id for r in runs if r.info.status == "FINISHED"]:
-        return finished[0]
-    others = [
-        r
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.sweep_key = '{key}'",
+        max_results=1000,
+        order_by=["attributes.start_time ASC"],
+    )
+    finished = [r.info.run_id for r in runs if r.info.status == "FINISHED"]
+    live = [
+        r.info.run_id
         for r in runs
-        if r.info.run_id != ours.info.run_id
+        if r.info.run_id != ours
         and r.info.status == "RUNNING"
         and "owner_pid" in r.data.tags
         and not owner_gone(r.data.tags)
     ]
-    live = [ours, *others]  # ours even where the search cannot see it yet (or its tags lack the key)
-    first = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
-    return "" if first.info.run_id == ours.info.run_id else first.info.run_id
+    return finished, live
 
 
 def run_here(jobs: Iterable[Job], *, warm: bool = True) -> Iterator[tuple[Job, Outcome]]:

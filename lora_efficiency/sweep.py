@@ -719,7 +719,7 @@ def _backend(
 def _record(client, job: Job, outcome: Outcome, shown: _Progress, *, pilot: bool = False) -> str | None:
     """Count a child that ended; a failed one's run gets its error tag and is marked FAILED if still RUNNING.
     A failed pilot is counted apart (pilots_failed): it is left out of the choice, and fails the sweep only when
-    its configuration is left without a learning rate. A child another sweep claimed first (children.claim_winner)
+    its configuration is left without a learning rate. A child another sweep claimed first (children.claim)
     is skipped: that sweep trains it. Returns None (FINISHED, or trained by the other sweep) or the child's error."""
     if outcome.claimed_by:
         shown.skipped(job.name, job.key, outcome.claimed_by, why="is trained by another sweep's run")

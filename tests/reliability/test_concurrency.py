@@ -1,5 +1,5 @@
 """Two commands at once on one store: two sweeps of one sweep file on one experiment never train the same
-configuration (a child's run is its claim; the earliest live claim trains it, children.claim_winner), and commands
+configuration (a child's run is its claim; the earliest live claim trains it, children.claim), and commands
 that create a new SQLite store at once all find it made (tracking._store_creation_lock)."""
 
 from __future__ import annotations
@@ -13,38 +13,58 @@ import time
 import pytest
 import yaml
 
-from lora_efficiency.children import Job, run_job
+from lora_efficiency.children import Job, claim, run_job
 from lora_efficiency.tracking import owner_tags
 from tests.conftest import ROOT, subprocess_env, tiny_sweep_base
 from tests.reliability.test_orphans import a_dead_pid
 
 
-def test_two_sweeps_claiming_one_configuration_train_it_once(store):
+@pytest.mark.parametrize("sweeps", [2, 3])
+def test_sweeps_claiming_one_configuration_train_it_once(store, sweeps):
     """Was: two `sweep` commands on one file and experiment trained every configuration twice (each sweep saw no
-    FINISHED run of it when it started). Here two sweeps reach the same child at the same moment (a barrier): one
-    claim wins, the other is withdrawn (its run deleted) and names the winner."""
+    FINISHED run of it when it started); then, with the earliest claim by start time winning, a claim stamped
+    earlier but stored later also trained (CI, 2026-12-05). Here sweeps reach the same child at the same moment (a
+    barrier), four times over: one claim trains, the others are withdrawn (their runs deleted) and name it."""
     experiment_id = store.create_experiment("reliability")
-    job = Job("rank=8,seed=0", "a" * 16, experiment_id, {"sweep_key": "a" * 16}, "train: {}\n", {})
-    trained, outcomes, start = [], [], threading.Barrier(2)
+    for attempt in range(4):
+        key = f"{attempt}" * 16
+        job = Job("rank=8,seed=0", key, experiment_id, {"sweep_key": key}, "train: {}\n", {})
+        trained, outcomes, start = [], [], threading.Barrier(sweeps)
 
-    def launch(args, env):  # the child: trains (here: holds its claim RUNNING for a second) and exits
-        trained.append(env["MLFLOW_RUN_ID"])
-        time.sleep(1)
-        return 0, ""
+        def launch(args, env, trained=trained):  # the child: holds its claim RUNNING for a second, and exits
+            trained.append(env["MLFLOW_RUN_ID"])
+            time.sleep(1)
+            return 0, ""
 
-    def sweep():
-        start.wait()
-        outcomes.append(run_job(job, launch))
+        def sweep(job=job, start=start, outcomes=outcomes, launch=launch):
+            start.wait()
+            outcomes.append(run_job(job, launch))
 
-    threads = [threading.Thread(target=sweep) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(trained) == 1, trained
-    (lost,) = [o for o in outcomes if o.claimed_by]
-    assert lost.claimed_by == trained[0]
-    assert [r.info.run_id for r in store.search_runs([experiment_id])] == trained  # the losing claim withdrawn
+        threads = [threading.Thread(target=sweep) for _ in range(sweeps)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(trained) == 1, (attempt, trained)
+        lost = [o for o in outcomes if o.claimed_by]
+        assert len(lost) == sweeps - 1 and {o.claimed_by for o in lost} == set(trained)
+        runs = store.search_runs([experiment_id], filter_string=f"tags.sweep_key = '{key}'")
+        assert [r.info.run_id for r in runs] == trained  # the losing claims withdrawn
+
+
+def test_a_claim_stamped_earlier_but_stored_later_leaves_the_key_to_the_claim_it_sees(store):
+    """The race CI met, made certain: a sweep's claim is stored and has seen no other (it trains); a second claim,
+    stamped a second earlier by its host's clock, is stored after it. It sees the first and withdraws."""
+    experiment_id = store.create_experiment("reliability")
+    tags = {"sweep_key": "c" * 16, **owner_tags()}
+    first = store.create_run(experiment_id, tags=tags)
+
+    def stamped_earlier():
+        return store.create_run(experiment_id, tags=tags, start_time=first.info.start_time - 1000)
+
+    run, winner = claim(store, experiment_id, "c" * 16, stamped_earlier)
+    assert run is None and winner == first.info.run_id
+    assert [r.info.run_id for r in store.search_runs([experiment_id])] == [first.info.run_id]
 
 
 def test_a_claim_whose_sweep_was_killed_is_released(store):
