@@ -657,6 +657,8 @@ class Recommendation:
     equivalent: list[Configuration]  # fit too, and their perplexity is equivalent to the best's within the margin
     fitting: int
     others: tuple[Configuration, ...] = ()  # every other configuration that fits (tested against the best)
+    beaten: tuple[Configuration, ...] = ()  # of the others, those the best is better than beyond noise (Holm)
+    undecided: tuple[Configuration, ...] = ()  # neither beaten nor equivalent: the best only by its mean
 
 
 def recommend(
@@ -671,8 +673,18 @@ def recommend(
         ]
         best = min(fit, key=lambda c: c.mean(PERPLEXITY)) if fit else None
         others = tuple(c for c in fit if c is not best)
-        equivalent = [c for c in others if family and judged(family, c, best, PERPLEXITY).equivalent]
-        out.append(Recommendation(budget, best, equivalent, len(fit), others))
+        verdicts = {c.key: judged(family, c, best, PERPLEXITY) for c in others} if family else {}
+        equivalent = [c for c in others if c.key in verdicts and verdicts[c.key].equivalent]
+        beaten = tuple(
+            c
+            for c in others
+            if c.key in verdicts
+            and verdicts[c.key].beyond_noise
+            and not verdicts[c.key].improves
+            and not verdicts[c.key].equivalent
+        )
+        undecided = tuple(c for c in others if c.key in verdicts and c not in beaten and c not in equivalent)
+        out.append(Recommendation(budget, best, equivalent, len(fit), others, beaten, undecided))
     return out
 
 
@@ -701,6 +713,7 @@ def _recommendation_line(same_best: list[Recommendation]) -> str:
     at = f" at {last.budget_mb:,.0f} MB" if several else ""
     em = best.stats.get(EXACT_MATCH)
     em_text = f"exact match {cell(em, EXACT_MATCH)}%" if em else "exact match not measured"
+    undecided = ", ".join(c.label for c in last.undecided)
     return (
         f"{budgets}: {best.label} (perplexity {cell(best.stats[PERPLEXITY], PERPLEXITY)}, {em_text}, "
         f"peak {best.worst_peak_mb:,.0f} MB); {fits} configurations fit"
@@ -708,6 +721,13 @@ def _recommendation_line(same_best: list[Recommendation]) -> str:
             f"; equivalent to it in perplexity{at}: {close}"
             if close
             else f"; no other that fits{at} is shown equivalent to it in perplexity"
+        )
+        + (f"; better beyond noise than {', '.join(c.label for c in last.beaten)}" if last.beaten else "")
+        + (
+            f"; against {undecided} cannot tell: the best by its mean only, any of these as good a choice as the "
+            "study can say"
+            if undecided
+            else ""
         )
     )
 

@@ -282,7 +282,8 @@ def _finding_blocks(report: Report) -> list[Block]:
     """The Pareto fronts and the baselines, then each comparison: its table and its findings."""
     number = {c.key: i for i, c in enumerate(report.configurations, 1)}
     fronts = [
-        f"Pareto front of {METRICS[m].label} against peak memory (means): "
+        f"Pareto front of {METRICS[m].label} against peak memory (means; a step along it is a finding only where "
+        "the Findings below say so): "
         + " -> ".join(f"#{number[c.key]} {c.label} ({c.mean(PEAK_MB):,.0f} MB, {cell(c.stats[m], m)})" for c in front)
         for m, front in report.fronts.items()
     ]
@@ -303,7 +304,8 @@ def _recommendation_blocks(report: Report) -> list[Block]:
         "Recommendations by memory budget",
         "The lowest mean perplexity among the configurations whose every seed peaked under the budget, and the "
         f"ones that fit and are equivalent to it in perplexity (within {margin_text(report.family.margin)}, "
-        "TOST after Holm).",
+        "TOST after Holm), those it beats beyond noise, and those it cannot be told from: a choice by the mean "
+        "alone, which the study does not back.",
         ("ul", recommendation_lines(report.recommendations)),
     )
 

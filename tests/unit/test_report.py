@@ -26,6 +26,7 @@ from lora_efficiency.report import (
     recommend,
     welch,
 )
+from lora_efficiency.report.findings import recommendation_lines
 from lora_efficiency.report.stats import CONSTANT, PAIRED, WELCH
 from tests.report_store import EXACT_MATCH, PEAK_MB, train_params
 from tests.report_store import PERPLEXITY as KNOWN
@@ -232,6 +233,12 @@ def test_findings_front_budgets_and_anchors_from_known_values():
     ]
     # r8 and r16 were "within noise" of bf16, which is not equivalence: their seeds scatter by +-3 %
     assert report.recommendations[-1].equivalent == []
+    # and the best at 2,000 MB (bf16) is best by its mean only against them; r4 it beats beyond noise
+    last = report.recommendations[-1]
+    assert [c.label for c in last.beaten] == ["r4 attention nf4"]
+    assert sorted(c.label for c in last.undecided) == ["r16 attention nf4", "r8 attention nf4"]
+    (line,) = [x for x in recommendation_lines(report.recommendations) if x.startswith("2,000 MB")]
+    assert "better beyond noise than r4 attention nf4" in line and "r8 attention nf4" in line.split("cannot tell")[0]
     rank, modules, nf4 = report.anchors
     assert rank.verdicts[PERPLEXITY] == "disagrees" and "r4" in rank.evidence[PERPLEXITY]  # r4 13 % worse than r8
     assert rank.verdicts["eval/exact_match"] == "cannot tell"  # no margin is declared for exact match
