@@ -88,8 +88,10 @@ def _noise_sentence(report: Report) -> str:
 def _families_sentence(family) -> str:
     if family.declared_tests:
         return (
-            f"The {family.declared_tests} contrasts the study declared form the confirmatory family, corrected with "
-            f"Holm-Bonferroni at alpha = {family.alpha:g}; every other test is exploratory: "
+            f"The {family.declared_tests} contrasts the study declared form the confirmatory family, each with the "
+            "test and margin it declared (an equivalence margin its own, a difference two-sided, its margin the "
+            f"effect its seeds were sized for), corrected with Holm-Bonferroni at alpha = {family.alpha:g}; every "
+            "other test is exploratory: "
             f"{family.difference_tests} tests of 'no difference' and {family.equivalence_tests} equivalence tests, "
             "each kind corrected with Holm among themselves, outside the declared family."
         )
