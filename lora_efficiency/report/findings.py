@@ -493,8 +493,9 @@ ANCHOR_CLAIMS = {
     "rank": (
         "LoRA paper (Hu et al. 2021), Table 6",
         "once all attention matrices are adapted, rank barely matters: r = 1 to 64 score about the same",
-        "every rank on the attention matrices against the best rank: agrees when every one is equivalent within "
-        "the margin, disagrees when one is worse beyond noise and by more than the margin",
+        "every rank at the same target modules (the attention matrices or more: the rank comparison of these "
+        "runs) against the best rank: agrees when every one is equivalent within the margin, disagrees when one is "
+        "worse beyond noise and by more than the margin",
         "GPT-3 175B on WikiSQL and MultiNLI, validation accuracy",
     ),
     "modules": (

@@ -10,7 +10,7 @@ from lora_efficiency.design import EQUIVALENCE, contrast_power, parse_contrasts,
 from lora_efficiency.errors import ConfigError
 from tests.report_store import CONTRAST
 
-# issue 28: docs/results-v2.md's LoRA vs full FT interval 1.017 [0.980, 1.055] over 3 pairs -> paired sd of ln ppl 0.0148
+# issue 28: docs/results-v2.md's LoRA vs full FT interval 1.017 [0.980, 1.055], 3 pairs -> paired sd of ln ppl 0.0148
 SD = 0.0148
 
 
