@@ -23,6 +23,7 @@ from lora_efficiency.names import QUANTIZATIONS
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint, RunData, Scope
 from lora_efficiency.report.stats import (
+    WORSE,
     Effect,
     Family,
     Judgement,
@@ -676,14 +677,7 @@ def recommend(
         others = tuple(c for c in fit if c is not best)
         verdicts = {c.key: judged(family, c, best, PERPLEXITY) for c in others} if family else {}
         equivalent = [c for c in others if c.key in verdicts and verdicts[c.key].equivalent]
-        beaten = tuple(
-            c
-            for c in others
-            if c.key in verdicts
-            and verdicts[c.key].beyond_noise
-            and not verdicts[c.key].improves
-            and not verdicts[c.key].equivalent
-        )
+        beaten = tuple(c for c in others if c.key in verdicts and verdicts[c.key].verdict == WORSE)
         undecided = tuple(c for c in others if c.key in verdicts and c not in beaten and c not in equivalent)
         out.append(Recommendation(budget, best, equivalent, len(fit), others, beaten, undecided))
     return out
