@@ -83,6 +83,37 @@ def matmul_rates(device, *, repeats: int = 10) -> dict[str, float]:
     return {"size": size, "bf16_flops": rates["bf16"], "fp32_flops": rates["fp32"]}
 
 
+def model_matmul_rate(model_config, rows: int, device, *, repeats: int = 5) -> dict[str, float]:
+    """bf16 FLOP/s of the model's own frozen-layer products at a training step's shape: for every frozen linear
+    layer (the MFU's largest share), its forward (`rows` x in @ in x out) and its input gradient (rows x out @
+    out x in), each distinct shape timed `repeats` times (median) and weighted by how many layers have it. Over
+    the 2048^3 rate this is the MFU a step would reach if it did nothing but these products: the ceiling the
+    rest of the step (attention, casts, the optimizer) only lowers. The head and LoRA's rank-r products are left
+    out (the head runs in chunks of the targets, LoRA is 2% of the FLOPs)."""
+    _, modules, linear, _ = meta_model(model_config, "attention")
+    shapes: dict[tuple[int, int], int] = {}
+    for name in linear:
+        out_features, in_features = modules[name].weight.shape
+        shapes[(in_features, out_features)] = shapes.get((in_features, out_features), 0) + 1
+    flops = seconds = 0.0
+    for (n_in, n_out), count in shapes.items():
+        w = torch.randn(n_out, n_in, dtype=torch.bfloat16, device=device)
+        x = torch.randn(rows, n_in, dtype=torch.bfloat16, device=device)
+        g = torch.randn(rows, n_out, dtype=torch.bfloat16, device=device)
+        for a, b in ((x, w.T), (g, w)):  # forward; input gradient
+            times = []
+            for i in range(repeats + 2):  # 2 warm-up products
+                sync(device)
+                t0 = time.perf_counter()
+                torch.matmul(a, b)
+                sync(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            flops += count * 2 * rows * n_in * n_out
+            seconds += count * statistics.median(times)
+    return {"rows": rows, "layers": len(linear), "shapes": len(shapes), "bf16_flops": flops / seconds}
+
+
 def sync(device) -> None:
     """Wait for the GPU's queued kernels, so a clock read after it times the work (a no-op on the CPU)."""
     if device.type == "cuda":

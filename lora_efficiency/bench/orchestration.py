@@ -207,6 +207,7 @@ def run_benchmark(
         },
         "data": {k: setup[k] for k in ("data_name", "train_examples", "example_tokens", "examples_per_step")},
         "matmul": setup["matmul"],
+        "model_matmul": setup["model_matmul"],
         "flops_per_token": setup["flops_per_token"],
         "context_tokens": setup["context_tokens"],
         "modes": results,
@@ -282,4 +283,6 @@ def mode_results(runs: dict[str, list[dict]], setup: dict) -> dict:
         "logging_ms_per_step": 1000 * statistics.median(r["logging_s_per_step"] for r in runs["project"]),
         "mfu": mfu["project"],
         "mfu_by_side": mfu,
+        # a step that did nothing but the frozen layers' products at their shapes (figures.model_matmul_rate)
+        "mfu_ceiling": setup["model_matmul"]["bf16_flops"] / rate,
     }

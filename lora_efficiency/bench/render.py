@@ -77,8 +77,23 @@ def _header(results: dict, command: str) -> list[str]:
         f" M + attention pairs x 12 L H Q ({flops['attention_per_pair'] / 1e3:,.0f} k), +50% on the layers' "
         "forward share under gradient checkpointing. The head runs on every position on the references, on the "
         "loss targets only in the project; attention covers each padded micro-batch's width on the references, "
-        f"each example (mean {results['context_tokens']:.0f} tokens, token-weighted) in the project.",
+        f"each example (mean {results['context_tokens']:.0f} tokens, token-weighted) in the project."
+        + _ceiling(results),
     ]
+
+
+def _ceiling(results: dict) -> str:
+    """The MFU a step of nothing but the frozen layers' products would reach (figures.model_matmul_rate)."""
+    shaped = results.get("model_matmul")
+    if not shaped:  # results written before 2026-12-05
+        return ""
+    rate, square = shaped["bf16_flops"], results["matmul"]
+    return (
+        f" The model's own products at the project's step shape (its {shaped['layers']} frozen linear layers, "
+        f"{shaped['rows']:,} rows, forward and input gradient, {shaped['shapes']} distinct shapes, FLOP-weighted) "
+        f"run at {rate / 1e9:,.0f} GFLOP/s, {rate / square['bf16_flops']:.0%} of the {square['size']}^3 "
+        "rate: the MFU of a step that did nothing else, a ceiling the rest of the step only lowers."
+    )
 
 
 def _summary(results: dict, cpu: bool) -> list[str]:
@@ -110,8 +125,9 @@ def _summary(results: dict, cpu: bool) -> list[str]:
             f"| {x['per_example_attention_speedup']:.2f} "
             f"| {x['tracking_overhead']:+.1%}{spread}"
             f"{overhead_verdict or _verdict(x['tracking_overhead'], target('tracking_overhead'), False)} "
-            f"| {_pct(mfu['project'])}{_verdict(mfu['project'], target('mfu'), True)} / "
-            f"{_pct(mfu[x['strong_reference']])} / {_pct(mfu['reference'])} |"
+            f"| {_pct(mfu['project'])}{_verdict(mfu['project'], target('mfu'), True)}"
+            + (f" (ceiling {_pct(x['mfu_ceiling'])})" if "mfu_ceiling" in x else "")
+            + f" / {_pct(mfu[x['strong_reference']])} / {_pct(mfu['reference'])} |"
         )
     return lines
 

@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from lora_efficiency import attention
 from lora_efficiency import data as D
-from lora_efficiency.bench.figures import matmul_rates, sync, training_flops_per_token
+from lora_efficiency.bench.figures import matmul_rates, model_matmul_rate, sync, training_flops_per_token
 from lora_efficiency.bench.recipe import (
     ALPHA,
     DROPOUT,
@@ -50,7 +50,8 @@ def prepared_data(spec: dict):
 
 
 def setup_worker(spec: dict) -> dict:
-    """Matmul rates first (on an idle device), then the data and the model: batch budget and FLOPs per token."""
+    """Matmul rates first (on an idle device), then the data and the model: batch budget, FLOPs per token and the
+    rate of the model's own products at the project's step shape (the MFU's ceiling)."""
     device = torch.device(spec["device"])
     rates = matmul_rates(device)
     source, _, prepared = prepared_data(spec)
@@ -70,6 +71,7 @@ def setup_worker(spec: dict) -> dict:
     flops = training_flops_per_token(model_config, rank=RANK, target_modules=TARGET_MODULES, context=context)
     return {
         "matmul": rates,
+        "model_matmul": model_matmul_rate(model_config, spec["batch_size"] * spec["seq_len"], device),
         "model_id": source.model_id,
         "model_path": source.path,
         "data_path": str(prepared.path),

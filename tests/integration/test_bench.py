@@ -72,6 +72,9 @@ def test_bench_writes_json_and_markdown(tiny_model_dir, tiny_data_file, tmp_path
     for side in ("reference", "reference_strong"):
         assert 0.5 < bf16["project"]["tokens_per_step"] / bf16[side]["tokens_per_step"] < 2
     assert results["matmul"]["bf16_flops"] > 0 and results["matmul"]["fp32_flops"] > 0
+    # the MFU ceiling: the model's frozen products at the project's step shape (2 x 256 rows) over the square rate
+    assert results["model_matmul"]["rows"] == 2 * 256
+    assert bf16["mfu_ceiling"] == results["model_matmul"]["bf16_flops"] / results["matmul"]["bf16_flops"]
     startup = results["startup"]
     assert startup["launches_s"][0] > 0 and startup["fresh_launches_s"][0] > 0  # forked from the warm server; fresh
     assert startup["server_start_s"] > 0 and startup["forked"]
@@ -80,4 +83,5 @@ def test_bench_writes_json_and_markdown(tiny_model_dir, tiny_data_file, tmp_path
     assert text.startswith("# Benchmarks\n\nNotes the benchmark must keep.\n")
     assert "<!-- bench:cpu-" in text and "### bf16 base" in text
     assert "| bf16 |" in text and "real tokens/s" in text
+    assert f"(ceiling {100 * bf16['mfu_ceiling']:.1f} %)" in text
     assert "| bf16 |" in proc.stdout  # printed too

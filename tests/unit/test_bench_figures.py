@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from transformers import LlamaConfig
 
 from lora_efficiency.bench import import_times, training_flops_per_token, write_markdown
-from lora_efficiency.bench.figures import performed_flops_per_token
+from lora_efficiency.bench.figures import model_matmul_rate, performed_flops_per_token
 
 
 def test_flops_per_token_counts_frozen_lora_head_and_attention():
@@ -25,6 +28,22 @@ def test_flops_per_token_counts_frozen_lora_head_and_attention():
     assert flops["frozen_params"] == frozen and flops["lora_params"] == lora
     expected = 4 * frozen + 6 * lora + 4 * 1000 * 64 + 12 * 2 * 4 * 16 * 50
     assert flops["total"] == expected
+
+
+def test_model_matmul_rate_times_each_frozen_shape_of_the_model():
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    shaped = model_matmul_rate(config, 32, torch.device("cpu"), repeats=1)
+    # 7 linear layers a block, 2 blocks; shapes (in, out): q and o 64x64, k and v 64x32, gate and up 64x128,
+    # down 128x64: 4 distinct
+    assert (shaped["rows"], shaped["layers"], shaped["shapes"]) == (32, 14, 4)
+    assert math.isfinite(shaped["bf16_flops"]) and shaped["bf16_flops"] > 0
 
 
 def test_markdown_block_is_replaced_and_other_text_kept(tmp_path):
