@@ -217,7 +217,8 @@ def _scope_blocks(report: Report) -> list[Block]:
             f"Scope: experiment {s.experiment}, {root or 'every sweep run (no study run)'}: {len(s.runs)} FINISHED "
             f"training runs in {len(report.configurations)} configurations ("
             + ", ".join(f"{n} with {k} seed{'s' * (k > 1)}" for k, n in sorted(seeds.items()))
-            + f"), {len(s.failed)} failed, {len(s.baselines)} baseline{'s' * (len(s.baselines) != 1)}. Device: {', '.join(devices)}.",
+            + f"), {len(s.failed)} failed, {len(s.baselines)} baseline{'s' * (len(s.baselines) != 1)}. "
+            f"Device: {', '.join(devices)}.",
         ),
         *[("p", line) for line in report.provenance],
         ("p", methods(report)),
