@@ -9,7 +9,8 @@ lora_efficiency.bench WORKER SPEC OUT`, started by orchestration.run_benchmark),
 one run; the sides of a mode are interleaved repeat by repeat (orchestration.SIDES):
 
 - setup (workers.py): bf16 and fp32 matmul rates of the device, facts about the data, FLOPs per weight and per
-  attention pair (figures.py);
+  attention pair, and the rate of the model's own frozen products at the project's step shape, the MFU's
+  ceiling (figures.py);
 - reference (reference.py): the naive one (random micro-batches padded by `DataCollatorForLanguageModeling`, loss
   on every token, `prepare_model_for_kbit_training` with checkpointing on k-bit bases) and the strong one
   (completion-only labels, `group_by_length`, checkpointing as the project: off);
@@ -20,7 +21,9 @@ one run; the sides of a mode are interleaved repeat by repeat (orchestration.SID
   wakes up turns sampling off.
 
 MFU: the FLOPs each side performs per real token (figures.performed_flops_per_token: its padding, where its
-head runs, its attention pairs, its recompute) x its real tokens/s / the measured bf16 matmul rate.
+head runs, its attention pairs, its recompute) x its real tokens/s / the measured bf16 matmul rate. The
+ceiling (mfu_ceiling): figures.model_matmul_rate over the same rate, what a step of nothing but those products
+would reach.
 
 Batch budget: both sides train on the same examples per optimizer step, one forward and backward per step. The
 project packs them into batch_size rows of seq_len tokens (4 x 512 hold ~24 examples of the bundled set); the
