@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from lora_efficiency.config import parse_bool
 from lora_efficiency.configuration import REPORT_SETTINGS
-from lora_efficiency.design import Contrast, pick
+from lora_efficiency.design import EQUIVALENCE, Contrast, pick
 from lora_efficiency.names import QUANTIZATIONS
 from lora_efficiency.report.metrics import EXACT_MATCH, FINDING_METRICS, METRICS, PEAK_MB, PERPLEXITY, QUALITY
 from lora_efficiency.report.runs import MemoryPoint, RunData, Scope
@@ -352,10 +352,11 @@ def _safe(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\- ]", "_", task) or "untitled"
 
 
-def _family_effect(d: DeclaredContrast, name: str, by_a: dict[int, float], by_b: dict[int, float]) -> Effect:
-    """One task family's paired effect of a declared contrast, at its margin, with its examples' noise where every
-    pair has per-example losses."""
-    delta = math.log1p(d.contrast.margin)
+def _family_effect(
+    d: DeclaredContrast, name: str, by_a: dict[int, float], by_b: dict[int, float], delta: float
+) -> Effect:
+    """One task family's paired effect of a declared contrast, equivalence tested within `delta` (ln of the ratio),
+    with its examples' noise where every pair has per-example losses."""
     common = sorted(set(by_a) & set(by_b))
     la, lb = d.a.losses or {}, d.b.losses or {}
     if len(common) >= 2 and all(s in la and s in lb for s in common):
@@ -368,13 +369,16 @@ def _family_effect(d: DeclaredContrast, name: str, by_a: dict[int, float], by_b:
     return effect(by_a, by_b, metric=PERPLEXITY, delta=delta)
 
 
-def family_lines(declared: list[DeclaredContrast], alpha: float) -> list[str]:
+def family_lines(declared: list[DeclaredContrast], alpha: float, margin: float = 1.02) -> list[str]:
     """Each declared perplexity contrast on each task family not at its ceiling (CEILING), in a Holm family of
-    their own: exploratory, since which families are tested is read from these runs' perplexities."""
-    family, planned, ceiling = Family(alpha=alpha, margin=1.02), [], []  # each test carries its contrast's margin
+    their own: exploratory, since which families are tested is read from these runs' perplexities. Equivalence is
+    tested within an equivalence contrast's own margin; a difference contrast's margin is the effect its seeds
+    were sized for, not a margin anyone declared for equivalence, so its families use the report's (`margin`)."""
+    family, planned, ceiling = Family(alpha=alpha, margin=margin), [], []  # each test carries its own margin
     for d in declared:
         if d.a is None or d.b is None or d.a is d.b or d.contrast.metric != PERPLEXITY:
             continue
+        delta = d.contrast.delta if d.contrast.test == EQUIVALENCE else math.log(margin)
         names = sorted(
             {m[len(FAMILY_PREFIX) :] for r in d.a.runs + d.b.runs for m in r.metrics if m.startswith(FAMILY_PREFIX)}
         )
@@ -386,7 +390,7 @@ def family_lines(declared: list[DeclaredContrast], alpha: float) -> list[str]:
             if best < CEILING:
                 ceiling.append(f"{d.contrast.name}, {name} ({best:.2f})")
                 continue
-            family.add((d.contrast.name, name), _family_effect(d, name, by_a, by_b))
+            family.add((d.contrast.name, name), _family_effect(d, name, by_a, by_b, delta))
             planned.append((d.contrast.name, name))
     if not planned and not ceiling:
         return []
@@ -865,5 +869,5 @@ def build_report(
         val_curves=val_curves or {},
         declared=declared,
         declared_lines=declared_lines(declared, family),
-        family_lines=family_lines(declared, alpha),
+        family_lines=family_lines(declared, alpha, margin),
     )

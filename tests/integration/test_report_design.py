@@ -34,6 +34,7 @@ def build(
     examples: list[float] | None = None,
     skip: str = "",
     families: dict[str, tuple[float, float]] | None = None,
+    contrast: dict = CONTRAST,
 ) -> None:
     """A study run declaring the contrast and one sweep of r4 and r16 on all linear layers; r16's eval loss is 1.2
     at every seed, r4's is 1.2 + diffs[seed] (so the paired differences of ln perplexity are exactly diffs). With
@@ -41,7 +42,7 @@ def build(
     examples[j], r16's 1.2; the run named `skip` logs none. `families`: name -> (r16's perplexity on it, r4's
     ratio to it), each seed moved by its diffs too."""
     exp = client.create_experiment(experiment)
-    tags = {"entry_point": "main", "study_contrasts": json.dumps([CONTRAST])}
+    tags = {"entry_point": "main", "study_contrasts": json.dumps([contrast])}
     study = client.create_run(exp, run_name="study", tags=tags).info.run_id
     sweep = client.create_run(exp, run_name="sweep", tags={"mlflow.parentRunId": study, "entry_point": "sweep"})
     for rank in (4, 16):
@@ -85,6 +86,15 @@ def client(tmp_path_factory):
     # arithmetic: r4 15 % worse; json at its ceiling (1.00) where any ratio is 1
     families = {"arithmetic": (3.56, 1.15), "json": (1.0, 1.0)}
     build(client, "families", [0.001 + 0.003 * z for z in unit_spread(10)], families=families)
+    # the same contrast declared as a difference (seeds sized for 5%): date equal on both
+    difference = {**CONTRAST, "test": "difference", "margin": 0.05}
+    build(
+        client,
+        "families-difference",
+        [0.001 + 0.003 * z for z in unit_spread(10)],
+        families={"date": (2.0, 1.0)},
+        contrast=difference,
+    )
     build(client, "one-missing", [0.02 * z for z in unit_spread(3)], [0.1 * z for z in unit_spread(20)], "r4-s1")
     return client
 
@@ -163,6 +173,13 @@ def test_per_family_verdicts_of_a_declared_contrast_leave_out_families_at_their_
     assert arithmetic.endswith("): worse"), arithmetic
     assert ceiling == "at their ceiling (perplexity below 1.10), not tested: rank r4 vs r16 (all linear), json (1.00)"
     assert "equivalent within ±2%" in report.declared_lines[0]  # overall equivalent, while arithmetic is worse
+
+
+def test_per_family_equivalence_of_a_difference_contrast_uses_the_reports_margin_not_the_sized_effect(client):
+    # the contrast's 5% is the effect its seeds were sized for: no one declared equivalence within it
+    (date,) = report_of(client, "families-difference").family_lines
+    assert date.startswith("rank r4 vs r16 (all linear) on task family date: perplexity ratio 1.00"), date
+    assert "±5%" not in date and date.endswith("): equivalent within ±2%"), date
 
 
 def test_the_written_report_shows_the_declared_family_first_and_the_rest_as_exploratory(client, tmp_path):
