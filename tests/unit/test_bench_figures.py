@@ -10,17 +10,20 @@ from transformers import LlamaConfig
 from lora_efficiency.bench import import_times, training_flops_per_token, write_markdown
 from lora_efficiency.bench.figures import model_matmul_rate, performed_flops_per_token
 
+# 2 blocks; per block q 64x64, k and v 64x32 (2 kv heads of 16), o 64x64, gate/up/down 64x128; head tied
+TINY = LlamaConfig(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
 
 def test_flops_per_token_counts_frozen_lora_head_and_attention():
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = TINY
     flops = training_flops_per_token(config, rank=8, target_modules="attention", context=50)
     # per layer: q 64x64, k and v 64x32 (2 kv heads of 16), o 64x64, gate/up/down 64x128
     frozen = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
@@ -31,15 +34,7 @@ def test_flops_per_token_counts_frozen_lora_head_and_attention():
 
 
 def test_model_matmul_rate_times_each_frozen_shape_of_the_model():
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    shaped = model_matmul_rate(config, 32, torch.device("cpu"), repeats=1)
+    shaped = model_matmul_rate(TINY, 32, torch.device("cpu"), repeats=1)
     # 7 linear layers a block, 2 blocks; shapes (in, out): q and o 64x64, k and v 64x32, gate and up 64x128,
     # down 128x64: 4 distinct
     assert (shaped["rows"], shaped["layers"], shaped["shapes"]) == (32, 14, 4)
