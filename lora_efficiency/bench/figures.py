@@ -71,15 +71,7 @@ def matmul_rates(device, *, repeats: int = 10) -> dict[str, float]:
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         a = torch.randn(size, size, dtype=dtype, device=device)
         b = torch.randn(size, size, dtype=dtype, device=device)
-        times = []
-        for i in range(repeats + 3):  # 3 warm-up products: thread pool, kernel selection
-            sync(device)
-            t0 = time.perf_counter()
-            torch.matmul(a, b)
-            sync(device)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-        rates[name] = 2 * size**3 / statistics.median(times)
+        rates[name] = 2 * size**3 / _matmul_seconds(a, b, device, repeats=repeats, warmup=3)
     return {"size": size, "bf16_flops": rates["bf16"], "fp32_flops": rates["fp32"]}
 
 
@@ -101,17 +93,22 @@ def model_matmul_rate(model_config, rows: int, device, *, repeats: int = 5) -> d
         x = torch.randn(rows, n_in, dtype=torch.bfloat16, device=device)
         g = torch.randn(rows, n_out, dtype=torch.bfloat16, device=device)
         for a, b in ((x, w.T), (g, w)):  # forward; input gradient
-            times = []
-            for i in range(repeats + 2):  # 2 warm-up products
-                sync(device)
-                t0 = time.perf_counter()
-                torch.matmul(a, b)
-                sync(device)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
             flops += count * 2 * rows * n_in * n_out
-            seconds += count * statistics.median(times)
+            seconds += count * _matmul_seconds(a, b, device, repeats=repeats, warmup=2)
     return {"rows": rows, "layers": len(linear), "shapes": len(shapes), "bf16_flops": flops / seconds}
+
+
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, device, *, repeats: int, warmup: int) -> float:
+    """Median seconds of `a @ b` over `repeats` products, after `warmup` untimed ones (thread pool, kernel choice)."""
+    times = []
+    for i in range(repeats + warmup):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def sync(device) -> None:
