@@ -152,13 +152,16 @@ def _log_what_is_evaluated(tracker, cfg: EvaluateConfig, kind: str, settings: st
 
 def _evaluate(scoring, network, tokenizer, target: _Target, device):
     # lazy: as main's (after parsing)
-    from lora_efficiency.models import compute_dtype
+    from lora_efficiency.models import compute_dtype, keep_adapter_inputs_in_compute_dtype
 
+    autocast_dtype = None if target.quantization == "fp32" else compute_dtype(device)
+    if autocast_dtype is not None:  # every forward below runs under it: as the train run scored its adapter
+        keep_adapter_inputs_in_compute_dtype(network)
     return scoring.run(
         network,
         tokenizer,
         device=device,
-        autocast_dtype=None if target.quantization == "fp32" else compute_dtype(device),
+        autocast_dtype=autocast_dtype,
         measure_merged=target.adapter is not None and target.quantization in ("bf16", "fp16", "fp32"),
     )
 

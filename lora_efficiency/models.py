@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants
+from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
@@ -383,6 +384,23 @@ def compile_layers(model: torch.nn.Module) -> int:
     layers = [m for m in model.modules() if type(m).__name__ in kinds]
     for layer in layers:
         layer.compile()
+    return len(layers)
+
+
+def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module) -> int:
+    """Turn off peft's cast of each LoRA layer's input to the fp32 LoRA weights' dtype, for a model whose every
+    forward runs under autocast (the trainer's, evaluate's); returns how many layers. Under autocast that cast is
+    undone at once: peft's Linear copies the bf16 input to fp32 and autocast copies it back to bf16 for lora_A, two
+    copies a layer and their backward, and the fp32 copy is kept for backward. The flag is the one
+    `peft.helpers.disable_input_dtype_casting` sets, here for the model's lifetime; peft's 4-bit layers already skip
+    the cast under autocast. Measured with the trainer (SmolLM2 bf16, LoRA r16 on attention, 4 x 512 packed rows, 8
+    steps, 2-core CPU, 2026-12-05): 4.65 s a step against 5.08, peak memory 3,695 MB against 4,126, the same loss
+    at every step to the last digit (bf16(fp32(x)) is x). Not for DoRA (a layer with a `lora_variant`): its
+    magnitude and norm run on the fp32 input, and without the cast its loss moved (1.3805 against 1.3774 at step 1).
+    A forward without autocast then fails loudly (bf16 input, fp32 weight), never silently."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.lora_variant]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
     return len(layers)
 
 

@@ -53,6 +53,7 @@ from lora_efficiency.models import (
     check_packing,
     compile_layers,
     compute_dtype,
+    keep_adapter_inputs_in_compute_dtype,
     load_base_model,
     load_tokenizer,
     max_positions,
@@ -470,6 +471,8 @@ def build_model(
         use_dora=cfg.use_dora,
     )
     trained = get_peft_model(base, lora)
+    if amp_dtype is not None:  # every forward of the session runs under autocast (Session.autocast, the scoring)
+        keep_adapter_inputs_in_compute_dtype(trained)
     if cfg.compile:
         compile_layers(base)
     return base, trained, modules, amp_dtype

@@ -181,3 +181,45 @@ def test_training_a_linear_attention_model_packed_fails_before_loading_anything(
     Qwen3NextConfig().save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"packing=true but model=.* linear_attention layers"):
         train(model=resolve_model(str(tmp_path)), packing=True, max_steps=1)
+
+
+def _lora_step(use_dora: bool, keep_inputs: bool):
+    """One bf16 LoRA forward and backward under CPU autocast, as the trainer runs it: (loss, LoRA gradients, the
+    dtypes lora_A received, layers switched)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_efficiency.models import keep_adapter_inputs_in_compute_dtype
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config(128), dtype=torch.bfloat16)
+    targets = ["q_proj", "v_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=use_dora)
+    model = get_peft_model(base, lora)  # LoRA weights in fp32 (peft's autocast_adapter_dtype)
+    switched = keep_adapter_inputs_in_compute_dtype(model) if keep_inputs else 0
+    seen = set()
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return loss.detach(), grads, seen, switched
+
+
+def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients():
+    loss, grads, seen, switched = _lora_step(use_dora=False, keep_inputs=False)
+    assert seen == {torch.float32}  # peft's default: the bf16 input copied to fp32 (autocast then copies it back)
+    kept_loss, kept_grads, kept_seen, kept_switched = _lora_step(use_dora=False, keep_inputs=True)
+    assert kept_switched == 4  # q and v of 2 layers
+    assert kept_seen == {torch.bfloat16}
+    assert torch.equal(kept_loss, loss)  # bf16(fp32(x)) is x: not close, equal
+    for kept, grad in zip(kept_grads, grads, strict=True):
+        assert torch.equal(kept, grad)
+
+
+def test_dora_layers_keep_peft_s_input_cast():
+    _, _, seen, switched = _lora_step(use_dora=True, keep_inputs=True)
+    assert switched == 0
+    assert seen == {torch.float32}
