@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -145,9 +146,10 @@ def _activation_bytes(
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     act = 4 if quantization == "fp32" else 2  # autocast's bf16 (fp16 on old GPUs), or fp32 without autocast
-    # peft casts each LoRA input to the fp32 adapter dtype before dropout; the CPU's dropout saves its mask in
-    # the input dtype (4 bytes), CUDA's fused dropout a bool mask (1 byte)
-    mask_bytes = (4 if cpu else 1) if dropout > 0 else 0
+    # Each LoRA input stays in the compute dtype (models.keep_adapter_inputs_in_compute_dtype; peft's 4-bit and
+    # int8 layers skip their cast under autocast themselves); the CPU's dropout saves its mask in that dtype, CUDA's
+    # fused dropout a bool mask (1 byte)
+    mask_bytes = (act if cpu else 1) if dropout > 0 else 0
     first_layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)[0]
     prefix = next(n for n, m in model.named_modules() if m is first_layer) + "."
     in_first = [n for n in linear if n.startswith(prefix)]
@@ -165,16 +167,27 @@ def _activation_bytes(
     # normed inputs and down_proj's input (o_proj's input is sdpa's output, already kept)
     int8_inputs = tokens * (2 * hidden + inter) * act if quantization == "int8" else 0
 
-    def lora_saved(in_features: int, input_needs_grad: bool) -> int:
-        # dropout mask, lora_A's input (autocast's bf16 copy), lora_B's input
-        return tokens * (in_features * (mask_bytes if input_needs_grad else 0) + in_features * act + rank * act)
+    projections = [(_in_out_features(m)[0], stage) for m, stage in first_adapted]  # (input features, stage)
 
-    layer = 2 * norm + attention + mlp + sum(lora_saved(_in_out_features(m)[0], True) for m, _ in first_adapted)
+    def lora_saved(input_needs_grad: Callable[[int], bool]) -> int:
+        # per projection: dropout's mask and output (lora_A's input), lora_B's input; without dropout lora_A keeps
+        # the layer's own tensor, once for the projections that read it (q, k and v; gate and up; o_proj's input
+        # is sdpa's output, which `attention` counts)
+        dropped = act if dropout > 0 else 0
+        own = sum(f * ((mask_bytes if input_needs_grad(s) else 0) + dropped) + rank * act for f, s in projections)
+        inputs = {s: f for f, s in projections if s != _STAGE["o_proj"]}
+        shared = 0 if dropout > 0 else sum(f * act for f in inputs.values())
+        return tokens * (own + shared) + weight_casts
+
+    # autocast's bf16 copies of the fp32 LoRA weights (A and B of every projection), kept for backward
+    weight_casts = 0 if quantization == "fp32" else sum(rank * sum(_in_out_features(m)) * act for m, _ in first_adapted)
+
+    layer = 2 * norm + attention + mlp + lora_saved(lambda _: True)
     layer0 = (
         (norm if earliest <= 1 else 0)  # post-attention norm; the input norm's input needs no gradient
         + (attention if earliest == 0 else 0)
         + (mlp if earliest <= 2 else 0)
-        + sum(lora_saved(_in_out_features(m)[0], earliest < stage) for m, stage in first_adapted)
+        + lora_saved(lambda stage: earliest < stage)
     )
     if gradient_checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
         saved = layers * tokens * hidden * act + layer + int8_inputs
