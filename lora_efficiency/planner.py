@@ -33,6 +33,8 @@ NF4_BITS_DOUBLE_QUANT = 4.127
 NF4_BITS = 4.5
 # fp32 LoRA weight, its grad, and AdamW's exp_avg and exp_avg_sq: 4 x 4 bytes per trainable parameter.
 LORA_BYTES_PER_PARAM = 16
+# Under autocast, the bf16 copy of each LoRA weight that the forward makes and keeps for backward.
+LORA_CAST_BYTES_PER_PARAM = 2
 # A quantizing load on the CPU leaves memory behind. The bf16 embedding and norms stay zero-copy views of the
 # checkpoint's mmap, so the pages the quantizer read stay resident (+211-214 MB in 8 loads of SmolLM2, whose
 # 106 M quantized weights are 212 MB in bf16), and glibc keeps the fp32 temporaries of quantization in the
@@ -68,7 +70,7 @@ class MemoryEstimate:
     baseline_mb: float  # the process before the model: CPU RSS of the imported stack, or the CUDA context
     weights_mb: float  # the frozen base as stored: quantized linears + embeddings, norms, head in bf16
     load_overhead_mb: float  # CPU, quantized bases: checkpoint pages and quantization heap the load leaves
-    lora_mb: float  # LoRA weights, grads and AdamW states, fp32
+    lora_mb: float  # LoRA weights, grads and AdamW states, fp32; under autocast, the weights' bf16 copies
     activations_mb: float  # tensors autograd saves for backward, every layer, at the start of the backward
     heap_slack_mb: float  # CPU: what glibc's heap holds beyond the live tensors in the first steps
     loss_mb: float  # the chunked loss's backward: 3 fp32 [chunk, vocab] tensors + the target hidden states
@@ -177,10 +179,7 @@ def _activation_bytes(
         own = sum(f * ((mask_bytes if input_needs_grad(s) else 0) + dropped) + rank * act for f, s in projections)
         inputs = {s: f for f, s in projections if s != _STAGE["o_proj"]}
         shared = 0 if dropout > 0 else sum(f * act for f in inputs.values())
-        return tokens * (own + shared) + weight_casts
-
-    # autocast's bf16 copies of the fp32 LoRA weights (A and B of every projection), kept for backward
-    weight_casts = 0 if quantization == "fp32" else sum(rank * sum(_in_out_features(m)) * act for m, _ in first_adapted)
+        return tokens * (own + shared)
 
     layer = 2 * norm + attention + mlp + lora_saved(lambda _: True)
     layer0 = (
@@ -252,7 +251,9 @@ def estimate(
         "baseline_mb": CPU_BASELINE_MB if cpu else CUDA_CONTEXT_MB,
         "weights_mb": weight_bytes / MB,
         "load_overhead_mb": load_bytes / MB,
-        "lora_mb": trainable * LORA_BYTES_PER_PARAM / MB,
+        "lora_mb": trainable
+        * (LORA_BYTES_PER_PARAM + (0 if quantization == "fp32" else LORA_CAST_BYTES_PER_PARAM))
+        / MB,
         "activations_mb": saved / MB,
         "heap_slack_mb": heap_slack / MB,
         "loss_mb": loss_bytes / MB,

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from lora_efficiency.planner import MB, estimate
+from lora_efficiency.planner import LORA_CAST_BYTES_PER_PARAM, MB, estimate
 from tests.conftest import ROOT, subprocess_env
 
 TOLERANCE = 0.15  # peaks of one setting vary by ~6 % between runs (glibc heap fragmentation, thread timing)
@@ -192,8 +192,10 @@ def test_activations_match_what_autograd_saves(quantization, target_modules, dro
         dropout=dropout,
     )
     hidden_of_targets = targets * 64 * (4 if quantization == "fp32" else 2)  # kept by the loss, not a layer
+    # autocast's bf16 copies of the LoRA weights: kept for backward too, counted with the LoRA weights (lora_mb)
+    weight_casts = 0 if quantization == "fp32" else predicted.trainable_params * LORA_CAST_BYTES_PER_PARAM
     # the formula came out 0.03 % under to 1.5 % over the saved bytes on these six settings (2026-12-05)
-    assert predicted.activations_mb * MB == pytest.approx(saved - hidden_of_targets, rel=0.02)
+    assert predicted.activations_mb * MB == pytest.approx(saved - hidden_of_targets - weight_casts, rel=0.02)
 
 
 def test_plan_prints_components_and_whether_it_fits(planner_model_dir, capsys):
