@@ -170,16 +170,18 @@ def _activation_bytes(
     int8_inputs = tokens * (2 * hidden + inter) * act if quantization == "int8" else 0
 
     projections = [(_in_out_features(m)[0], stage) for m, stage in first_adapted]  # (input features, stage)
+    # lora_A's inputs: with dropout, dropout's output, one a projection; without, the layer's own tensor, kept once
+    # for the projections that read it (q, k and v; gate and up; o_proj's input is sdpa's output, which `attention`
+    # counts)
+    if dropout > 0:
+        lora_inputs = sum(f for f, _ in projections)
+    else:
+        lora_inputs = sum({s: f for f, s in projections if s != _STAGE["o_proj"]}.values())
 
     def lora_saved(input_needs_grad: Callable[[int], bool]) -> int:
-        # per projection: dropout's mask and output (lora_A's input), lora_B's input; without dropout lora_A keeps
-        # the layer's own tensor, once for the projections that read it (q, k and v; gate and up; o_proj's input
-        # is sdpa's output, which `attention` counts)
-        dropped = act if dropout > 0 else 0
-        own = sum(f * ((mask_bytes if input_needs_grad(s) else 0) + dropped) + rank * act for f, s in projections)
-        inputs = {s: f for f, s in projections if s != _STAGE["o_proj"]}
-        shared = 0 if dropout > 0 else sum(f * act for f in inputs.values())
-        return tokens * (own + shared)
+        # per projection: dropout's mask and lora_B's input; and lora_A's inputs
+        own = sum(f * (mask_bytes if input_needs_grad(s) else 0) + rank * act for f, s in projections)
+        return tokens * (own + lora_inputs * act)
 
     layer = 2 * norm + attention + mlp + lora_saved(lambda _: True)
     layer0 = (
