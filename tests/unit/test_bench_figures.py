@@ -5,21 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LlamaConfig
 
 from lora_efficiency.bench import import_times, training_flops_per_token, write_markdown
 from lora_efficiency.bench.figures import model_matmul_rate, performed_flops_per_token
+from tests.conftest import tiny_llama_config
 
 # 2 blocks; per block q 64x64, k and v 64x32 (2 kv heads of 16), o 64x64, gate/up/down 64x128; head tied
-TINY = LlamaConfig(
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
+TINY = tiny_llama_config(1000)
 
 
 def test_flops_per_token_counts_frozen_lora_head_and_attention():
