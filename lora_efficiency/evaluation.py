@@ -50,8 +50,9 @@ def evaluate_losses(
     index in the held-out order, task family, target tokens, mean cross-entropy per target token), so that a report
     can count the examples' sampling noise and pair two runs example by example.
 
-    pack_length > 0 packs each family's examples into rows of up to that many tokens (position ids restart, so each
-    example attends to itself only, as in training; an example's first token is never a target, as in its own row):
+    pack_length > 0 packs the examples (families mixed) into rows of up to that many tokens (position ids restart,
+    so each example attends to itself only, as in training; an example's first token is never a target, as in its
+    own row):
     the first 100 held-out examples of the bundled set (7,678 tokens) took 23.3 s packed into 256-token rows, 4 a
     batch, against 28.6 s in padded batches of 8 (SmolLM2 nf4, 1 thread of this 2-core CPU, shared), the same loss
     to 1e-7.
@@ -66,30 +67,33 @@ def evaluate_losses(
     groups: dict[str, list[int]] = {}
     for i, family in enumerate(families):
         groups.setdefault(family, []).append(i)
-    sums: dict[str, tuple[float, int]] = {}
     per_example: dict[int, tuple[float, int]] = {}
-    for family, members in groups.items():  # batches never mix families, so each family's sum is exact
-        # Batches of similar length pad less: the first 100 held-out examples of the bundled set (47-137 tokens)
-        # took 8.8 s in their own order and 5.1 s sorted by length (SmolLM2 nf4, batches of 8, 2-core CPU), with
-        # the same loss to 1e-8.
-        order = sorted(members, key=lambda i: len(rows.input_ids[i]))
-        unpacked_owners = [[i] * len(rows.input_ids[i]) for i in order]  # each row one example
-        packed, owners = _pack_examples(rows, order, pack_length) if pack_length else (rows, unpacked_owners)
-        for start in range(0, len(owners), batch_size):
-            chosen = list(range(start, min(start + batch_size, len(owners))))
-            batch = collate(packed, chosen if pack_length else order[start : start + batch_size], pad_id=pad_id)
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX
-            with autocast:
-                losses = target_token_losses(model, {k: v.to(device) for k, v in batch.items()}).double().cpu()
-            # the example of every target position (-1 on padding, never a target)
-            owner = torch.tensor([owners[r] + [-1] * (mask.shape[1] + 1 - len(owners[r])) for r in chosen])
-            owner = owner[:, 1:][mask]
-            example_sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, owner, losses)
-            example_counts = torch.bincount(owner, minlength=len(rows))
-            for i in {i for r in chosen for i in owners[r]}:
-                per_example[i] = (float(example_sums[i]), int(example_counts[i]))
-        total = sum(per_example[i][0] for i in members)
-        sums[family] = (total, sum(per_example[i][1] for i in members))
+    # Batches of similar length pad less: the first 100 held-out examples of the bundled set (47-137 tokens)
+    # took 8.8 s in their own order and 5.1 s sorted by length (SmolLM2 nf4, batches of 8, 2-core CPU), with
+    # the same loss to 1e-8. Rows mix task families: every position's loss goes to its own example (owners), so
+    # each family's sum is exact; kept apart, the six families' part-filled last rows took 7 forwards of
+    # 256-token rows for those 100 examples instead of 5, 9.2-10.6 s against 8.4-9.3 s, the same loss to 1e-8
+    # (SmolLM2 nf4, 2 threads, 2026-12-05).
+    order = sorted(range(len(rows)), key=lambda i: len(rows.input_ids[i]))
+    unpacked_owners = [[i] * len(rows.input_ids[i]) for i in order]  # each row one example
+    packed, owners = _pack_examples(rows, order, pack_length) if pack_length else (rows, unpacked_owners)
+    for start in range(0, len(owners), batch_size):
+        chosen = list(range(start, min(start + batch_size, len(owners))))
+        batch = collate(packed, chosen if pack_length else order[start : start + batch_size], pad_id=pad_id)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        with autocast:
+            losses = target_token_losses(model, {k: v.to(device) for k, v in batch.items()}).double().cpu()
+        # the example of every target position (-1 on padding, never a target)
+        owner = torch.tensor([owners[r] + [-1] * (mask.shape[1] + 1 - len(owners[r])) for r in chosen])
+        owner = owner[:, 1:][mask]
+        example_sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, owner, losses)
+        example_counts = torch.bincount(owner, minlength=len(rows))
+        for i in {i for r in chosen for i in owners[r]}:
+            per_example[i] = (float(example_sums[i]), int(example_counts[i]))
+    sums = {
+        family: (sum(per_example[i][0] for i in members), sum(per_example[i][1] for i in members))
+        for family, members in groups.items()
+    }
     model.train(was_training)
     total, count = sum(t for t, _ in sums.values()), sum(n for _, n in sums.values())
     loss = total / max(count, 1)

@@ -85,20 +85,28 @@ def _noise_sentence(report: Report) -> str:
     )
 
 
+def _count(count: int, singular: str, plural: str) -> str:
+    """'1 test of ...' or '3 tests of ...': the report prints counts of 1 (a study that declares one contrast)."""
+    return f"{count} {singular if count == 1 else plural}"
+
+
 def _families_sentence(family) -> str:
+    differences = _count(family.difference_tests, "test of 'no difference'", "tests of 'no difference'")
+    equivalences = _count(family.equivalence_tests, "equivalence test", "equivalence tests")
     if family.declared_tests:
+        declared = _count(
+            family.declared_tests, "contrast the study declared forms", "contrasts the study declared form"
+        )
         return (
-            f"The {family.declared_tests} contrasts the study declared form the confirmatory family, each with the "
+            f"The {declared} the confirmatory family, each with the "
             "test and margin it declared (an equivalence margin its own, a difference two-sided, its margin the "
             f"effect its seeds were sized for), corrected with Holm-Bonferroni at alpha = {family.alpha:g}; every "
-            "other test is exploratory: "
-            f"{family.difference_tests} tests of 'no difference' and {family.equivalence_tests} equivalence tests, "
+            f"other test is exploratory: {differences} and {equivalences}, "
             "each kind corrected with Holm among themselves, outside the declared family."
         )
     return (
         f"Every test the report states is corrected with Holm-Bonferroni at alpha = {family.alpha:g}: "
-        f"{family.difference_tests} tests of 'no difference' in one family, {family.equivalence_tests} "
-        "equivalence tests in another."
+        f"{differences} in one family, {equivalences} in another."
     )
 
 

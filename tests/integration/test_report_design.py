@@ -187,6 +187,6 @@ def test_the_written_report_shows_the_declared_family_first_and_the_rest_as_expl
 
     md = write_report(report_of(client, "wide"), tmp_path / "wide")["markdown"].read_text()
     assert "## Declared contrasts" in md and "cannot tell; ~11 seeds would decide equivalence within ±2%" in md
-    assert "The 1 contrasts the study declared form the confirmatory family" in md
+    assert "The 1 contrast the study declared forms the confirmatory family" in md
     md = write_report(report_of(client, "families"), tmp_path / "families")["markdown"].read_text()
     assert "### Declared contrasts by task family (exploratory)" in md

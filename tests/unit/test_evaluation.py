@@ -211,7 +211,7 @@ def test_every_held_out_example_has_its_own_loss():
     model, families, rows, kwargs = _family_setup()
     metrics, table = evaluate_losses(model, rows, families=families, **kwargs)
     assert metrics == evaluate_loss(model, rows, families=families, **kwargs)
-    # one row per example, in the held-out order (scored in batches sorted by length within a family)
+    # one row per example, in the held-out order (scored in batches sorted by length, families mixed)
     assert table["example"] == list(range(7)) and table["task"] == families
     for i in range(7):
         alone = evaluate_loss(model, Rows([rows.input_ids[i]], [rows.labels[i]], [rows.position_ids[i]]), **kwargs)
@@ -232,11 +232,37 @@ def test_packed_evaluation_gives_every_example_the_loss_it_has_alone():
     for i in (1, 3):
         rows.labels[i] = list(rows.input_ids[i])
     alone, alone_table = evaluate_losses(model, rows, families=families, **kwargs)
-    for length in (30, 64):  # 30: several rows per family (examples of 8 to 26 tokens); 64: one row per family
+    for length in (30, 64):  # examples of 8 to 26 tokens: 30 holds one or two a row, 64 up to seven
         packed, table = evaluate_losses(model, rows, families=families, pack_length=length, **kwargs)
         assert table["tokens"] == alone_table["tokens"] and table["example"] == alone_table["example"]
         assert table["loss"] == pytest.approx(alone_table["loss"], rel=1e-5)
         assert packed == pytest.approx(alone, rel=1e-5)
+
+
+def test_packed_rows_are_filled_across_task_families(monkeypatch):
+    """Rows are filled with the next examples by length whatever their family (each position's loss still goes
+    to its own example): as few rows as greedy packing of all the examples gives, fewer than one part-filled
+    row set per family (examples of 8 to 26 tokens in rows of 70: 2 rows, where each of the 3 families alone
+    fills one)."""
+    from lora_efficiency import evaluation
+
+    model, families, rows, kwargs = _family_setup()
+    scored = []
+    real = evaluation.target_token_losses
+
+    def counting(model, batch):
+        scored.append(batch["input_ids"].shape[0])
+        return real(model, batch)
+
+    monkeypatch.setattr(evaluation, "target_token_losses", counting)
+    lengths = sorted(len(ids) for ids in rows.input_ids)
+    metrics, _ = evaluation.evaluate_losses(model, rows, families=families, pack_length=70, **kwargs)
+    greedy = [0]
+    for n in lengths:
+        greedy = greedy if greedy[-1] + n <= 70 else [*greedy, 0]
+        greedy[-1] += n
+    assert sum(scored) == len(greedy) < len(set(families))
+    assert set(metrics) >= {f"eval/loss/{family}" for family in families}
 
 
 # ---------------------------------------------------------------------------------------------------------
