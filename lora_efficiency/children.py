@@ -172,6 +172,11 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
 # again only when both look inside the same ~0.1 s of a backoff drawn from up to CLAIM_BACKOFF_S * 2**round.
 CLAIM_ROUNDS = 8
 CLAIM_BACKOFF_S = 0.3
+# A claim that sees another is deleted within one look (a search of the store: milliseconds, ~0.1 s under load);
+# a winning claim stays RUNNING while its child trains. A sweep that finds live claims looks again this much later
+# and names one still there. (Was: it named the first it saw, which could be a claim withdrawing beside the one
+# that then won: a three-sweep collision in CI, 2026-12-05, named a deleted run.)
+CLAIM_SETTLE_S = 1.0
 
 
 def claim(client, experiment_id: str, key: str, create_run: Callable[[], Any]) -> tuple[Any, str]:
@@ -182,9 +187,10 @@ def claim(client, experiment_id: str, key: str, create_run: Callable[[], Any]) -
     counts it). Two winners would each have looked before the other's claim existed, which cannot be: each creates
     its claim before it looks. (Was: the earliest claim by start time won, so a claim stamped earlier but stored
     later won beside one that never saw it, and both trained: CI, 2026-12-05.) Two claims that see each other both
-    withdraw; each waits a random backoff and looks again: a claim still there is the winner (or one withdrawing
-    that will try again), so we leave it the key; none there, we claim again. A claim whose owner was killed is no
-    claim (tracking.owner_gone; the orphan sweep marks it FAILED); one from another host counts while RUNNING."""
+    withdraw; each waits a random backoff and looks again: a claim there that is still there CLAIM_SETTLE_S later
+    is the winner, so we leave it the key and name it; none there, or none that stayed, we claim again. A claim
+    whose owner was killed is no claim (tracking.owner_gone; the orphan sweep marks it FAILED); one from another
+    host counts while RUNNING."""
     rng = random.Random()  # not the global generator: a seeded run's draws stay its own
     others: list[str] = []
     for round_ in range(CLAIM_ROUNDS):
@@ -197,6 +203,10 @@ def claim(client, experiment_id: str, key: str, create_run: Callable[[], Any]) -
             return None, finished[0]
         time.sleep(rng.uniform(0.0, CLAIM_BACKOFF_S * 2**round_))
         finished, others = _claims(client, experiment_id, key, "")
+        if others and not finished:  # a winner, or claims about to withdraw: the winner is the one that stays
+            time.sleep(CLAIM_SETTLE_S)
+            finished, still = _claims(client, experiment_id, key, "")
+            others = [r for r in others if r in still]
         if finished or others:
             return None, (finished or others)[0]
     raise AssertionError("unreachable: the last round returns")

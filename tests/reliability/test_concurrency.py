@@ -67,6 +67,28 @@ def test_a_claim_stamped_earlier_but_stored_later_leaves_the_key_to_the_claim_it
     assert [r.info.run_id for r in store.search_runs([experiment_id])] == [first.info.run_id]
 
 
+def test_a_sweep_names_the_claim_that_stays_not_one_withdrawing(store, monkeypatch):
+    """Was: a sweep that found live claims after its backoff named the earliest, which could be a claim about to
+    be withdrawn beside the one that won (CI, 2026-12-05: three sweeps, the skipped ones named different runs).
+    Here the earliest claim is deleted 0.3 s after the sweep's look, the other stays: the sweep names the one that
+    stays."""
+    import lora_efficiency.children as children
+
+    monkeypatch.setattr(children, "CLAIM_BACKOFF_S", 0.01)
+    experiment_id = store.create_experiment("reliability")
+    tags = {"sweep_key": "d" * 16, **owner_tags()}
+    winner = store.create_run(experiment_id, tags=tags)
+    withdrawing = store.create_run(experiment_id, tags=tags, start_time=winner.info.start_time - 1000)
+    timer = threading.Timer(0.3, store.delete_run, [withdrawing.info.run_id])
+    timer.start()
+    try:
+        run, named = claim(store, experiment_id, "d" * 16, lambda: store.create_run(experiment_id, tags=tags))
+    finally:
+        timer.join()
+    assert run is None and named == winner.info.run_id
+    assert [r.info.run_id for r in store.search_runs([experiment_id])] == [winner.info.run_id]
+
+
 def test_a_claim_whose_sweep_was_killed_is_released(store):
     experiment_id = store.create_experiment("reliability")
     dead = {**owner_tags(), "owner_pid": str(a_dead_pid())}
