@@ -172,9 +172,9 @@ def run_job(job: Job, launch: Callable[[list[str], dict[str, str]], tuple[int, s
 # again only when both look inside the same ~0.1 s of a backoff drawn from up to CLAIM_BACKOFF_S * 2**round.
 CLAIM_ROUNDS = 8
 CLAIM_BACKOFF_S = 0.3
-# A claim that sees another is deleted within one look (a search of the store: milliseconds, ~0.1 s under load);
-# a winning claim stays RUNNING while its child trains. A sweep that finds live claims looks again this much later
-# and names one still there. (Was: it named the first it saw, which could be a claim withdrawing beside the one
+# A claim that sees another is deleted right after one look (one search of the store); a winning claim stays
+# RUNNING while its child trains. A sweep that finds live claims looks again this much later and names one still
+# there. (Was: it named the first it saw, which could be a claim withdrawing beside the one
 # that then won: a three-sweep collision in CI, 2026-12-05, named a deleted run.)
 CLAIM_SETTLE_S = 1.0
 
